@@ -1,0 +1,217 @@
+"""The ``kfacbench`` command: run suites, list what exists, show results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kfacbench.errors import KfacbenchError, SuiteError
+from kfacbench.optim import METHODS
+from kfacbench.runner import RunOptions, run_cells
+from kfacbench.store import RunStore, load_tables
+from kfacbench.suite import Suite, load_suite
+from kfacbench.summary import rich_summary
+from kfacbench.workloads import WORKLOADS
+
+DEFAULT_SUITE = "quick"
+DEFAULT_OUT = Path("results/runs")
+
+
+def bundled_suites() -> dict[str, Path]:
+    """Suites shipped with the package (the repository's ``suites/`` folder)."""
+    found: dict[str, Path] = {}
+    for entry in resources.files("kfacbench.suites").iterdir():
+        if entry.name.endswith(".toml"):
+            found[entry.name.removesuffix(".toml")] = Path(str(entry))
+    return found
+
+
+def resolve_suite(name_or_path: str) -> Path:
+    """A suite file from a path, ``./suites/<name>.toml``, or a bundled suite name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    local = Path("suites") / f"{name_or_path}.toml"
+    if local.exists():
+        return local
+    bundled = bundled_suites()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    known = ", ".join(sorted(bundled))
+    raise SuiteError(f"{name_or_path}: no such suite file or bundled suite (bundled: {known})")
+
+
+def read_suite(name_or_path: str) -> Suite:
+    """Load and validate a suite against the registered workloads and optimizers."""
+    return load_suite(resolve_suite(name_or_path), workloads=WORKLOADS, methods=METHODS)
+
+
+def latest_run(root: Path, suite: str) -> Path:
+    """The most recent run directory of ``suite`` under ``root``."""
+    runs = sorted(p for p in (root / suite).glob("*") if (p / "parts").is_dir())
+    if not runs:
+        raise KfacbenchError(f"--resume: no earlier run of suite {suite!r} under {root / suite}")
+    return runs[-1]
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    suite = read_suite(args.suite)
+    cells = suite.select(args.only)
+    if not cells:
+        raise KfacbenchError(f"--only {args.only!r} matches none of the {len(suite.cells)} cells")
+    if args.dry_run:
+        table = Table(title=f"{suite.name}: {len(cells)} cells (dry run)")
+        for col in ("cell id", "label", "device", "max_steps", "max_seconds"):
+            table.add_column(col)
+        for c in cells:
+            s = c.settings
+            table.add_row(c.id, c.label, s.device, str(s.max_steps), str(s.max_seconds))
+        console.print(table)
+        return 0
+    if args.resume is not None:
+        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else args.resume
+        store = RunStore(Path(run_dir))
+    else:
+        store = RunStore.new(args.out, suite.name)
+    if suite.path is not None and not (store.run_dir / "suite.toml").exists():
+        store.write_text("suite.toml", suite.path.read_text())
+    console.print(f"suite {suite.name}: {len(cells)} cells -> {store.run_dir}")
+    options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    try:
+        run_cells(cells, store, options, console)
+    except KeyboardInterrupt:
+        console.print(
+            f"[red]interrupted[/]: finished cells are kept; continue with\n"
+            f"  kfacbench run {args.suite} --resume {store.run_dir}"
+        )
+        return 130
+    tables = load_tables(store.run_dir)
+    console.print(rich_summary(tables["cells"], f"{suite.name} ({store.run_dir})"))
+    console.print(
+        f"tables: {store.run_dir}/{{cells,curves,phases}}.parquet  "
+        f"(pandas.read_parquet; `kfacbench show {store.run_dir}`)"
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    what = args.what
+    if what in ("all", "workloads"):
+        table = Table(title="workloads")
+        for col in ("name", "metric", "target", "summary"):
+            table.add_column(col)
+        for w in WORKLOADS.values():
+            table.add_row(w.name, w.metric, f"{w.target:g}", w.summary)
+        console.print(table)
+    if what in ("all", "optimizers"):
+        table = Table(title="optimizers")
+        for col in ("name", "hyperparameters (default)", "summary"):
+            table.add_column(col)
+        for m in METHODS.values():
+            hps = ", ".join(f"{k}={v.default}" for k, v in m.hparams.items())
+            table.add_row(m.name, hps, m.summary)
+        console.print(table)
+    if what in ("all", "suites"):
+        table = Table(title="suites")
+        for col in ("name", "path", "cells", "description"):
+            table.add_column(col)
+        names = set(bundled_suites()) | {p.stem for p in Path("suites").glob("*.toml")}
+        for name in sorted(names):
+            try:
+                s = read_suite(name)
+                table.add_row(s.name, str(resolve_suite(name)), str(len(s.cells)), s.description)
+            except KfacbenchError as exc:
+                table.add_row(name, str(resolve_suite(name)), "-", f"[red]{exc}")
+        console.print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    try:
+        tables = load_tables(args.run_dir)
+    except FileNotFoundError as exc:
+        raise KfacbenchError(str(exc)) from None
+    console.print(rich_summary(tables["cells"], str(args.run_dir)))
+    failed = tables["cells"][tables["cells"]["status"] != "ok"]
+    for rec in failed.to_dict("records"):
+        console.print(f"[yellow]{rec['label']}[/]: {rec['status']} {rec['error']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfacbench",
+        description="Benchmark SGD, K-FAC and SKFAC on one training core: run suites of cells "
+        "(workload × batch size × inversion interval × hyperparameters × seed) and record "
+        "loss curves, wall-clock times and per-phase step times as parquet tables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a suite",
+        description="Run every cell of a suite and write cells/curves/phases parquet tables "
+        "to OUT/<suite>/<timestamp>/. Finished cells are kept if the run is interrupted; "
+        "--resume continues it.",
+    )
+    run.add_argument(
+        "suite",
+        nargs="?",
+        default=DEFAULT_SUITE,
+        help="suite file, or name of ./suites/NAME.toml or of a bundled suite "
+        f"(default: {DEFAULT_SUITE})",
+    )
+    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
+    run.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue a run: skip finished cells, rerun unfinished ones "
+        "(default RUN_DIR: the latest run of the suite under --out)",
+    )
+    run.add_argument("--dry-run", action="store_true", help="list the cells without running")
+    run.add_argument("--only", metavar="PATTERN", help="run only cells whose label or id matches")
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder with real data files (also $KFACBENCH_DATA)",
+    )
+    run.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="cache for generated data (default $KFACBENCH_CACHE or ~/.cache/kfacbench)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list workloads, optimizers and suites")
+    lst.add_argument(
+        "what", nargs="?", default="all", choices=("all", "workloads", "optimizers", "suites")
+    )
+    lst.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", help="summarise a run directory")
+    show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")
+    show.set_defaults(func=cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kfacbench`` console script."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except KfacbenchError as exc:
+        print(f"kfacbench: error: {exc}", file=sys.stderr)  # one line, never wrapped
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The training loop shared by every optimizer: one cell, from the first step to the budget.
+
+What it guarantees, so that numbers from different optimizers are comparable:
+
+- the whole dataset lives on the device and minibatches are drawn there from a seeded generator
+  (epoch-wise permutations), so the suite times optimizers, not input pipelines;
+- no host synchronisation per step: minibatch losses stay on the device and are read back every
+  ``log_every`` steps together with the timer's CUDA events;
+- training time is wall-clock time with eval excluded: the clock is read after a device sync at
+  each read-back point, and eval runs between two such points, off the clock;
+- a non-finite loss ends the cell with status ``diverged`` (checked at read-back points);
+- budgets in steps and/or training seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from kfacbench.core.problem import Problem, per_example_loss, prediction
+from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead
+from kfacbench.data import Splits
+from kfacbench.optim.base import Method
+
+EVAL_CHUNK = 5000
+"""Examples per forward pass during eval (bounded memory on large eval sets)."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long and how often: the run settings of one cell that the loop needs."""
+
+    batch_size: int
+    seed: int
+    max_steps: int | None
+    max_seconds: float | None
+    eval_every: int
+    log_every: int
+    train_eval_size: int
+
+
+@dataclass
+class TrainResult:
+    """What one cell produced.
+
+    Attributes:
+        status: ``ok`` or ``diverged``.
+        steps: steps taken.
+        train_time_s: wall-clock training time, eval excluded.
+        time_to_target_s: training time at the first eval reaching the workload's target.
+        curves: rows of the ``curves`` table (without the cell id).
+        phases: per-phase statistics (including ``step``).
+        final: final train-subset loss, eval loss and eval metric.
+        timer_overhead_ms: the timer's host cost per step.
+        peak_mem_mb: peak device memory (CUDA only; NaN on CPU).
+    """
+
+    status: Literal["ok", "diverged"]
+    steps: int
+    train_time_s: float
+    time_to_target_s: float | None
+    curves: list[dict[str, Any]]
+    phases: list[PhaseStats]
+    final: dict[str, float] = field(default_factory=dict)
+    timer_overhead_ms: float = math.nan
+    peak_mem_mb: float = math.nan
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MinibatchSampler:
+    """Seeded epoch-wise sampling without replacement, entirely on the device.
+
+    Each epoch is a fresh random permutation drawn with the cell's generator; the last incomplete
+    batch of an epoch is dropped so every step sees exactly ``batch_size`` examples.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} exceeds the {n} training examples")
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self._perm = self._new_perm()
+        self._pos = 0
+
+    def _new_perm(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.generator, device=self.device)
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next minibatch (a device tensor)."""
+        if self._pos + self.batch_size > self.n:
+            self._perm, self._pos = self._new_perm(), 0
+        idx = self._perm[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
+
+
+@torch.no_grad()
+def evaluate(
+    problem: Problem, x: torch.Tensor, y: torch.Tensor, metric: str
+) -> tuple[float, float]:
+    """Mean loss and metric over ``(x, y)`` in eval mode (BatchNorm uses running stats).
+
+    The metric is ``recon_error`` (mean over examples of the summed squared error of the predicted
+    pixels) or ``accuracy``.
+    """
+    model = problem.model
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    metric_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    for start in range(0, x.shape[0], EVAL_CHUNK):
+        xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
+        out = problem.forward(xb)
+        loss_sum += per_example_loss(problem.distribution, out, yb).sum(dtype=torch.float64)
+        pred = prediction(problem.distribution, out)
+        if metric == "accuracy":
+            metric_sum += (pred == yb).sum()
+        else:
+            metric_sum += (pred - yb).pow(2).flatten(1).sum(1).sum(dtype=torch.float64)
+    model.train(was_training)
+    n = x.shape[0]
+    return float(loss_sum) / n, float(metric_sum) / n
+
+
+def train(
+    problem: Problem,
+    method: Method,
+    data: Splits,
+    config: LoopConfig,
+    *,
+    metric: str,
+    reached: Callable[[float], bool],
+    on_progress: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train one cell and return its curves, phase times and summary.
+
+    Args:
+        problem: the model (already on its device) and its loss.
+        method: the optimizer under test, bound to ``problem``.
+        data: the splits, already on the model's device.
+        config: budgets and cadences.
+        metric: the workload's eval metric (``recon_error`` or ``accuracy``).
+        reached: whether an eval-metric value meets the workload's target.
+        on_progress: called with the step count at each read-back point (progress bars).
+    """
+    if config.max_steps is None and config.max_seconds is None:
+        raise ValueError("a cell needs max_steps or max_seconds")
+    device = data.train_x.device
+    timer = PhaseTimer(device)
+    sampler = MinibatchSampler(data.train_x.shape[0], config.batch_size, config.seed, device)
+    n_sub = min(config.train_eval_size, data.train_x.shape[0])
+    train_sub = (data.train_x[:n_sub], data.train_y[:n_sub])
+    problem.model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    curves: list[dict[str, Any]] = []
+    pending_losses: list[torch.Tensor] = []
+    train_time = 0.0
+    time_to_target: float | None = None
+    status: Literal["ok", "diverged"] = "ok"
+    last_eval: dict[str, float] = {}
+
+    def record(step: int, *, with_eval: bool) -> bool:
+        """Read back losses (and eval); return False when the loss has gone non-finite."""
+        nonlocal time_to_target, last_eval
+        losses = torch.stack(pending_losses).double().cpu() if pending_losses else None
+        pending_losses.clear()
+        finite = losses is None or bool(torch.isfinite(losses).all())
+        row: dict[str, Any] = {
+            "step": step,
+            "train_time_s": train_time,
+            "examples": step * config.batch_size,
+            "train_loss": float(losses.mean()) if losses is not None else math.nan,
+            "train_eval_loss": math.nan,
+            "eval_loss": math.nan,
+            "eval_metric": math.nan,
+            "lr": math.nan,
+            "damping": math.nan,
+        }
+        row.update({k: v for k, v in method.log_values().items() if k in ("lr", "damping")})
+        if with_eval and finite:
+            train_loss, _ = evaluate(problem, *train_sub, metric)
+            eval_loss, eval_metric = evaluate(problem, data.test_x, data.test_y, metric)
+            row.update(train_eval_loss=train_loss, eval_loss=eval_loss, eval_metric=eval_metric)
+            last_eval = {
+                "final_train_loss": train_loss,
+                "final_eval_loss": eval_loss,
+                "final_eval_metric": eval_metric,
+            }
+            if time_to_target is None and math.isfinite(eval_metric) and reached(eval_metric):
+                time_to_target = train_time
+        curves.append(row)
+        return finite
+
+    record(0, with_eval=True)
+    step = 0
+    segment_start = time.perf_counter()
+    while True:
+        idx = sampler.next()
+        with timer.step():
+            loss = method.step(data.train_x[idx], data.train_y[idx], timer)
+        pending_losses.append(loss)
+        step += 1
+        elapsed = train_time + time.perf_counter() - segment_start
+        done = (config.max_steps is not None and step >= config.max_steps) or (
+            config.max_seconds is not None and elapsed >= config.max_seconds
+        )
+        if not (done or step % config.eval_every == 0 or step % config.log_every == 0):
+            continue
+        synchronize(device)
+        train_time += time.perf_counter() - segment_start
+        timer.flush()
+        done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
+        finite = record(step, with_eval=done or step % config.eval_every == 0)
+        if on_progress is not None:
+            on_progress(step)
+        if not finite:
+            status = "diverged"
+            break
+        if done:
+            break
+        segment_start = time.perf_counter()
+
+    phases = timer.stats()
+    per_step_calls = sum(s.calls for s in phases) / max(step, 1)
+    overhead = measure_overhead(device, calls=500) * per_step_calls
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+    return TrainResult(
+        status=status,
+        steps=step,
+        train_time_s=train_time,
+        time_to_target_s=time_to_target,
+        curves=curves,
+        phases=phases,
+        final=last_eval,
+        timer_overhead_ms=overhead,
+        peak_mem_mb=peak,
+    )

@@ -1,0 +1,95 @@
+"""Problem: a model with its loss as the negative log-likelihood of an output distribution.
+
+K-FAC's Fisher is defined by the model's predictive distribution (Martens & Grosse 2015, §2):
+the "true" Fisher draws targets from it, the empirical Fisher uses the data labels. Writing the
+loss as the NLL of a named distribution gives both the training objective and the sampler from one
+place, so every optimizer trains the same objective and K-FAC can sample targets for its curvature
+backward pass.
+
+Losses are summed over output dimensions and averaged over examples (the convention of the
+autoencoder experiments: reconstruction error per example).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Distribution = Literal["bernoulli", "gaussian", "categorical"]
+"""Output distribution of a problem.
+
+- ``bernoulli``: outputs are logits of independent Bernoulli pixels (binary cross-entropy).
+- ``gaussian``: outputs are the mean of a unit-variance Gaussian (half squared error).
+- ``categorical``: outputs are class logits (softmax cross-entropy).
+"""
+
+AmpMode = Literal["off", "bf16", "fp16"]
+
+
+@dataclass
+class Problem:
+    """The model under training and the distribution its outputs parametrise.
+
+    Attributes:
+        model: the network; its outputs are the distribution's natural parameters (logits or mean).
+        distribution: see :data:`Distribution`.
+        amp: autocast mode of the forward pass (``off`` keeps float32).
+    """
+
+    model: nn.Module
+    distribution: Distribution
+    amp: AmpMode = "off"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs in float32 (autocast only around the model call when ``amp`` is on)."""
+        if self.amp == "off":
+            return self.model(x)
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self.model(x)
+        return out.float()
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over examples of the per-example negative log-likelihood (up to constants)."""
+        return per_example_loss(self.distribution, output, target).mean()
+
+    def sample_targets(
+        self, output: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Targets drawn from the model's own predictive distribution (for the true Fisher).
+
+        The draw is detached: the Fisher's expectation is over y ~ p(y|x, θ) with θ held fixed.
+        """
+        out = output.detach()
+        if self.distribution == "bernoulli":
+            return torch.bernoulli(torch.sigmoid(out), generator=generator)
+        if self.distribution == "gaussian":
+            noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+            return out + noise
+        probs = torch.softmax(out, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def per_example_loss(
+    distribution: Distribution, output: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Per-example NLL, shape ``(batch,)``."""
+    if distribution == "bernoulli":
+        nll = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+        return nll.flatten(1).sum(1)
+    if distribution == "gaussian":
+        return 0.5 * (output - target).pow(2).flatten(1).sum(1)
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def prediction(distribution: Distribution, output: torch.Tensor) -> torch.Tensor:
+    """The model's point prediction: pixel means for autoencoders, class ids for classifiers."""
+    if distribution == "bernoulli":
+        return torch.sigmoid(output)
+    if distribution == "gaussian":
+        return output
+    return output.argmax(dim=-1)

@@ -1,0 +1,282 @@
+"""Runs the cells of a suite: build, train, record; resume; progress; failures isolated per cell.
+
+A cell that diverges, runs out of device memory or raises is recorded with status ``diverged``,
+``oom`` or ``error`` (with its message) and the suite goes on. An interrupted run (Ctrl-C, a
+killed process) keeps every finished cell; ``kfacbench run --resume`` reruns only the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from kfacbench.core.loop import LoopConfig, TrainResult, train
+from kfacbench.core.problem import Problem
+from kfacbench.core.timing import STEP
+from kfacbench.data import Splits
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim import MethodContext, get_method
+from kfacbench.store import RunStore, dumps, environment
+from kfacbench.suite import Cell
+from kfacbench.workloads import get_workload
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-wide settings from the command line.
+
+    Attributes:
+        device: overrides every cell's ``device`` setting when given.
+        data_dir: where real data files are looked for (besides ``$KFACBENCH_DATA``).
+        cache_dir: where generated data (CURVES, FACES) is cached.
+    """
+
+    device: str | None = None
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KfacbenchError(f"device {spec!r} requested but CUDA is not available here")
+    return device
+
+
+class DataCache:
+    """Keeps the last workload's data on its device, so consecutive cells share one copy."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self._key: tuple[str, str, str] | None = None
+        self._data: Splits | None = None
+
+    def get(self, workload: str, mode: str, device: torch.device) -> Splits:
+        """The splits of ``workload`` in ``mode`` on ``device``."""
+        key = (workload, mode, str(device))
+        if key != self._key or self._data is None:
+            self._data = None  # free the previous workload's tensors first
+            host = get_workload(workload).load_data(
+                mode,  # type: ignore[arg-type]
+                self.options.data_dir,
+                self.options.cache_dir,
+            )
+            self._data = to_device(host, device)
+            self._key = key
+        return self._data
+
+
+def to_device(data: Splits, device: torch.device) -> Splits:
+    """Move splits to ``device``, keeping autoencoder targets aliased to the inputs."""
+    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
+    train_y = train_x if data.train_y is data.train_x else data.train_y.to(device)
+    test_y = test_x if data.test_y is data.test_x else data.test_y.to(device)
+    return Splits(train_x, train_y, test_x, test_y, data.source)
+
+
+def run_cell(
+    cell: Cell,
+    device: torch.device,
+    data: DataCache,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[TrainResult, str]:
+    """Build and train one cell; return its result and the data source used."""
+    settings = cell.settings
+    if settings.amp == "fp16":
+        raise KfacbenchError(
+            "amp = 'fp16' needs loss scaling, which kfacbench does not do; use bf16"
+        )
+    workload = get_workload(cell.workload)
+    spec = get_method(cell.optimizer)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+        torch.backends.cudnn.allow_tf32 = settings.tf32
+    splits = data.get(cell.workload, settings.data, device)
+    torch.manual_seed(cell.seed)
+    model = workload.build_model(torch.Generator().manual_seed(cell.seed)).to(device)
+    problem = Problem(model, workload.distribution, settings.amp)  # type: ignore[arg-type]
+    hparams: dict[str, Any] = dict(cell.hparams)
+    if spec.uses_inv_interval:
+        hparams["inv_interval"] = cell.inv_interval
+    method = spec.build(problem, hparams, MethodContext(settings.max_steps, cell.seed, device))
+    config = LoopConfig(
+        batch_size=cell.batch_size,
+        seed=cell.seed,
+        max_steps=settings.max_steps,
+        max_seconds=settings.max_seconds,
+        eval_every=settings.eval_every,
+        log_every=settings.log_every,
+        train_eval_size=settings.train_eval_size,
+    )
+    result = train(
+        problem,
+        method,
+        splits,
+        config,
+        metric=workload.metric,
+        reached=workload.reached,
+        on_progress=on_progress,
+    )
+    return result, splits.source
+
+
+def cell_row(
+    cell: Cell,
+    env: dict[str, Any],
+    started: str,
+    *,
+    result: TrainResult | None = None,
+    data_source: str = "",
+    status: str = "ok",
+    error: str = "",
+) -> dict[str, Any]:
+    """The ``cells`` table row of a finished (or failed) cell."""
+    workload = get_workload(cell.workload)
+    step = next((s for s in result.phases if s.phase == STEP), None) if result else None
+    median_step = step.median_ms if step else math.nan
+    overhead = result.timer_overhead_ms if result else math.nan
+    final = result.final if result else {}
+    return {
+        "cell_id": cell.id,
+        "suite": cell.suite,
+        "label": cell.label,
+        "workload": cell.workload,
+        "optimizer": cell.optimizer,
+        "batch_size": cell.batch_size,
+        "inv_interval": cell.inv_interval,
+        "seed": cell.seed,
+        "hparams": dumps(dict(cell.hparams)),
+        "config": dumps(cell.config()),
+        "data_mode": cell.settings.data,
+        "data_source": data_source,
+        "status": result.status if result else status,
+        "error": error,
+        "steps": result.steps if result else 0,
+        "train_time_s": result.train_time_s if result else math.nan,
+        "time_to_target_s": (
+            result.time_to_target_s if result and result.time_to_target_s is not None else math.nan
+        ),
+        "metric": workload.metric,
+        "target": workload.target,
+        "final_train_loss": final.get("final_train_loss", math.nan),
+        "final_eval_loss": final.get("final_eval_loss", math.nan),
+        "final_eval_metric": final.get("final_eval_metric", math.nan),
+        "median_step_ms": median_step,
+        "timer_overhead_ms": overhead,
+        "timer_overhead_ratio": overhead / median_step if median_step else math.nan,
+        "peak_mem_mb": result.peak_mem_mb if result else math.nan,
+        "device_kind": env["device_kind"],
+        "device_name": env["device_name"],
+        "tf32": cell.settings.tf32,
+        "amp": cell.settings.amp,
+        "torch_version": env["torch_version"],
+        "kfacbench_version": env["kfacbench_version"],
+        "git_commit": env["git_commit"],
+        "host": env["host"],
+        "started_at": started,
+        "finished_at": now(),
+    }
+
+
+def now() -> str:
+    """UTC timestamp, ISO format to the second."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (the ``error`` column)."""
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, KfacbenchError) else f"{type(exc).__name__}: {text}"
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    store: RunStore,
+    options: RunOptions,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet finished in ``store``; return the rows of the cells run now.
+
+    Raises:
+        KfacbenchError: a run-wide problem (e.g. CUDA requested but absent).
+    """
+    console = console or Console(stderr=True)
+    done = store.finished_ids()
+    todo = [c for c in cells if c.id not in done]
+    if len(todo) < len(cells):
+        console.print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
+    devices = {c.id: resolve_device(options.device or c.settings.device) for c in todo}
+    envs: dict[str, dict[str, Any]] = {}
+    for dev in {str(d) for d in devices.values()}:
+        envs[dev] = environment(torch.device(dev))
+    if envs:
+        store.write_text("env.json", json.dumps(next(iter(envs.values())), indent=2) + "\n")
+    data = DataCache(options)
+    rows: list[dict[str, Any]] = []
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        overall = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
+        for cell in todo:
+            device = devices[cell.id]
+            env = envs[str(device)]
+            steps_task = progress.add_task(f"  {cell.label}", total=cell.settings.max_steps)
+            started = now()
+            try:
+                result, source = run_cell(
+                    cell,
+                    device,
+                    data,
+                    on_progress=lambda s, t=steps_task: progress.update(t, completed=s),
+                )
+                row = cell_row(cell, env, started, result=result, data_source=source)
+                curves, phases = result.curves, [vars(p) for p in result.phases]
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one cell's failure must not end the suite
+                status = "oom" if _is_oom(exc) else "error"
+                row = cell_row(cell, env, started, status=status, error=one_line(exc))
+                curves, phases = [], []
+                if status == "error" and not isinstance(exc, KfacbenchError):
+                    store.write_text(f"errors/{cell.id}.txt", traceback.format_exc())
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            store.write_cell(row, curves, phases)
+            rows.append(row)
+            progress.remove_task(steps_task)
+            progress.advance(overall)
+            if row["status"] != "ok":
+                console.print(f"[yellow]{cell.label}: {row['status']}[/] {row['error']}")
+    return rows

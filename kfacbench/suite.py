@@ -1,0 +1,524 @@
+"""Suite files: schema, validation with the file and key in every error, sweep expansion.
+
+A suite is a TOML file that sweeps workloads × batch sizes × inversion intervals × seeds ×
+optimizers × per-optimizer hyperparameter lists; every point of the sweep is a :class:`Cell`, one
+training run. The schema (``suites/quick.toml`` is a working example)::
+
+    name = "quick"                   # optional, defaults to the file stem
+    description = "..."              # optional
+    [defaults]                       # Settings shared by every cell (see Settings)
+    max_steps = 300
+    [workloads.curves_ae]            # optional per-workload overrides of [defaults]
+    max_seconds = 60.0
+    [sweep]
+    workload = ["curves_ae"]         # required
+    batch_size = [100, 500]          # required
+    seed = [0]                       # default [0]
+    inv_interval = [20]              # default [20]; only for methods with uses_inv_interval
+    [optimizers.sgd]                 # one table per registered method, at least one
+    lr = [0.01, 0.1]                 # a value or a list of values per hyperparameter
+    [[exclude]]                      # drop the cells matching every key given
+    batch_size = 500
+    lr = 0.1
+
+Validation is strict because a typo in a suite would otherwise silently run, and time, the wrong
+configuration: an unknown key, an ill-typed value or a sweep that expands to nothing raises a
+:class:`~kfacbench.errors.SuiteError` whose one-line message names the file, the key path and the
+bad value. Cells are named by a hash of their resolved config, so the same run in two suites, or in
+an interrupted and resumed run, has the same id.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import itertools
+import json
+import math
+import re
+import tomllib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from kfacbench.errors import SuiteError
+from kfacbench.optim.base import HParam, HParamValue, MethodSpec
+
+T = TypeVar("T")
+
+AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed")
+"""The sweep axes of a cell; with hyperparameter names, the keys an ``[[exclude]]`` table takes."""
+
+_TOP_KEYS = ("name", "description", "defaults", "workloads", "sweep", "optimizers", "exclude")
+_SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names a results directory
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a cell runs: device, data, budget and measurement cadence.
+
+    Attributes:
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        data: ``real`` data, or ``synthetic`` tensors of the same shapes for timing-only runs.
+        max_steps: step budget; ``None`` for none.
+        max_seconds: training-time budget (eval excluded); ``None`` for none. A suite must set at
+            least one of the two budgets.
+        eval_every: steps between evals (off the clock).
+        log_every: steps between loss read-backs and divergence checks (each one syncs the device).
+        train_eval_size: training examples used for the train-set eval.
+        tf32: allow TF32 matmuls and convolutions on CUDA.
+        amp: autocast mode: ``off``, ``bf16`` or ``fp16``.
+    """
+
+    device: str = "auto"
+    data: str = "real"
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 50
+    log_every: int = 25
+    train_eval_size: int = 10_000
+    tf32: bool = False
+    amp: str = "off"
+
+
+class _FrozenDict(Mapping[str, HParamValue]):
+    """A read-only mapping with sorted keys: hashable (cells go in sets) and picklable."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, items: Mapping[str, HParamValue]) -> None:
+        self._data = dict(sorted(items.items()))
+
+    def __getitem__(self, key: str) -> HParamValue:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._data.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a suite: a point of its sweep with every setting resolved.
+
+    Attributes:
+        suite: name of the suite the cell comes from (not part of its config or id).
+        workload: workload registry name.
+        optimizer: method registry name.
+        batch_size: minibatch size.
+        inv_interval: steps between curvature inversions; ``None`` for a method that has none.
+        seed: seed of the model initialisation, the minibatch order and the method's randomness.
+        hparams: every hyperparameter of the method, defaults filled in, keys sorted (read-only).
+        settings: run settings after ``[defaults]`` and ``[workloads.<name>]``.
+        label_keys: hyperparameters that :attr:`label` shows: those that vary within the suite for
+            this optimizer (set by the suite; not part of the config).
+    """
+
+    suite: str
+    workload: str
+    optimizer: str
+    batch_size: int
+    inv_interval: int | None
+    seed: int
+    hparams: Mapping[str, HParamValue]
+    settings: Settings
+    label_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", _FrozenDict(self.hparams))
+
+    def config(self) -> dict[str, Any]:
+        """The resolved config as JSON-able data: everything but the suite name."""
+        return {
+            "workload": self.workload,
+            "optimizer": self.optimizer,
+            "batch_size": self.batch_size,
+            "inv_interval": self.inv_interval,
+            "seed": self.seed,
+            "hparams": dict(self.hparams),
+            "settings": asdict(self.settings),
+        }
+
+    @property
+    def id(self) -> str:
+        """First 12 hex digits of the SHA-256 of the canonical JSON of :meth:`config`."""
+        text = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. ``curves_ae sgd bs=100 lr=0.1 seed=0``."""
+        parts = [self.workload, self.optimizer, f"bs={self.batch_size}"]
+        if self.inv_interval is not None:
+            parts.append(f"inv={self.inv_interval}")
+        parts += [f"{key}={self.hparams[key]}" for key in self.label_keys]
+        parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: its cells in a stable order, and the TOML they came from.
+
+    Attributes:
+        name: suite name (the results directory under ``results/runs/``).
+        description: one line for ``kfacbench list``.
+        path: the file it was loaded from; ``None`` for a suite parsed from data.
+        cells: the expanded sweep after ``[[exclude]]``, ordered by workload, optimizer,
+            hyperparameters, batch size, inversion interval and seed.
+        raw: the parsed TOML, to be kept next to the results.
+    """
+
+    name: str
+    description: str
+    path: Path | None
+    cells: tuple[Cell, ...]
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+    def select(self, pattern: str | None) -> tuple[Cell, ...]:
+        """The cells whose label or id contains ``pattern`` or matches it as a glob (``--only``).
+
+        ``None`` selects every cell. Globs are case-sensitive (``fnmatch.fnmatchcase``), e.g.
+        ``"*sgd*lr=0.1 *"``.
+        """
+        if pattern is None:
+            return self.cells
+        return tuple(c for c in self.cells if _matches(pattern, c.label) or _matches(pattern, c.id))
+
+
+def load_suite(
+    path: Path, *, workloads: Collection[str], methods: Mapping[str, MethodSpec]
+) -> Suite:
+    """Read, validate and expand the suite file ``path``.
+
+    Args:
+        path: the TOML file; errors name it as given.
+        workloads: registered workload names.
+        methods: registered methods by name.
+
+    Raises:
+        SuiteError: missing or unreadable file, TOML syntax error, or any invalid content.
+    """
+    source = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SuiteError(_line(f"{source}: no such file")) from None
+    except OSError as exc:
+        raise SuiteError(_line(f"{source}: cannot read: {exc.strerror}")) from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(_line(f"{source}: not UTF-8 text (byte {exc.start})")) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(_line(f"{source}: invalid TOML: {exc}")) from None
+    suite = parse_suite(
+        data, source=source, workloads=workloads, methods=methods, name_default=path.stem
+    )
+    return replace(suite, path=path)
+
+
+def parse_suite(
+    data: Mapping[str, Any],
+    *,
+    source: str,
+    workloads: Collection[str],
+    methods: Mapping[str, MethodSpec],
+    name_default: str,
+) -> Suite:
+    """Validate and expand a parsed suite (tests, embedded suites).
+
+    Args:
+        data: the parsed TOML.
+        source: what error messages name as the file (a path, or ``"<string>"``).
+        workloads: registered workload names.
+        methods: registered methods by name.
+        name_default: the suite name when ``data`` sets none (the file stem).
+
+    Raises:
+        SuiteError: any invalid content; the message names ``source``, the key path and the value.
+    """
+    r = _Reader(source)
+    r.check_keys(data, "", _TOP_KEYS)
+    name = data.get("name", name_default)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        r.fail("name", f"expected letters, digits, '_', '-' or '.', got {name!r}")
+    description = r.string(data.get("description", ""), "description")
+
+    if "sweep" not in data:
+        r.fail("sweep", "missing table; a suite needs [sweep] with workload and batch_size")
+    sweep = r.table(data["sweep"], "sweep", _SWEEP_KEYS)
+    for key in ("workload", "batch_size"):
+        if key not in sweep:
+            r.fail(f"sweep.{key}", "missing (required)")
+    names = r.values(sweep["workload"], "sweep.workload", lambda v, p: r.workload(v, p, workloads))
+    batch_sizes = r.values(sweep["batch_size"], "sweep.batch_size", lambda v, p: r.integer(v, p, 1))
+    seeds = r.values(sweep.get("seed", [0]), "sweep.seed", lambda v, p: r.integer(v, p, 0))
+    inv_intervals = r.values(
+        sweep.get("inv_interval", [20]), "sweep.inv_interval", lambda v, p: r.integer(v, p, 1)
+    )
+
+    settings = _resolve_settings(r, names, data)
+    grids = _grids(r, data, methods)
+
+    cells: list[Cell] = []
+    for workload, (optimizer, combos) in itertools.product(names, grids.items()):
+        invs: list[int | None] = (
+            [*inv_intervals] if methods[optimizer].uses_inv_interval else [None]
+        )
+        for hparams, batch_size, inv, seed in itertools.product(combos, batch_sizes, invs, seeds):
+            cells.append(
+                Cell(name, workload, optimizer, batch_size, inv, seed, hparams, settings[workload])
+            )
+
+    kept = _exclude(r, data.get("exclude", []), cells, [methods[o] for o in grids])
+    varying = {
+        optimizer: tuple(
+            key
+            for key in sorted(methods[optimizer].hparams)
+            if len({c.hparams[key] for c in kept if c.optimizer == optimizer}) > 1
+        )
+        for optimizer in grids
+    }
+    return Suite(
+        name=name,
+        description=description,
+        path=None,
+        cells=tuple(replace(c, label_keys=varying[c.optimizer]) for c in kept),
+        raw=dict(data),
+    )
+
+
+def _resolve_settings(
+    r: _Reader, names: Sequence[str], data: Mapping[str, Any]
+) -> dict[str, Settings]:
+    """Settings per workload: ``[defaults]`` then ``[workloads.<name>]``, each with a budget."""
+    base = r.settings(data.get("defaults", {}), "defaults", Settings())
+    resolved = dict.fromkeys(names, base)
+    for workload, table in r.table(data.get("workloads", {}), "workloads").items():
+        path = f"workloads.{workload}"
+        if workload not in names:
+            r.fail(path, f"workload {workload!r} is not in sweep.workload ({', '.join(names)})")
+        resolved[workload] = r.settings(table, path, base)
+    for workload, s in resolved.items():
+        if s.max_steps is None and s.max_seconds is None:
+            r.fail(
+                "defaults",
+                f"neither max_steps nor max_seconds is set for workload {workload!r}; "
+                f"set one in [defaults] or [workloads.{workload}]",
+            )
+    return resolved
+
+
+def _grids(
+    r: _Reader, data: Mapping[str, Any], methods: Mapping[str, MethodSpec]
+) -> dict[str, list[dict[str, HParamValue]]]:
+    """Per optimizer (in file order), the product of its hyperparameter lists, defaults filled."""
+    hint = f"add at least one [optimizers.<name>] table (known: {', '.join(methods)})"
+    if "optimizers" not in data:
+        r.fail("optimizers", f"missing; {hint}")
+    tables = r.table(data["optimizers"], "optimizers")
+    if not tables:
+        r.fail("optimizers", f"empty; {hint}")
+    grids: dict[str, list[dict[str, HParamValue]]] = {}
+    for optimizer, value in tables.items():
+        path = f"optimizers.{optimizer}"
+        if optimizer not in methods:
+            r.unknown(path, "optimizer", optimizer, list(methods))
+        specs = methods[optimizer].hparams
+        table = r.table(value, path, list(specs), what=f"{optimizer} hyperparameter")
+        keys = sorted(specs)
+        lists = [
+            r.values(table[key], f"{path}.{key}", partial(r.hparam, spec=specs[key]))
+            if key in table
+            else [specs[key].default]
+            for key in keys
+        ]
+        grids[optimizer] = [
+            dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)
+        ]
+    return grids
+
+
+def _exclude(
+    r: _Reader, rules: object, cells: list[Cell], specs: Sequence[MethodSpec]
+) -> list[Cell]:
+    """``cells`` without those matching an ``[[exclude]]`` rule.
+
+    A rule, or one of its values, that matches no cell of the full sweep is an error: it is a typo
+    or a leftover from an edited sweep, and ignoring it would run cells the author meant to drop.
+    """
+    if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules):
+        r.fail("exclude", f"expected [[exclude]] tables, got {rules!r}")
+    known = [*AXES, *sorted({key for spec in specs for key in spec.hparams} - set(AXES))]
+    for i, rule in enumerate(rules):
+        path = f"exclude[{i}]"
+        r.check_keys(rule, path, known)
+        if not rule:
+            r.fail(path, "empty table; give at least one key to match")
+        for key, value in rule.items():
+            present = [v for v in dict.fromkeys(_value(c, key) for c in cells) if v is not None]
+            if not any(_same(value, v) for v in present):
+                listed = ", ".join(repr(v) for v in present)
+                r.fail(
+                    f"{path}.{key}", f"no cell has {key}={value!r}; values in this suite: {listed}"
+                )
+        if not any(_excluded(c, rule) for c in cells):
+            r.fail(path, "matches no cell: each value occurs in the sweep, but never together")
+    kept = [c for c in cells if not any(_excluded(c, rule) for rule in rules)]
+    if not kept:
+        r.fail("exclude", f"removes all {len(cells)} cells of the sweep")
+    return kept
+
+
+def _value(cell: Cell, key: str) -> object:
+    """The cell's value for an exclude key; ``None`` (which TOML cannot write) where it has none."""
+    return getattr(cell, key) if key in AXES else cell.hparams.get(key)
+
+
+def _same(a: object, b: object) -> bool:
+    """``==`` that keeps ``true`` apart from ``1`` (TOML has both) but matches ``1`` to ``1.0``."""
+    return isinstance(a, bool) is isinstance(b, bool) and a == b
+
+
+def _excluded(cell: Cell, rule: Mapping[str, object]) -> bool:
+    return all(_same(value, _value(cell, key)) for key, value in rule.items())
+
+
+def _matches(pattern: str, text: str) -> bool:
+    return pattern in text or fnmatch.fnmatchcase(text, pattern)
+
+
+def _line(message: str) -> str:
+    """``message`` on one line (a quoted TOML key may hold a newline)."""
+    return " ".join(message.splitlines())
+
+
+def _bound(minimum: float | None, strict: bool = False) -> str:
+    return "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+
+
+class _Reader:
+    """Typed reads of parsed TOML that fail with the file, the key path and the value."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise SuiteError(_line(f"{self.source}: {path}: {message}"))
+
+    def unknown(self, path: str, what: str, name: str, known: Sequence[str]) -> NoReturn:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        self.fail(path, f"unknown {what} {name!r}{hint}; known: {', '.join(known)}")
+
+    def check_keys(
+        self, table: Mapping[str, Any], path: str, known: Sequence[str], what: str = "key"
+    ) -> None:
+        for key in table:
+            if key not in known:
+                self.unknown(f"{path}.{key}" if path else key, what, key, known)
+
+    def table(
+        self, value: object, path: str, known: Sequence[str] | None = None, what: str = "key"
+    ) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a table, got {value!r}")
+        if known is not None:
+            self.check_keys(value, path, known, what)
+        return value
+
+    def values(self, value: object, path: str, convert: Callable[[object, str], T]) -> list[T]:
+        """A value, or a non-empty list of distinct values (a repeat would duplicate cells)."""
+        if not isinstance(value, list):
+            return [convert(value, path)]
+        if not value:
+            self.fail(path, "expected a value or a non-empty list, got []")
+        out: list[T] = []
+        for i, item in enumerate(value):
+            converted = convert(item, f"{path}[{i}]")
+            if converted in out:
+                self.fail(f"{path}[{i}]", f"repeats the value {item!r} (it would duplicate cells)")
+            out.append(converted)
+        return out
+
+    def integer(self, value: object, path: str, minimum: float | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(path, f"expected an integer{_bound(minimum)}, got {value!r}")
+        if minimum is not None and value < minimum:
+            self.fail(path, f"expected an integer{_bound(minimum)}, got {value!r}")
+        return value
+
+    def number(
+        self, value: object, path: str, minimum: float | None = None, strict: bool = False
+    ) -> float:
+        """A float; an integer is accepted and converted (``lr = 1`` means ``1.0``)."""
+        message = f"expected a number{_bound(minimum, strict)}, got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            self.fail(path, message)
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            self.fail(path, message)
+        return float(value)
+
+    def boolean(self, value: object, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {value!r}")
+        return value
+
+    def string(self, value: object, path: str, choices: Sequence[str] | None = None) -> str:
+        if choices is not None and value not in choices:
+            self.fail(path, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        if not isinstance(value, str):
+            self.fail(path, f"expected a string, got {value!r}")
+        return value
+
+    def workload(self, value: object, path: str, known: Collection[str]) -> str:
+        name = self.string(value, path)
+        if name not in known:
+            self.unknown(path, "workload", name, sorted(known))
+        return name
+
+    def hparam(self, value: object, path: str, spec: HParam) -> HParamValue:
+        """``value`` checked against the type of ``spec.default``, its choices and minimum."""
+        if spec.kind is bool:
+            return self.boolean(value, path)
+        if spec.kind is int:
+            return self.integer(value, path, spec.minimum)
+        if spec.kind is float:
+            return self.number(value, path, spec.minimum)
+        return self.string(value, path, spec.choices)
+
+    def settings(self, value: object, path: str, base: Settings) -> Settings:
+        """``base`` with the keys of the table ``value`` replaced."""
+        table = self.table(value, path, list(_SETTINGS))
+        return replace(base, **{k: _SETTINGS[k](self, v, f"{path}.{k}") for k, v in table.items()})
+
+    def device(self, value: object, path: str) -> str:
+        if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+            self.fail(path, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+
+_SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
+    "device": _Reader.device,
+    "data": lambda r, v, p: r.string(v, p, ("real", "synthetic")),
+    "max_steps": lambda r, v, p: r.integer(v, p, 1),
+    "max_seconds": lambda r, v, p: r.number(v, p, 0.0, strict=True),
+    "eval_every": lambda r, v, p: r.integer(v, p, 1),
+    "log_every": lambda r, v, p: r.integer(v, p, 1),
+    "train_eval_size": lambda r, v, p: r.integer(v, p, 1),
+    "tf32": _Reader.boolean,
+    "amp": lambda r, v, p: r.string(v, p, ("off", "bf16", "fp16")),
+}
+"""Converter per :class:`Settings` field: the keys ``[defaults]`` and ``[workloads.*]`` take."""

@@ -1,0 +1,72 @@
+"""Summary tables of a run: one row per optimizer × setting, medians over seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from rich.table import Table
+
+TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
+
+
+def varying_hparams(cells: pd.DataFrame) -> pd.Series:
+    """For each cell, the hyperparameters whose values differ within its optimizer's cells."""
+    parsed = cells["hparams"].map(json.loads)
+    out = pd.Series("", index=cells.index, dtype=object)
+    for _, group in cells.groupby("optimizer"):
+        hp = parsed.loc[group.index]
+        keys = sorted({k for d in hp for k in d})
+        varying = [k for k in keys if len({json.dumps(d.get(k)) for d in hp}) > 1]
+        out.loc[group.index] = hp.map(lambda d, v=varying: " ".join(f"{k}={d.get(k)}" for k in v))
+    return out
+
+
+def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per setting (seeds pooled): seeds, statuses, median final losses, times and step time."""
+    cells = cells.assign(setting=varying_hparams(cells), ok=cells["status"].eq("ok"))
+    keys = ["workload", "optimizer", "batch_size", "inv_interval", "setting"]
+    grouped = cells.groupby(keys, dropna=False, sort=True)
+    frame = grouped.agg(
+        seeds=("seed", "nunique"),
+        ok=("ok", "sum"),
+        status=("status", lambda s: ",".join(sorted(set(s)))),
+        final_train_loss=("final_train_loss", "median"),
+        final_eval_metric=("final_eval_metric", "median"),
+        train_time_s=("train_time_s", "median"),
+        time_to_target_s=("time_to_target_s", "median"),
+        median_step_ms=("median_step_ms", "median"),
+    ).reset_index()
+    return frame
+
+
+def rich_summary(cells: pd.DataFrame, title: str) -> Table:
+    """The summary as a rich table for the terminal."""
+    frame = summary_frame(cells)
+    table = Table(title=title)
+    headers = {
+        "workload": "workload",
+        "optimizer": "optimizer",
+        "batch_size": "batch",
+        "inv_interval": "T_inv",
+        "setting": "setting",
+        "status": "status",
+        "final_train_loss": "train loss",
+        "final_eval_metric": "eval metric",
+        "train_time_s": "train s",
+        "time_to_target_s": "to target s",
+        "median_step_ms": "step ms",
+    }
+    for key, head in headers.items():
+        table.add_column(head, justify="left" if key in TEXT_COLUMNS else "right")
+    for rec in frame.to_dict("records"):
+        table.add_row(*(_fmt(rec[k]) for k in headers))
+    return table
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

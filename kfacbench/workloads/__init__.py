@@ -1,0 +1,225 @@
+"""Workload registry: name -> data + model + loss (output distribution) + eval metric + target.
+
+A workload fixes everything about a cell except the optimizer: the data set (real files, the
+generated CURVES set, or synthetic tensors of the same shapes for timing-only runs), the network,
+the output distribution whose NLL is the loss, and the eval metric with the target value that
+defines time-to-target (AlgoPerf's headline metric).
+
+Targets are kfacbench's choices, not the papers': a value a well-tuned optimizer reaches within the
+budgets of the suites in ``suites/``. They are stated per workload so every report uses the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kfacbench.core.problem import Distribution
+from kfacbench.data import Splits
+from kfacbench.data.cifar import cifar10_splits
+from kfacbench.data.curves import load_curves
+from kfacbench.data.faces import load_faces
+from kfacbench.data.idx import mnist_autoencoder_splits, mnist_classification_splits
+from kfacbench.data.synthetic import synthetic_splits
+from kfacbench.errors import KfacbenchError
+from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
+
+DataMode = Literal["real", "synthetic"]
+Metric = Literal["recon_error", "accuracy"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark problem.
+
+    Attributes:
+        name: registry name used in suites.
+        summary: one line for ``kfacbench list``.
+        input_shape: shape of one example.
+        distribution: output distribution (the loss is its NLL).
+        metric: ``recon_error`` (mean over examples of the summed squared error of the predicted
+            pixels, as reported by Hinton & Salakhutdinov 2006; lower is better) or ``accuracy``
+            (higher is better).
+        target: eval-metric value that counts as reached for time-to-target.
+        build_model: ``build_model(generator)`` -> a freshly initialised network.
+        load_real: ``load_real(data_dir, cache_dir)`` -> the real (or generated) data.
+        synthetic_sizes: (train, test) sizes of the synthetic data mode.
+        num_classes: classes for classification workloads (0 for autoencoders).
+    """
+
+    name: str
+    summary: str
+    input_shape: tuple[int, ...]
+    distribution: Distribution
+    metric: Metric
+    target: float
+    build_model: Callable[[torch.Generator], nn.Module]
+    load_real: Callable[[Path | None, Path | None], Splits]
+    synthetic_sizes: tuple[int, int]
+    num_classes: int = 0
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether larger metric values are better (accuracy) or smaller (errors)."""
+        return self.metric == "accuracy"
+
+    def reached(self, value: float) -> bool:
+        """Whether an eval-metric value meets the target."""
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+    def load_data(
+        self, mode: DataMode, data_dir: Path | None = None, cache_dir: Path | None = None
+    ) -> Splits:
+        """The workload's data in ``mode`` (synthetic data is seeded and the same every time)."""
+        if mode == "real":
+            return self.load_real(data_dir, cache_dir)
+        n_train, n_test = self.synthetic_sizes
+        return synthetic_splits(
+            self.input_shape,
+            target="classes" if self.num_classes else "input",
+            n_train=n_train,
+            n_test=n_test,
+            seed=0,
+            num_classes=self.num_classes or 10,
+        )
+
+
+def _autoencoder(sizes: tuple[int, ...]) -> Callable[[torch.Generator], nn.Module]:
+    return lambda gen: deep_autoencoder(sizes, init="sparse", generator=gen)
+
+
+def _resnet(depth: int, in_channels: int) -> Callable[[torch.Generator], nn.Module]:
+    def build(gen: torch.Generator) -> nn.Module:
+        # torch.nn.init draws from the global RNG; seed it from the cell's generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+            return cifar_resnet(depth, in_channels=in_channels, num_classes=10)
+
+    return build
+
+
+def _curves(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+    return load_curves(cache_dir, seed=0)
+
+
+def _faces(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+    return load_faces(data_dir, cache_dir, seed=0)
+
+
+def _mnist_ae(dataset: Literal["mnist", "fashion_mnist"]) -> Callable[..., Splits]:
+    return lambda data_dir, cache_dir: mnist_autoencoder_splits(dataset, data_dir)
+
+
+def _fashion_classes(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+    return mnist_classification_splits("fashion_mnist", data_dir)
+
+
+def _cifar(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+    return cifar10_splits(data_dir)
+
+
+MNIST_AE = (784, 1000, 500, 250, 30)
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            name="curves_ae",
+            summary="CURVES deep autoencoder 784-400-200-100-50-25-6 (generated data, BCE)",
+            input_shape=(784,),
+            distribution="bernoulli",
+            metric="recon_error",
+            target=8.0,
+            build_model=_autoencoder((784, 400, 200, 100, 50, 25, 6)),
+            load_real=_curves,
+            synthetic_sizes=(20_000, 10_000),
+        ),
+        Workload(
+            name="mnist_ae",
+            summary="MNIST deep autoencoder 784-1000-500-250-30 (official IDX files, BCE)",
+            input_shape=(784,),
+            distribution="bernoulli",
+            metric="recon_error",
+            target=10.0,
+            build_model=_autoencoder(MNIST_AE),
+            load_real=_mnist_ae("mnist"),
+            synthetic_sizes=(60_000, 10_000),
+        ),
+        Workload(
+            name="fashion_mnist_ae",
+            summary="Fashion-MNIST deep autoencoder 784-1000-500-250-30 (IDX files, BCE)",
+            input_shape=(784,),
+            distribution="bernoulli",
+            metric="recon_error",
+            target=15.0,
+            build_model=_autoencoder(MNIST_AE),
+            load_real=_mnist_ae("fashion_mnist"),
+            synthetic_sizes=(60_000, 10_000),
+        ),
+        Workload(
+            name="faces_ae",
+            summary="FACES deep autoencoder 625-2000-1000-500-30 (from Olivetti, squared error)",
+            input_shape=(625,),
+            distribution="gaussian",
+            metric="recon_error",
+            target=150.0,
+            build_model=_autoencoder((625, 2000, 1000, 500, 30)),
+            load_real=_faces,
+            synthetic_sizes=(103_500, 41_400),
+        ),
+        Workload(
+            name="cifar10_resnet20",
+            summary="ResNet-20 (He et al. 2016) on CIFAR-10 (official python batches)",
+            input_shape=(3, 32, 32),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.91,
+            build_model=_resnet(20, 3),
+            load_real=_cifar,
+            synthetic_sizes=(50_000, 10_000),
+            num_classes=10,
+        ),
+        Workload(
+            name="cifar10_resnet32",
+            summary="ResNet-32 (He et al. 2016) on CIFAR-10 (official python batches)",
+            input_shape=(3, 32, 32),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.92,
+            build_model=_resnet(32, 3),
+            load_real=_cifar,
+            synthetic_sizes=(50_000, 10_000),
+            num_classes=10,
+        ),
+        Workload(
+            name="fashion_mnist_resnet20",
+            summary="ResNet-20 on Fashion-MNIST (1x28x28, official IDX files)",
+            input_shape=(1, 28, 28),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.92,
+            build_model=_resnet(20, 1),
+            load_real=_fashion_classes,
+            synthetic_sizes=(60_000, 10_000),
+            num_classes=10,
+        ),
+    )
+}
+
+
+def get_workload(name: str) -> Workload:
+    """The registered workload ``name``.
+
+    Raises:
+        KfacbenchError: unknown name (the message lists the known ones).
+    """
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        known = ", ".join(WORKLOADS)
+        raise KfacbenchError(f"unknown workload {name!r}; known: {known}") from None

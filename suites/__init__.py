@@ -1,0 +1,1 @@
+"""Bundled suite files (installed as the ``kfacbench.suites`` package)."""

@@ -1,0 +1,146 @@
+"""The training loop: sampling, budgets, read-back cadence, divergence, eval off the clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kfacbench.core.loop import LoopConfig, MinibatchSampler, evaluate, train
+from kfacbench.core.problem import Problem
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.data import Splits
+from kfacbench.optim.sgd import SGD
+
+CPU = torch.device("cpu")
+
+
+def blobs(n: int = 512, seed: int = 0) -> Splits:
+    """Two Gaussian blobs: an easy classification problem SGD must make progress on."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=gen)
+    x = torch.randn(n, 4, generator=gen) + 2.0 * y[:, None].float()
+    return Splits(x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :], "synthetic")
+
+
+def config(**kw: object) -> LoopConfig:
+    base: dict[str, object] = dict(
+        batch_size=32,
+        seed=0,
+        max_steps=40,
+        max_seconds=None,
+        eval_every=20,
+        log_every=5,
+        train_eval_size=1000,
+    )
+    base.update(kw)
+    return LoopConfig(**base)  # type: ignore[arg-type]
+
+
+def classifier() -> Problem:
+    torch.manual_seed(0)
+    return Problem(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), "categorical")
+
+
+def test_sampler_draws_permutations_deterministically() -> None:
+    a = MinibatchSampler(10, 5, seed=3, device=CPU)
+    b = MinibatchSampler(10, 5, seed=3, device=CPU)
+    epoch = torch.cat([a.next(), a.next()])
+    assert sorted(epoch.tolist()) == list(range(10))
+    torch.testing.assert_close(epoch, torch.cat([b.next(), b.next()]))
+    assert not torch.equal(a.next(), MinibatchSampler(10, 5, seed=4, device=CPU).next())
+    with pytest.raises(ValueError, match="exceeds"):
+        MinibatchSampler(4, 5, seed=0, device=CPU)
+
+
+def test_train_reduces_loss_and_records_curves_and_phases() -> None:
+    problem = classifier()
+    result = train(
+        problem,
+        SGD(problem, lr=0.2, momentum=0.9),
+        blobs(),
+        config(),
+        metric="accuracy",
+        reached=lambda acc: acc >= 0.9,
+    )
+    assert result.status == "ok" and result.steps == 40
+    steps = [r["step"] for r in result.curves]
+    assert steps == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    evals = [r for r in result.curves if not math.isnan(r["eval_metric"])]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["train_eval_loss"] < 0.5 * evals[0]["train_eval_loss"]
+    assert result.time_to_target_s is not None and result.time_to_target_s > 0
+    assert result.final["final_eval_metric"] >= 0.9
+    phases = {p.phase: p for p in result.phases}
+    assert set(phases) == {"forward", "backward", "update", "step"}
+    assert all(p.calls == 40 for p in phases.values())
+    times = [r["train_time_s"] for r in result.curves]
+    assert times == sorted(times) and times[-1] == result.train_time_s
+    assert result.curves[-1]["lr"] == 0.2
+    assert 0 < result.timer_overhead_ms < 1.0
+
+
+def test_time_budget_stops_the_cell() -> None:
+    problem = classifier()
+    result = train(
+        problem,
+        SGD(problem, lr=0.1),
+        blobs(),
+        config(max_steps=None, max_seconds=0.2),
+        metric="accuracy",
+        reached=lambda acc: False,
+    )
+    assert result.status == "ok"
+    assert 0.2 <= result.train_time_s < 5.0
+    assert result.time_to_target_s is None
+    assert not math.isnan(result.curves[-1]["eval_metric"])  # final eval always runs
+
+
+def test_non_finite_loss_is_diverged() -> None:
+    problem = classifier()
+    result = train(
+        problem,
+        SGD(problem, lr=1e30, momentum=0.9),
+        blobs(),
+        config(max_steps=200),
+        metric="accuracy",
+        reached=lambda acc: False,
+    )
+    assert result.status == "diverged"
+    assert result.steps < 200
+    assert not math.isfinite(result.curves[-1]["train_loss"])
+
+
+def test_eval_is_off_the_clock() -> None:
+    """A slow eval must not show up in training time."""
+    problem = classifier()
+    fast = train(problem, SGD(problem, lr=0.1), blobs(), config(), metric="accuracy", reached=bool)
+    slow_problem = classifier()
+    data = blobs()
+    test_x, test_y = data.test_x.repeat(400, 1), data.test_y.repeat(400)
+    big = Splits(data.train_x, data.train_y, test_x, test_y, "x")
+    slow = train(
+        slow_problem, SGD(slow_problem, lr=0.1), big, config(), metric="accuracy", reached=bool
+    )
+    assert slow.train_time_s < fast.train_time_s * 3 + 0.05
+
+
+def test_evaluate_recon_error_is_summed_squared_error_per_example() -> None:
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()  # sigmoid(0) = 0.5 everywhere
+    x = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
+    loss, err = evaluate(Problem(model, "bernoulli"), x, x, "recon_error")
+    assert err == pytest.approx(((0.25 + 0.25 + 0) + 3 * 0.25) / 2)
+    assert loss == pytest.approx(3 * math.log(2))
+
+
+def test_timer_phases_are_the_methods() -> None:
+    problem = classifier()
+    timer = PhaseTimer(CPU)
+    data = blobs()
+    SGD(problem, lr=0.1).step(data.train_x[:8], data.train_y[:8], timer)
+    assert timer.phases() == ["forward", "backward", "update"]
