@@ -4,7 +4,7 @@ A run directory (``results/runs/<suite>/<timestamp>/``) holds
 
 - ``cells.parquet``, ``curves.parquet``, ``phases.parquet``: the long-format tables of
   DESIGN.md, rebuilt after every finished cell;
-- ``parts/<cell-id>.{curves,phases,cell}.parquet``: one set per finished cell, the source of truth.
+- ``parts/<cell-id>.{curves,phases,cells}.parquet``: one set per finished cell, the source of truth.
   The cell's row is written last, so its presence marks the cell finished; a run killed mid-cell
   leaves no row and ``--resume`` reruns exactly that cell;
 - ``suite.toml`` (the suite as run) and ``env.json`` (device, driver, CUDA, torch, versions,
@@ -105,7 +105,7 @@ class RunStore:
 
     def finished_ids(self) -> set[str]:
         """Ids of the cells whose results are complete."""
-        return {p.name.removesuffix(".cell.parquet") for p in self.parts.glob("*.cell.parquet")}
+        return {p.name.removesuffix(".cells.parquet") for p in self.parts.glob("*.cells.parquet")}
 
     def write_cell(
         self,
@@ -120,7 +120,7 @@ class RunStore:
         for name, rows in (("curves", curves), ("phases", phases)):
             frame = pd.DataFrame([{"cell_id": cell_id, **r} for r in rows])
             atomic_write_parquet(self.parts / f"{cell_id}.{name}.parquet", frame)
-        atomic_write_parquet(self.parts / f"{cell_id}.cell.parquet", cells_frame([cell_row]))
+        atomic_write_parquet(self.parts / f"{cell_id}.cells.parquet", cells_frame([cell_row]))
         self.consolidate()
 
     def consolidate(self) -> None:

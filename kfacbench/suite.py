@@ -72,7 +72,8 @@ class Settings:
         log_every: steps between loss read-backs and divergence checks (each one syncs the device).
         train_eval_size: training examples used for the train-set eval.
         tf32: allow TF32 matmuls and convolutions on CUDA.
-        amp: autocast mode: ``off``, ``bf16`` or ``fp16``.
+        amp: autocast mode of the forward pass: ``off`` or ``bf16`` (fp16 would need loss
+            scaling, which the core does not do, so it is not offered).
     """
 
     device: str = "auto"
@@ -519,6 +520,6 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "log_every": lambda r, v, p: r.integer(v, p, 1),
     "train_eval_size": lambda r, v, p: r.integer(v, p, 1),
     "tf32": _Reader.boolean,
-    "amp": lambda r, v, p: r.string(v, p, ("off", "bf16", "fp16")),
+    "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
 }
 """Converter per :class:`Settings` field: the keys ``[defaults]`` and ``[workloads.*]`` take."""

@@ -93,8 +93,9 @@ def test_failures_are_recorded_and_the_suite_goes_on(
     hp = {"x": HParam(1, "unused")}
     monkeypatch.setitem(METHODS, "boom", MethodSpec("boom", "raises", hp, False, boom))
     monkeypatch.setitem(METHODS, "oom", MethodSpec("oom", "out of memory", hp, False, oom))
-    extra = "[optimizers.boom]\n[optimizers.oom]\n"
-    suite = write_suite(tmp_path, lrs="[0.1, 1e6]", extra=extra)
+    # weight decay 1e5 at lr 0.1 multiplies the weights by -1e4 per step: inf within 10 steps
+    extra = "weight_decay = [0.0, 1e5]\n[optimizers.boom]\n[optimizers.oom]\n"
+    suite = write_suite(tmp_path, lrs="0.1", extra=extra)
     out = tmp_path / "out"
     assert cli.main(["run", str(suite), "--out", str(out)]) == 0
     run_dir = only_run_dir(out, "t")
@@ -143,7 +144,7 @@ def test_resume_after_a_killed_run_runs_every_cell_exactly_once(tmp_path: Path) 
     deadline = time.monotonic() + 120
     parts: list[Path] = []
     while time.monotonic() < deadline and proc.poll() is None:
-        parts = list(out.glob("r/*/parts/*.cell.parquet"))
+        parts = list(out.glob("r/*/parts/*.cells.parquet"))
         if parts:
             break
         time.sleep(0.05)
@@ -151,7 +152,7 @@ def test_resume_after_a_killed_run_runs_every_cell_exactly_once(tmp_path: Path) 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_dir = only_run_dir(out, "r")
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("parts/*.cell.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("parts/*.cells.parquet")}
     assert 1 <= len(before) < 6
 
     resumed = kfacbench("run", str(suite), "--out", str(out), "--resume")
@@ -160,7 +161,7 @@ def test_resume_after_a_killed_run_runs_every_cell_exactly_once(tmp_path: Path) 
     assert f"{len(before)} of 6 cells already done" in log
     cells = pd.read_parquet(run_dir / "cells.parquet")
     assert len(cells) == 6 and cells["cell_id"].is_unique and set(cells["status"]) == {"ok"}
-    after = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("parts/*.cell.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("parts/*.cells.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())  # not redone
     curves = pd.read_parquet(run_dir / "curves.parquet")
     assert not curves.duplicated(["cell_id", "step"]).any()

@@ -477,7 +477,7 @@ ERRORS = [
     (
         BASE.replace("max_steps = 10", "max_steps = 10\namp = 'fp8'"),
         "defaults.amp",
-        ["'fp16', got 'fp8'"],
+        ["'bf16', got 'fp8'"],
     ),
     (
         BASE.replace("max_steps = 10", "max_steps = 10\ntf32 = 1"),

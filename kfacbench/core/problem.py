@@ -27,7 +27,7 @@ Distribution = Literal["bernoulli", "gaussian", "categorical"]
 - ``categorical``: outputs are class logits (softmax cross-entropy).
 """
 
-AmpMode = Literal["off", "bf16", "fp16"]
+AmpMode = Literal["off", "bf16"]
 
 
 @dataclass
@@ -48,8 +48,7 @@ class Problem:
         """Model outputs in float32 (autocast only around the model call when ``amp`` is on)."""
         if self.amp == "off":
             return self.model(x)
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        with torch.autocast(device_type=x.device.type, dtype=dtype):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             out = self.model(x)
         return out.float()
 

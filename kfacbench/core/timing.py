@@ -51,13 +51,13 @@ class PhaseTimer:
         self._cuda = device.type == "cuda"
         self._durations: dict[str, list[float]] = {}
         self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._free_events: list[torch.cuda.Event] = []  # reused: creating events costs host time
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the enclosed block as one call of phase ``name``."""
         if self._cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start, end = self._event(), self._event()
             start.record()
             yield
             end.record()
@@ -71,6 +71,11 @@ class PhaseTimer:
         """Time a whole training step (recorded as phase ``"step"``)."""
         return self.phase(STEP)
 
+    def _event(self) -> torch.cuda.Event:
+        if self._free_events:
+            return self._free_events.pop()
+        return torch.cuda.Event(enable_timing=True)
+
     def _record(self, name: str, ms: float) -> None:
         self._durations.setdefault(name, []).append(ms)
 
@@ -81,6 +86,7 @@ class PhaseTimer:
         self._pending[-1][2].synchronize()
         for name, start, end in self._pending:
             self._record(name, start.elapsed_time(end))
+            self._free_events += (start, end)
         self._pending.clear()
 
     def durations(self, name: str) -> list[float]:

@@ -99,17 +99,22 @@ def test_time_budget_stops_the_cell() -> None:
 
 
 def test_non_finite_loss_is_diverged() -> None:
-    problem = classifier()
+    """Least squares with a step far beyond 2/L grows geometrically to inf, then NaN."""
+    torch.manual_seed(0)
+    problem = Problem(nn.Linear(4, 1), "gaussian")
+    x = torch.randn(256, 4)
+    y = x.sum(1, keepdim=True)
+    data = Splits(x[:128], y[:128], x[128:], y[128:], "synthetic")
     result = train(
         problem,
-        SGD(problem, lr=1e30, momentum=0.9),
-        blobs(),
-        config(max_steps=200),
-        metric="accuracy",
-        reached=lambda acc: False,
+        SGD(problem, lr=50.0, momentum=0.9),
+        data,
+        config(max_steps=500),
+        metric="recon_error",
+        reached=lambda err: False,
     )
     assert result.status == "diverged"
-    assert result.steps < 200
+    assert result.steps < 500
     assert not math.isfinite(result.curves[-1]["train_loss"])
 
 
