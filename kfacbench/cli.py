@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def latest_run(root: Path, suite: str) -> Path:
     return runs[-1]
 
 
+def check_resumable(run_dir: Path, suite: str) -> None:
+    """Refuse to resume into a folder that is not a run of ``suite``."""
+    if not (run_dir / "parts").is_dir():
+        raise KfacbenchError(f"--resume {run_dir}: not a kfacbench run directory (no parts/)")
+    stored = run_dir / "suite.toml"
+    if stored.exists():
+        name = tomllib.loads(stored.read_text()).get("name", suite)
+        if name != suite:
+            raise KfacbenchError(
+                f"--resume {run_dir}: that run is of suite {name!r}, not {suite!r}"
+            )
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     suite = read_suite(args.suite)
     cells = suite.select(args.only)
@@ -74,8 +88,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(table)
         return 0
     if args.resume is not None:
-        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else args.resume
-        store = RunStore(Path(run_dir))
+        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
+        check_resumable(run_dir, suite.name)
+        store = RunStore(run_dir)
     else:
         store = RunStore.new(args.out, suite.name)
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
@@ -205,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kfacbench`` console script."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         return int(args.func(args, console))
     except KfacbenchError as exc:

@@ -22,6 +22,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -254,13 +255,12 @@ def run_cells(
             env = envs[str(device)]
             steps_task = progress.add_task(f"  {cell.label}", total=cell.settings.max_steps)
             started = now()
+
+            def show_steps(step: int, task: TaskID = steps_task) -> None:
+                progress.update(task, completed=step)
+
             try:
-                result, source = run_cell(
-                    cell,
-                    device,
-                    data,
-                    on_progress=lambda s, t=steps_task: progress.update(t, completed=s),
-                )
+                result, source = run_cell(cell, device, data, on_progress=show_steps)
                 row = cell_row(cell, env, started, result=result, data_source=source)
                 curves, phases = result.curves, [vars(p) for p in result.phases]
             except KeyboardInterrupt:

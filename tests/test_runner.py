@@ -138,7 +138,7 @@ def kfacbench(*args: str) -> subprocess.Popen[str]:
 
 @pytest.mark.slow
 def test_resume_after_a_killed_run_runs_every_cell_exactly_once(tmp_path: Path) -> None:
-    suite = write_suite(tmp_path, name="r", steps=150, seeds="[0, 1, 2]")
+    suite = write_suite(tmp_path, name="r", steps=80, seeds="[0, 1, 2]")
     out = tmp_path / "out"
     proc = kfacbench("run", str(suite), "--out", str(out))
     deadline = time.monotonic() + 120
@@ -165,3 +165,19 @@ def test_resume_after_a_killed_run_runs_every_cell_exactly_once(tmp_path: Path) 
     assert all(after[name] == mtime for name, mtime in before.items())  # not redone
     curves = pd.read_parquet(run_dir / "curves.parquet")
     assert not curves.duplicated(["cell_id", "step"]).any()
+
+
+def test_resume_refuses_a_foreign_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = write_suite(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume", str(tmp_path)]) == 2
+    assert "not a kfacbench run directory" in capsys.readouterr().err
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume"]) == 2
+    assert "no earlier run of suite 't'" in capsys.readouterr().err
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    other = write_suite(tmp_path, name="other")
+    run_dir = only_run_dir(out, "t")
+    assert cli.main(["run", str(other), "--out", str(out), "--resume", str(run_dir)]) == 2
+    assert "that run is of suite 't', not 'other'" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from kfacbench.data import faces
 from kfacbench.data.faces import build_faces, load_faces, load_olivetti
 from kfacbench.errors import DataError
 
-REAL = Path("/work/shared/data/olivetti")
+REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "olivetti"
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from kfacbench.data.idx import (
 )
 from kfacbench.errors import DataError
 
-REAL_MNIST = Path("/work/shared/data/mnist")
+REAL_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
 
