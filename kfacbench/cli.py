@@ -21,6 +21,14 @@ from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
+EXAMPLES = """examples:
+  kfacbench run                          the quick suite (CURVES, CPU-friendly) on auto device
+  kfacbench run sgd_steps --device cuda  SGD step time on every workload, synthetic data
+  kfacbench run quick --only '*bs=100*'  a subset of the cells
+  kfacbench run quick --resume           continue the latest interrupted run of quick
+  kfacbench show results/runs/quick/20261124-140000
+  kfacbench list workloads
+"""
 
 
 def bundled_suites() -> dict[str, Path]:
@@ -118,10 +126,10 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     what = args.what
     if what in ("all", "workloads"):
         table = Table(title="workloads")
-        for col in ("name", "metric", "target", "summary"):
+        for col in ("name", "metric", "target", "summary", "target from"):
             table.add_column(col)
         for w in WORKLOADS.values():
-            table.add_row(w.name, w.metric, f"{w.target:g}", w.summary)
+            table.add_row(w.name, w.metric, f"{w.target:g}", w.summary, w.target_note)
         console.print(table)
     if what in ("all", "optimizers"):
         table = Table(title="optimizers")
@@ -164,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark SGD, K-FAC and SKFAC on one training core: run suites of cells "
         "(workload × batch size × inversion interval × hyperparameters × seed) and record "
         "loss curves, wall-clock times and per-phase step times as parquet tables.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

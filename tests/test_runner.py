@@ -69,6 +69,7 @@ def test_run_writes_the_tables(tmp_path: Path) -> None:
     assert list(cells.columns) == list(CELL_COLUMNS)
     assert len(cells) == 2 and set(cells["status"]) == {"ok"}
     assert set(cells["data_source"]) == {"synthetic"}
+    assert cells["time_to_target_s"].isna().all()  # targets are defined on real data only
     assert cells["inv_interval"].isna().all()  # SGD: the axis collapsed
     assert (cells["median_step_ms"] > 0).all() and (cells["steps"] == 10).all()
     assert set(tables["curves"]["cell_id"]) == set(cells["cell_id"])
