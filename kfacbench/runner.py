@@ -100,8 +100,8 @@ def run_cell(
     device: torch.device,
     data: DataCache,
     on_progress: Callable[[int], None] | None = None,
-) -> tuple[TrainResult, str]:
-    """Build and train one cell; return its result and the data source used."""
+) -> tuple[TrainResult, str, dict[str, Any]]:
+    """Build and train one cell; return its result, the data source and the method's info."""
     settings = cell.settings
     if settings.amp == "fp16":
         raise KfacbenchError(
@@ -139,7 +139,8 @@ def run_cell(
         reached=workload.reached if settings.data == "real" else (lambda value: False),
         on_progress=on_progress,
     )
-    return result, splits.source
+    info = method.info() if hasattr(method, "info") else {}
+    return result, splits.source, info
 
 
 def cell_row(
@@ -149,6 +150,7 @@ def cell_row(
     *,
     result: TrainResult | None = None,
     data_source: str = "",
+    method_info: dict[str, Any] | None = None,
     status: str = "ok",
     error: str = "",
 ) -> dict[str, Any]:
@@ -169,6 +171,7 @@ def cell_row(
         "seed": cell.seed,
         "hparams": dumps(dict(cell.hparams)),
         "config": dumps(cell.config()),
+        "method_info": dumps(method_info or {}),
         "data_mode": cell.settings.data,
         "data_source": data_source,
         "status": result.status if result else status,
@@ -261,8 +264,10 @@ def run_cells(
                 progress.update(task, completed=step)
 
             try:
-                result, source = run_cell(cell, device, data, on_progress=show_steps)
-                row = cell_row(cell, env, started, result=result, data_source=source)
+                result, source, info = run_cell(cell, device, data, on_progress=show_steps)
+                row = cell_row(
+                    cell, env, started, result=result, data_source=source, method_info=info
+                )
                 curves, phases = result.curves, [vars(p) for p in result.phases]
             except KeyboardInterrupt:
                 raise

@@ -36,8 +36,8 @@ TABLES = ("cells", "curves", "phases")
 
 CELL_COLUMNS = (
     "cell_id", "suite", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed",
-    "hparams", "config", "data_mode", "data_source", "status", "error", "steps", "train_time_s",
-    "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
+    "hparams", "config", "method_info", "data_mode", "data_source", "status", "error", "steps",
+    "train_time_s", "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
     "final_eval_metric", "median_step_ms", "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", "device_kind", "device_name", "tf32", "amp", "torch_version",
     "kfacbench_version", "git_commit", "host", "started_at", "finished_at",

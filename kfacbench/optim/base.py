@@ -26,6 +26,8 @@ class Method(Protocol):
 
     ``step`` must not synchronise with the device (no ``.item()``, no host copies): it returns the
     minibatch loss as a detached device tensor and the core reads losses back in batches.
+    A method may also define ``info() -> dict`` (JSON-able facts about the cell, e.g. which
+    layers were preconditioned); the runner stores it in the ``method_info`` column.
     """
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -33,9 +35,10 @@ class Method(Protocol):
         ...
 
     def log_values(self) -> dict[str, float]:
-        """Host-side scalars to log with the loss curve (``lr``, ``damping``, ...).
+        """Scalars to log with the loss curve (``lr``, ``damping``, ...).
 
-        Called only at log points; values must already be on the host (no device reads).
+        Called only at the loop's read-back points, right after it synchronised the device, so
+        reading a device scalar here costs no extra sync.
         """
         ...
 
