@@ -1,0 +1,576 @@
+"""Curvature statistics shared by K-FAC and SKFAC: layer capture, output-gradients, factors.
+
+This is the curvature-estimation half of the kfac-jax split: it measures the statistics of the
+Fisher blocks; ``kfac.py`` and ``skfac.py`` decide what to keep of them and how to invert them.
+
+Notation (Martens & Grosse 2015, §2-3): a supported layer computes s = W̄ ā, where ā is its input
+with a trailing 1 (the homogeneous coordinate carrying the bias, the last column of W̄) and W̄ has
+shape ``(out_dim, in_dim)`` (:func:`grad_matrix`). g = ∂ℓ/∂s is the gradient of the
+*per-example* loss ℓ w.r.t. the layer's output. The per-example gradient is ∇W̄ = g āᵀ, and K-FAC
+approximates the Fisher block of the layer by Ā ⊗ G with Ā = E[ā āᵀ], G = E[g gᵀ] (§3, the
+independence of activations and derivatives).
+
+**vec ordering.** The paper's vec stacks *columns*, for which vec(g āᵀ) = ā ⊗ g and the block is
+``torch.kron(A, G)``. PyTorch flattens row-major, for which ``(g āᵀ).flatten()`` = g ⊗ ā and the
+same block is ``torch.kron(G, A)``. Either way (Ā ⊗ G)⁻¹ vec(V) = vec(G⁻¹ V Ā⁻¹) for an
+``(out_dim, in_dim)`` matrix V, which is all the optimizers use.
+
+**Which g.** The Fisher is an expectation over targets y drawn from the model's own predictive
+distribution (§5): ``fisher="sampled"`` draws one y per example (the "true" Fisher of the paper, an
+unbiased estimate of the exact one), ``"empirical"`` uses the data labels (a different matrix, kept
+for comparison), and ``"exact"`` (the "type-2" Fisher of tensorflow/kfac's ``exact`` mode) replaces
+the random g by the columns of Jᵀ L, where H = L Lᵀ is the Hessian of the loss w.r.t. the network
+output z and J = ∂z/∂s, so that Σ_k g_k g_kᵀ = Jᵀ H J = E_y[g gᵀ] exactly.
+
+**Normalisation.** G is always the per-example expectation (the rows are gradients of the *sum* of
+per-example losses, i.e. m times the mean-loss gradient). For Conv2d layers (KFC, Grosse & Martens
+2016, §3) ā is one im2col patch per example and output position t ∈ T and g the output-gradient at
+that position. Under the assumptions of independent activations and derivatives (IAD), spatial
+homogeneity (SH) and spatially uncorrelated derivatives (SUD), the block is
+E[Σ_t ā_t ā_tᵀ] ⊗ (1/|T|) E[Σ_t g_t g_tᵀ] (their Ω ⊗ Γ). Here the 1/|T| sits on the other
+factor: A = E[(1/|T|) Σ_t ā_t āᵀ_t] is the average over all m·|T| patch rows and
+G = E[Σ_t g_t g_tᵀ] is summed over positions and averaged over examples. The Kronecker product is
+the same, and with the factored damping's π (K-FAC §6.3) the damped inverse is too (π absorbs any
+rescaling c·A, G/c); a damping without π (SKFAC's √λ per factor) does see the split. This one keeps
+A a plain second moment of the patches, on the scale of a Linear layer's A, and G on the scale of
+the per-example gradient. A Linear layer applied to inputs with
+extra leading dimensions (sequences) is treated the same way, the extra dimensions playing T.
+
+All of it is batched: one forward with hooks, one extra ``torch.autograd.grad`` call w.r.t. the
+layer outputs (not the parameters, so no weight gradients are formed), one matmul per factor, and
+no host synchronisation. Activations are constants (``detach``), as in every K-FAC implementation.
+
+Caveat: the rows are per-example only when examples do not interact in the network. BatchNorm in
+training mode couples them; like all K-FAC implementations this module ignores that coupling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.errors import KfacbenchError
+
+KFAC_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+"""Module types whose Kronecker factors this module can capture (Conv2d: ``groups=1`` and zero
+padding only; see :func:`find_layers`)."""
+
+Fisher = Literal["sampled", "empirical", "exact"]
+"""How the output-gradients g are obtained; see the module docstring."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer K-FAC preconditions.
+
+    Attributes:
+        name: qualified module name from ``model.named_modules()``.
+        module: the ``nn.Linear`` or ``nn.Conv2d`` module.
+        kind: ``"linear"`` or ``"conv2d"``.
+        has_bias: whether the module has a bias (the homogeneous column of W̄).
+        in_dim: columns of the gradient matrix W̄ including the bias column:
+            ``in_features (+1)`` or ``C_in·kh·kw (+1)``.
+        out_dim: rows of W̄: ``out_features`` or ``C_out``.
+    """
+
+    name: str
+    module: nn.Linear | nn.Conv2d
+    kind: Literal["linear", "conv2d"]
+    has_bias: bool
+    in_dim: int
+    out_dim: int
+
+    def params(self) -> list[nn.Parameter]:
+        """``[weight]`` or ``[weight, bias]``: the parameters W̄ is made of, in column order."""
+        params = [self.module.weight]
+        if self.has_bias:
+            params.append(cast(Tensor, self.module.bias))
+        return cast(list[nn.Parameter], params)
+
+
+def _is_supported(module: nn.Module) -> bool:
+    """Linear layers, and Conv2d layers whose patches F.unfold can extract (zero padding) and
+    whose weight is one (C_out, C_in·kh·kw) matrix (``groups=1``)."""
+    if not isinstance(module, KFAC_LAYER_TYPES):
+        return False
+    return not isinstance(module, nn.Conv2d) or (
+        module.groups == 1 and module.padding_mode == "zeros"
+    )
+
+
+def find_layers(model: nn.Module) -> tuple[list[Layer], list[tuple[str, nn.Module]]]:
+    """The layers of ``model`` K-FAC can precondition, and the trainable modules it cannot.
+
+    Modules are visited in ``named_modules()`` order (registration order, which is forward order
+    for ``nn.Sequential`` chains). Only modules with trainable parameters of their own are
+    considered: frozen modules need no update at all.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``(layers, unsupported)``: a :class:`Layer` for every supported module (``nn.Linear``,
+        and ``nn.Conv2d`` with ``groups=1`` and ``padding_mode="zeros"``, with all parameters
+        trainable), and ``(name, module)`` for every other module with trainable parameters
+        (BatchNorm, grouped or reflect-padded convs, Conv1d, a Linear with a frozen weight but a
+        trainable bias, ...). K-FAC gives the latter a plain momentum update.
+    """
+    layers: list[Layer] = []
+    unsupported: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not any(p.requires_grad for p in own):
+            continue
+        if not (_is_supported(module) and all(p.requires_grad for p in own)):
+            unsupported.append((name, module))
+            continue
+        has_bias = getattr(module, "bias", None) is not None
+        if isinstance(module, nn.Conv2d):
+            layers.append(
+                Layer(
+                    name,
+                    module,
+                    "conv2d",
+                    has_bias,
+                    module.in_channels * module.kernel_size[0] * module.kernel_size[1] + has_bias,
+                    module.out_channels,
+                )
+            )
+        else:
+            linear = cast(nn.Linear, module)
+            layers.append(
+                Layer(
+                    name,
+                    linear,
+                    "linear",
+                    has_bias,
+                    linear.in_features + has_bias,
+                    linear.out_features,
+                )
+            )
+    return layers, unsupported
+
+
+def grad_matrix(layer: Layer, tensors: Sequence[Tensor] | None = None) -> Tensor:
+    """The ``(out_dim, in_dim)`` matrix W̄ = [W | b] of per-parameter tensors.
+
+    Conv weights ``(C_out, C_in, kh, kw)`` are flattened to ``(C_out, C_in·kh·kw)``, the column
+    order of the patches of :meth:`Capture.inputs`; the bias is the last column.
+
+    Args:
+        layer: the layer.
+        tensors: one tensor per parameter, shaped and ordered like ``layer.params()``. ``None``
+            reads the parameters' ``.grad`` (a missing gradient, from a layer unused in the last
+            backward pass, counts as zero).
+
+    Returns:
+        The matrix. Without a bias it is a view of the weight tensor.
+    """
+    if tensors is None:
+        tensors = [p.grad if p.grad is not None else torch.zeros_like(p) for p in layer.params()]
+    weight = tensors[0].reshape(layer.out_dim, -1)
+    if not layer.has_bias:
+        return weight
+    return torch.cat([weight, tensors[1].unsqueeze(1)], dim=1)
+
+
+def split_matrix(layer: Layer, mat: Tensor) -> list[Tensor]:
+    """The inverse of :func:`grad_matrix`: per-parameter views of ``mat`` shaped like
+    ``layer.params()``."""
+    shape = layer.module.weight.shape
+    if not layer.has_bias:
+        return [mat.reshape(shape)]
+    return [mat[:, :-1].reshape(shape), mat[:, -1]]
+
+
+def _as_float(t: Tensor) -> Tensor:
+    """float32 for half-precision tensors (autocast), unchanged otherwise (float64 stays)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _same_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """F.pad widths ``(left, right, top, bottom)`` of ``padding="same"``, split as PyTorch's
+    convolution does: the odd pixel of an even total goes right/bottom."""
+    widths: list[int] = []
+    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+        total = d * (k - 1)
+        widths += [total // 2, total - total // 2]
+    return widths[0], widths[1], widths[2], widths[3]
+
+
+def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col patches ``(..., T, C_in·kh·kw)`` of the conv's input ``(..., C_in, H, W)``, columns
+    in the weight's ``(C_in, kh, kw)`` order and positions T row-major over the output map."""
+    padding: int | tuple[int, ...] | str = module.padding
+    if isinstance(padding, str):  # "valid" pads nothing; "same" may pad asymmetrically
+        if padding == "same":
+            x = F.pad(x, _same_padding(module))
+        padding = 0
+    unfolded = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    return unfolded.transpose(-1, -2)
+
+
+def _grad_rows(layer: Layer, grad: Tensor) -> Tensor:
+    """Output-gradient rows ``(rows, out_dim)`` in the row order of :meth:`Capture.inputs`:
+    conv maps ``(..., C_out, H', W')`` become one row per example and position."""
+    grad = _as_float(grad)
+    if layer.kind == "conv2d":
+        grad = grad.movedim(-3, -1)
+    return grad.reshape(-1, layer.out_dim)
+
+
+_Hook = Callable[[nn.Module, tuple[Any, ...], Tensor], None]
+
+
+class Capture:
+    """Records, for each layer, its input (for ā) and its output s (to take g = ∂L/∂s later).
+
+    Hooks exist only inside :meth:`recording`, so steps that take no statistics pay nothing.
+    K-FAC's use per step::
+
+        with capture.recording():            # forward hooks active only inside
+            out = problem.forward(x)
+        loss = problem.loss(out, y)
+        gs = output_grads(capture, layers, problem, out, y)   # retains the graph
+        loss.backward()
+        stats = [factors(l, capture.inputs(l), g, len(x)) for l, g in zip(layers, gs)]
+        capture.clear()                      # the outputs hold the forward graph alive
+
+    Each layer must be called exactly once per recorded forward pass (no weight sharing), and its
+    output must not be modified in place afterwards (``nn.ReLU(inplace=True)`` right after it):
+    g would then be the gradient w.r.t. the modified tensor. Both are detected and raise.
+    """
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = list(layers)
+        self._slot = {id(layer.module): i for i, layer in enumerate(self.layers)}
+        self._hooks = [self._make_hook(i) for i in range(len(self.layers))]
+        self.clear()
+
+    def _make_hook(self, i: int) -> _Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if self._outputs[i] is not None:
+                raise KfacbenchError(
+                    f"layer {self.layers[i].name!r} was called twice in one recorded forward pass;"
+                    " K-FAC's curvature capture needs one call per layer (no weight sharing)"
+                )
+            self._inputs[i] = args[0].detach()  # ā is a constant of the Fisher (no graph)
+            self._outputs[i] = output  # kept in the graph: g is taken w.r.t. it
+            self._versions[i] = output._version
+
+        return hook
+
+    @contextmanager
+    def recording(self, enabled: bool = True) -> Iterator[None]:
+        """Record the layers during the forward passes run inside the block.
+
+        Entering drops any previous record. With ``enabled=False`` no hook is registered and the
+        block runs exactly as without this context.
+        """
+        self.clear()
+        pairs = zip(self.layers, self._hooks, strict=True) if enabled else ()
+        handles = [layer.module.register_forward_hook(hook) for layer, hook in pairs]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _index(self, layer: Layer) -> int:
+        i = self._slot.get(id(layer.module))
+        if i is None:
+            raise KfacbenchError(f"layer {layer.name!r} is not one of this capture's layers")
+        if self._outputs[i] is None:
+            raise KfacbenchError(
+                f"layer {layer.name!r} was not called in the recorded forward pass"
+            )
+        return i
+
+    def inputs(self, layer: Layer) -> Tensor:
+        """The rows ā of ``layer``, float32 (or float64), shape ``(rows, layer.in_dim)``.
+
+        Linear: one row per example (inputs with extra leading dimensions give one row per
+        example and position). Conv2d: one im2col patch per example and output position,
+        ``(m·T, C_in·kh·kw)`` with the rows example-major and positions row-major over the
+        output map, extracted with the layer's own kernel size, stride, padding and dilation.
+        A ones column is appended when the layer has a bias. Computed on each call.
+        """
+        x = cast(Tensor, self._inputs[self._index(layer)])
+        rows = x if layer.kind == "linear" else _patches(cast(nn.Conv2d, layer.module), x)
+        rows = _as_float(rows)
+        if layer.has_bias:
+            rows = F.pad(rows, (0, 1), value=1.0)
+        return rows.reshape(-1, layer.in_dim)
+
+    def outputs(self, layers: Sequence[Layer] | None = None) -> list[Tensor]:
+        """The recorded outputs s (still in the autograd graph) of ``layers`` (default: all of this
+        capture's layers), in that order.
+
+        Raises:
+            KfacbenchError: a layer was not called, or its output was modified in place.
+        """
+        result = []
+        for layer in self.layers if layers is None else layers:
+            i = self._index(layer)
+            output = cast(Tensor, self._outputs[i])
+            if output._version != self._versions[i]:
+                raise KfacbenchError(
+                    f"the output of layer {layer.name!r} was modified in place after the layer"
+                    " (an inplace=True activation?); K-FAC needs the layer's own output: make that"
+                    " operation out of place"
+                )
+            result.append(output)
+        return result
+
+    def clear(self) -> None:
+        """Drop every recorded tensor, so no memory (nor graph) is kept between steps."""
+        n = len(self.layers)
+        self._inputs: list[Tensor | None] = [None] * n
+        self._outputs: list[Tensor | None] = [None] * n
+        self._versions: list[int] = [0] * n
+
+
+def output_grads(
+    capture: Capture,
+    layers: Sequence[Layer],
+    problem: Problem,
+    output: Tensor,
+    target: Tensor | None = None,
+    *,
+    fisher: Literal["sampled", "empirical"] = "sampled",
+    generator: torch.Generator | None = None,
+    retain_graph: bool = True,
+) -> list[Tensor]:
+    """The output-gradient rows g of each layer, for the Fisher's G factor.
+
+    One ``torch.autograd.grad`` of the *sum* of per-example losses w.r.t. the recorded layer
+    outputs: row i is ∂ℓ_i/∂s_i, the per-example gradient (m times the mean-loss gradient,
+    Martens & Grosse 2015, §5), so E over rows of g gᵀ is the per-example Fisher factor.
+
+    Args:
+        capture: the capture that recorded the forward pass producing ``output``.
+        layers: the layers wanted (the capture's layers or a subset), in the order returned.
+        problem: gives the loss and the output distribution.
+        output: the network output of the recorded forward pass (in the graph).
+        target: the data targets; needed for ``fisher="empirical"`` only.
+        fisher: ``"sampled"``: targets drawn from the model's predictive distribution
+            (``problem.sample_targets``), the true Fisher of the paper; ``"empirical"``: the data
+            targets.
+        generator: the random source of the sampled targets.
+        retain_graph: keep the forward graph for a later backward pass (the loss gradient).
+
+    Returns:
+        Per layer, float32 rows ``(m, out_dim)`` (Linear) or ``(m·T, out_dim)`` (Conv2d, rows
+        ordered like :meth:`Capture.inputs`). A layer that does not reach the loss gets zeros.
+    """
+    if fisher == "sampled":
+        target = problem.sample_targets(output, generator)
+    elif fisher != "empirical":
+        raise ValueError(f"unknown fisher {fisher!r} for output_grads; known: sampled, empirical")
+    elif target is None:
+        raise ValueError("the empirical Fisher needs the data targets")
+    loss = per_example_loss(problem.distribution, output, target).sum()
+    grads = torch.autograd.grad(
+        loss,
+        capture.outputs(layers),
+        retain_graph=retain_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    return [_grad_rows(layer, g) for layer, g in zip(layers, grads, strict=True)]
+
+
+def _loss_hessian_sqrt(problem: Problem, output: Tensor) -> Tensor:
+    """Columns of L with L Lᵀ = H, the Hessian of the per-example loss w.r.t. the output, as a
+    batch ``(K, m, K)``: entry ``[k, i]`` is column k of example i's L.
+
+    Bernoulli: H = diag(p(1−p)), L = diag(√(p(1−p))). Gaussian (unit variance): H = L = I.
+    Categorical: H = diag(p) − p pᵀ and L = diag(√p) − p √pᵀ (L Lᵀ = H because Σ_k p_k = 1), whose
+    column k is √p_k (e_k − p).
+    """
+    z = output.detach().reshape(output.shape[0], -1)
+    k = z.shape[1]
+    eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(1)  # (K, 1, K): e_k
+    if problem.distribution == "bernoulli":
+        return eye * (torch.sigmoid(z) * torch.sigmoid(-z)).sqrt()  # p(1−p), stable in the tails
+    if problem.distribution == "gaussian":
+        return eye.expand(k, z.shape[0], k)
+    p = torch.softmax(z, dim=-1)
+    return (eye - p) * p.sqrt().T.unsqueeze(-1)
+
+
+def exact_output_grads(
+    capture: Capture,
+    layers: Sequence[Layer],
+    problem: Problem,
+    output: Tensor,
+    *,
+    max_outputs: int = 64,
+    retain_graph: bool = True,
+) -> list[Tensor]:
+    """Output-gradient rows of the exact ("type-2") Fisher: g_{k,i} = J_iᵀ L_i[:, k].
+
+    With H_i = L_i L_iᵀ the loss Hessian w.r.t. example i's output z_i (see
+    :func:`_loss_hessian_sqrt`) and J_i = ∂z_i/∂s_i, the K vectors g_{k,i} satisfy
+    Σ_k g_{k,i} g_{k,i}ᵀ = J_iᵀ H_i J_i = E_{y~p(y|x_i)}[g_i g_iᵀ]: the sampled Fisher's G without
+    its sampling noise. All K columns are pushed back in one vectorised
+    ``torch.autograd.grad(..., is_grads_batched=True)`` call, costing about K backward passes.
+
+    Normalisation: the rows of all k are stacked, so pass ``batch_size = m`` to :func:`factors`;
+    G = (1/m) Σ_{k,i} g_{k,i} g_{k,i}ᵀ = (1/m) Σ_i J_iᵀ H_i J_i, the per-example exact factor
+    (for a Conv2d layer J_i covers every output position and each g_{k,i} has T rows, summed as
+    in the sampled case).
+
+    Args:
+        capture: the capture that recorded the forward pass producing ``output``.
+        layers: the layers wanted, in the order returned.
+        problem: gives the output distribution.
+        output: the network output of the recorded forward pass, ``(m, K)`` or ``(m, ...)``
+            (Bernoulli/Gaussian outputs are flattened to K per example).
+        max_outputs: refuse larger K (the cost grows linearly with K).
+        retain_graph: keep the forward graph for a later backward pass.
+
+    Returns:
+        Per layer, float32 rows ``(K·m, out_dim)`` (Linear) or ``(K·m·T, out_dim)`` (Conv2d),
+        k-major, each block of m(·T) rows ordered like :meth:`Capture.inputs`.
+
+    Raises:
+        KfacbenchError: K > ``max_outputs``.
+    """
+    k = output[0].numel()
+    if k > max_outputs:
+        raise KfacbenchError(
+            f"the exact Fisher needs one backward pass per network output, and this model has"
+            f" {k} outputs per example (more than max_outputs = {max_outputs}); use"
+            ' fisher = "sampled"'
+        )
+    columns = _loss_hessian_sqrt(problem, output).reshape(k, *output.shape)
+    grads = torch.autograd.grad(
+        output,
+        capture.outputs(layers),
+        grad_outputs=columns,
+        retain_graph=retain_graph,
+        is_grads_batched=True,
+    )
+    return [_grad_rows(layer, g) for layer, g in zip(layers, grads, strict=True)]
+
+
+def factors(layer: Layer, a: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The Kronecker factors ``(A, G)`` of one layer from its rows (Martens & Grosse 2015, §3).
+
+    A = āᵀā / rows(ā): the average over all input rows (examples, and positions for Conv2d).
+    G = gᵀg / m: summed over rows within an example (positions; the K columns of the exact
+    Fisher) and averaged over the ``batch_size`` examples. For Linear layers on plain
+    ``(m, features)`` inputs these are E[ā āᵀ] and E[g gᵀ]; for Conv2d see the module docstring
+    (KFC normalisation).
+
+    Args:
+        layer: the layer (checks the widths).
+        a: rows from :meth:`Capture.inputs`, ``(rows, in_dim)``.
+        g: rows from :func:`output_grads` or :func:`exact_output_grads`, ``(rows', out_dim)``.
+        batch_size: m, the number of examples the rows come from.
+
+    Returns:
+        ``A`` of shape ``(in_dim, in_dim)`` and ``G`` of shape ``(out_dim, out_dim)``.
+    """
+    if a.shape[-1] != layer.in_dim or g.shape[-1] != layer.out_dim:
+        raise ValueError(
+            f"layer {layer.name!r}: rows of width {a.shape[-1]} and {g.shape[-1]}, expected"
+            f" {layer.in_dim} and {layer.out_dim}"
+        )
+    return torch.mm(a.T, a).div_(a.shape[0]), torch.mm(g.T, g).div_(batch_size)
+
+
+def cross_factors(
+    a_prev: Tensor, a_next: Tensor, g_prev: Tensor, g_next: Tensor, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """Cross-layer factors of consecutive layers i, i+1 for the block-tridiagonal inverse (§4.3).
+
+    Ā_{i-1,i} = E[ā_{i-1} ā_iᵀ] from the two layers' inputs and G_{i,i+1} = E[g_i g_{i+1}ᵀ] from
+    their output-gradients, normalised like :func:`factors`. Rows must be aligned example by
+    example, which holds for chains of Linear layers (the case §4.3 covers).
+
+    Args:
+        a_prev: input rows of layer i, ``(m, in_i)``.
+        a_next: input rows of layer i+1, ``(m, in_{i+1})``.
+        g_prev: output-gradient rows of layer i, ``(m, out_i)``.
+        g_next: output-gradient rows of layer i+1, ``(m, out_{i+1})``.
+        batch_size: m.
+
+    Returns:
+        ``Ā_{i-1,i}`` of shape ``(in_i, in_{i+1})`` and ``G_{i,i+1}`` of shape
+        ``(out_i, out_{i+1})``.
+    """
+    if a_prev.shape[0] != a_next.shape[0] or g_prev.shape[0] != g_next.shape[0]:
+        raise ValueError(
+            "cross factors need the same rows in both layers (chains of Linear layers), got"
+            f" {a_prev.shape[0]}/{a_next.shape[0]} input and {g_prev.shape[0]}/{g_next.shape[0]}"
+            " gradient rows"
+        )
+    return (
+        torch.mm(a_prev.T, a_next).div_(a_prev.shape[0]),
+        torch.mm(g_prev.T, g_next).div_(batch_size),
+    )
+
+
+def kronecker_factors(
+    model: nn.Module,
+    problem: Problem,
+    x: Tensor,
+    y: Tensor,
+    *,
+    fisher: Fisher = "sampled",
+    generator: torch.Generator | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The Kronecker factors ``(A, G)`` of every supported layer of ``model`` on one batch.
+
+    A diagnostic for any model (inspecting or plotting curvature, checking an implementation):
+    one recorded forward pass and one gradient pass w.r.t. the layer outputs. It leaves no hooks
+    and no ``.grad`` behind. The model runs in its current mode (BatchNorm in training mode updates
+    its running statistics).
+
+    Args:
+        model: the network; must be ``problem.model``.
+        problem: gives the forward pass (autocast included), the loss and the distribution.
+        x: inputs, ``(m, ...)``.
+        y: data targets (used by ``fisher="empirical"`` only).
+        fisher: ``"sampled"``, ``"empirical"`` or ``"exact"`` (see the module docstring).
+        generator: the random source of sampled targets.
+
+    Returns:
+        ``{layer name: (A, G)}`` in :func:`find_layers` order.
+    """
+    if problem.model is not model:
+        raise ValueError("kronecker_factors: problem.model must be model")
+    layers, _ = find_layers(model)
+    capture = Capture(layers)
+    try:
+        with capture.recording():
+            output = problem.forward(x)
+        if fisher == "exact":
+            gs = exact_output_grads(capture, layers, problem, output, retain_graph=False)
+        else:
+            gs = output_grads(
+                capture,
+                layers,
+                problem,
+                output,
+                y,
+                fisher=fisher,
+                generator=generator,
+                retain_graph=False,
+            )
+        m = output.shape[0]
+        return {
+            layer.name: factors(layer, capture.inputs(layer), g, m)
+            for layer, g in zip(layers, gs, strict=True)
+        }
+    finally:
+        capture.clear()

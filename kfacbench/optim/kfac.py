@@ -1,0 +1,678 @@
+"""K-FAC (Martens & Grosse 2015) as a Method of the training core and as a library optimizer.
+
+Every part of the paper's algorithm is here and switchable, so the suite can measure what each
+costs and buys:
+
+- Kronecker-factored Fisher blocks F_ii ≈ Ā ⊗ G from a backward pass with targets sampled from
+  the model (§3; ``fisher``), kept as exponential moving averages with ε_k = min(1 − 1/k, 0.95)
+  (§5), updated every ``cov_interval`` steps on a fraction of the batch;
+- factored Tikhonov damping (§6.3): (Ā + πγI) ⊗ (G + γ/π I), π² = (tr Ā/dim Ā)/(tr G/dim G);
+- inverses refreshed every ``inv_interval`` (T3) steps and at each of the first three steps, by
+  eigendecomposition (so damping changes are a rescale of eigenvalues), Cholesky, or explicit
+  inversion; float64 retry with a warning when float32 fails;
+- block-diagonal (§4.2) or block-tridiagonal (§4.3, ``structure = "tridiag"``) inverse;
+- re-scaling of the update with the exact Fisher and momentum (§6.4, §7): δ = αΔ + μδ₀ minimising
+  the quadratic model M(δ) = ½δᵀ(F + (λ+η)I)δ + ∇hᵀδ, with Fisher-vector products from
+  Jacobian-vector products (torch.func), never forming F;
+- Levenberg–Marquardt adaptation of λ every T1 steps (§6.5) and the greedy search over γ every
+  T2 steps (§6.6).
+
+All damping arithmetic (λ, γ, π, the 2×2 solve, the LM and γ decisions) stays on the device as
+tensors, so a K-FAC step never synchronises with the host.
+
+Presets (``kfac``, ``kfac-tridiag``, ``kfac-fast``) are registry entries with different defaults;
+``kfac-fast`` is the variant distributed implementations use: fixed damping, no re-scaling, the
+preconditioned gradient applied by SGD with momentum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import functional_call, jvp
+
+from kfacbench.core.problem import Distribution, Problem
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.curvature import (
+    Capture,
+    Layer,
+    cross_factors,
+    factors,
+    find_layers,
+    grad_matrix,
+    output_grads,
+    split_matrix,
+)
+from kfacbench.optim.sgd import SGD
+from kfacbench.optim.tridiag import TridiagInverse, tridiag_apply, tridiag_inverse
+
+INVERSE_METHODS = ("eigh", "cholesky", "inv")
+LAMBDA_RANGE = (1e-8, 1e8)
+"""Bounds on λ under Levenberg–Marquardt adaptation (keeps ω₁ steps from running away)."""
+
+
+def _decay_per_step(base: float, interval: int) -> float:
+    """ω = base^T: the paper's per-adjustment factor for an adjustment every T steps."""
+    return base**interval
+
+
+def fisher_quadratic(
+    distribution: Distribution, output: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """(1/m) Σ_examples uᵀ H v, with H the Hessian of the loss w.r.t. the network output.
+
+    With u = Jδ₁ and v = Jδ₂ (Jacobian-vector products) this is δ₁ᵀ F δ₂ for the exact Fisher
+    (generalised Gauss-Newton) of the mean loss — §6.4's "exact F" — without forming F.
+    Bernoulli logits: H = diag(p(1−p)); Gaussian mean: H = I; softmax logits:
+    H = diag(p) − ppᵀ.
+    """
+    m = output.shape[0]
+    out = output.detach().float()
+    u, v = u.float(), v.float()
+    if distribution == "bernoulli":
+        p = torch.sigmoid(out)
+        return (p * (1 - p) * u * v).sum() / m
+    if distribution == "gaussian":
+        return (u * v).sum() / m
+    p = torch.softmax(out, dim=-1)
+    return ((p * u * v).sum() - ((p * u).sum(-1) * (p * v).sum(-1)).sum()) / m
+
+
+def _symmetric(mat: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mat + mat.mT)
+
+
+def robust_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0: the factors are PSD) and eigenvectors of a symmetric matrix.
+
+    Retries in float64 with a warning when float32 fails, so a bad factor never becomes a NaN
+    update.
+    """
+    sym = _symmetric(mat)
+    try:
+        vals, vecs = torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        warnings.warn(f"K-FAC: eigh of {what} failed in float32; retrying in float64", stacklevel=2)
+        vals, vecs = torch.linalg.eigh(sym.double())
+    return vals.clamp_min(0).to(mat.dtype), vecs.to(mat.dtype)
+
+
+def damped_inverse(
+    mat: torch.Tensor, damping: torch.Tensor, method: str, what: str
+) -> torch.Tensor:
+    """(mat + damping·I)⁻¹ by Cholesky or explicit inversion, with a float64 retry."""
+    eye = torch.eye(mat.shape[0], device=mat.device, dtype=mat.dtype)
+    damped = _symmetric(mat) + damping * eye
+
+    def invert(x: torch.Tensor) -> torch.Tensor:
+        if method == "cholesky":
+            return torch.cholesky_inverse(torch.linalg.cholesky(x))
+        return torch.linalg.inv(x)
+
+    try:
+        return invert(damped)
+    except torch.linalg.LinAlgError:
+        warnings.warn(
+            f"K-FAC: {method} of damped {what} failed in float32; retrying in float64",
+            stacklevel=2,
+        )
+        return invert(damped.double()).to(mat.dtype)
+
+
+@dataclass
+class LayerCurvature:
+    """The statistics and inverse pieces of one preconditioned layer.
+
+    Attributes:
+        layer: the layer.
+        a, g: moving averages of the Kronecker factors Ā and G.
+        pi: π of the factored damping (§6.3), fixed at the last inverse refresh.
+        qa, da, qg, dg: eigendecompositions (``eigh``), or ``None``.
+        a_inv, g_inv: damped inverses (``cholesky``/``inv``), or ``None``.
+    """
+
+    layer: Layer
+    a: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    pi: torch.Tensor | None = None
+    qa: torch.Tensor | None = None
+    da: torch.Tensor | None = None
+    qg: torch.Tensor | None = None
+    dg: torch.Tensor | None = None
+    a_inv: torch.Tensor | None = None
+    g_inv: torch.Tensor | None = None
+
+
+class KFAC:
+    """K-FAC on any ``nn.Module`` whose curvature is captured for its Linear and Conv2d layers.
+
+    Parameters of other modules (BatchNorm, ...) get the identity preconditioner: with re-scaling
+    they are part of the same δ = αΔ + μδ₀, otherwise they follow SGD with momentum.
+
+    Args:
+        problem: the model and its output distribution.
+        lr: learning rate of the SGD-with-momentum update (``rescale=False`` only).
+        momentum: momentum μ of that update (``rescale=False`` only; with re-scaling μ is solved
+            for each step when ``rescale_momentum`` is on).
+        fisher: ``sampled`` (targets from the model: the paper's choice), ``empirical``.
+        cov_interval: steps between factor updates.
+        cov_fraction: fraction of the minibatch used for the factor statistics.
+        ema_max: cap of the moving-average weight ε_k = min(1 − 1/k, ema_max) (§5: 0.95).
+        damping: initial λ (λ₀ = 150 in the paper); with ``adapt_gamma`` off, γ = sqrt(λ + η).
+        weight_decay: η, the ℓ2 cost of the objective (1e-5 for the autoencoders).
+        inv_interval: T3, steps between inverse refreshes (every step for the first three).
+        inverse_method: ``eigh`` | ``cholesky`` | ``inv``.
+        structure: ``blockdiag`` (§4.2) or ``tridiag`` (§4.3, chains of Linear layers).
+        rescale: choose α (and μ) with the exact Fisher's quadratic model (§6.4).
+        rescale_momentum: include the previous update δ₀ in the quadratic model (§7).
+        adapt_damping: Levenberg–Marquardt adjustment of λ every ``lm_interval`` (T1) steps.
+        lm_interval: T1 (5 in the paper); ω₁ = (19/20)^T1.
+        lm_include_damping: whether ρ's denominator uses M with λ (True) or without (False,
+            the kfac-jax default; the paper's text is ambiguous here (?)).
+        adapt_gamma: greedy search of γ over {ω₂γ, γ, γ/ω₂} every ``gamma_interval`` steps (§6.6).
+        gamma_interval: T2 (20 in the paper); ω₂ = sqrt(19/20)^T2.
+        gamma_criterion: how the γ candidates are scored: ``loss``, the objective h(θ + δ) on the
+            minibatch after each candidate's re-scaled update (one extra forward pass each), or
+            ``model``, the quadratic model value M(δ). (?) which of the two the paper's
+            experiments used could not be checked; on CURVES, ``model`` drove γ up and stalled
+            on the plateau that ``loss`` escapes, so ``loss`` is the default.
+        seed: seed of the generator used to sample Fisher targets.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        fisher: str = "sampled",
+        cov_interval: int = 1,
+        cov_fraction: float = 1.0,
+        ema_max: float = 0.95,
+        damping: float = 150.0,
+        weight_decay: float = 1e-5,
+        inv_interval: int = 20,
+        inverse_method: str = "eigh",
+        structure: str = "blockdiag",
+        rescale: bool = True,
+        rescale_momentum: bool = True,
+        adapt_damping: bool = True,
+        lm_interval: int = 5,
+        lm_include_damping: bool = False,
+        adapt_gamma: bool = True,
+        gamma_interval: int = 20,
+        gamma_criterion: str = "loss",
+        seed: int = 0,
+    ) -> None:
+        if inverse_method not in INVERSE_METHODS:
+            raise KfacbenchError(
+                f"unknown inverse_method {inverse_method!r}; known: {', '.join(INVERSE_METHODS)}"
+            )
+        if adapt_gamma and inverse_method != "eigh":
+            raise KfacbenchError(
+                "adapt_gamma needs inverse_method = 'eigh' (the γ search rescales eigenvalues; "
+                "with cholesky/inv it would need three new factorisations every T2 steps)"
+            )
+        if (adapt_damping or adapt_gamma) and not rescale:
+            raise KfacbenchError(
+                "adapt_damping and adapt_gamma need rescale = true (they use the exact-Fisher "
+                "quadratic model)"
+            )
+        if fisher not in ("sampled", "empirical"):
+            raise KfacbenchError(f"unknown fisher {fisher!r}; known: sampled, empirical")
+        self.problem = problem
+        self.model = problem.model
+        layers, others = find_layers(self.model)
+        self.curv = [LayerCurvature(layer) for layer in layers]
+        self.capture = Capture(layers)
+        covered = {id(p) for layer in layers for p in layer.params()}
+        self.other_params: list[torch.Tensor] = [
+            p for p in self.model.parameters() if p.requires_grad and id(p) not in covered
+        ]
+        self.uncovered = [name for name, _ in others]
+        if structure == "tridiag":
+            if any(c.layer.kind != "linear" for c in self.curv) or self.other_params:
+                raise KfacbenchError(
+                    "structure = 'tridiag' needs a chain of Linear layers (the autoencoders); "
+                    "this model has conv or other parameterised layers"
+                )
+        elif structure != "blockdiag":
+            raise KfacbenchError(f"unknown structure {structure!r}; known: blockdiag, tridiag")
+        self.params: list[torch.Tensor] = [
+            *(p for c in self.curv for p in c.layer.params()),
+            *self.other_params,
+        ]
+        device = next(self.model.parameters()).device
+        self.device = device
+        self.lr = lr
+        self.momentum = momentum
+        self.fisher = fisher
+        self.cov_interval = cov_interval
+        self.cov_fraction = cov_fraction
+        self.ema_max = ema_max
+        self.eta = weight_decay
+        self.inv_interval = inv_interval
+        self.inverse_method = inverse_method
+        self.structure = structure
+        self.rescale = rescale
+        self.rescale_momentum = rescale_momentum
+        self.adapt_damping = adapt_damping
+        self.lm_interval = lm_interval
+        self.omega1 = _decay_per_step(19 / 20, lm_interval)
+        self.lm_include_damping = lm_include_damping
+        self.adapt_gamma = adapt_gamma
+        self.gamma_interval = gamma_interval
+        if gamma_criterion not in ("loss", "model"):
+            raise KfacbenchError(f"unknown gamma_criterion {gamma_criterion!r}; known: loss, model")
+        self.gamma_criterion = gamma_criterion
+        self.omega2 = _decay_per_step(math.sqrt(19 / 20), gamma_interval)
+        self.lam = torch.tensor(float(damping), device=device)
+        self.gamma = torch.sqrt(self.lam + self.eta)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.steps = 0
+        self.factor_updates = 0
+        self.prev_update: list[torch.Tensor] | None = None
+        self.tridiag: TridiagInverse | None = None
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sgd = SGD(problem, lr=lr, momentum=momentum) if not rescale else None
+        if self.sgd is not None:
+            self.sgd.params = self.params
+            self.sgd.velocity = [torch.zeros_like(p) for p in self.params]
+        self.last_alpha = torch.zeros((), device=device)
+        self.last_mu = torch.zeros((), device=device)
+
+    # ---------------------------------------------------------------- the step
+    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
+        """One K-FAC step: forward, backward, curvature, inverse, precondition, rescale, update."""
+        k = self.steps
+        update_cov = k % self.cov_interval == 0
+        with timer.phase("forward"):
+            with self.capture.recording(update_cov):
+                output = self.problem.forward(x)
+            loss = self.problem.loss(output, y)
+        with timer.phase("backward"):
+            for p in self.params:
+                p.grad = None
+            loss.backward(retain_graph=update_cov)
+        if update_cov:
+            with timer.phase("curvature"):
+                self._update_factors(output, y, x.shape[0])
+        self.capture.clear()
+        if k < 3 or k % self.inv_interval == 0:
+            with timer.phase("inverse"):
+                self._refresh_inverses()
+        with timer.phase("precondition"):
+            grads = self._gradient()
+            direction = self._precondition(grads, self.gamma)
+        if self.rescale:
+            with timer.phase("rescale"):
+                update = self._rescaled_update(x, y, output, grads, direction)
+        with timer.phase("update"):
+            if self.rescale:
+                with torch.no_grad():
+                    torch._foreach_add_(self.params, update)
+                self.prev_update = update
+            else:
+                assert self.sgd is not None
+                self.sgd.apply([-d for d in direction], self.lr)
+        if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
+            with timer.phase("rescale"):
+                self._levenberg_marquardt(x, y, loss)
+        self.steps += 1
+        return loss.detach()
+
+    def log_values(self) -> dict[str, float]:
+        """λ and the learning rate (α of the last step when re-scaling). Called at read-back
+        points only, right after the loop synchronised the device."""
+        if self.rescale:
+            return {"lr": float(self.last_alpha), "damping": float(self.lam)}
+        return {"lr": self.lr, "damping": float(self.lam)}
+
+    def info(self) -> dict[str, Any]:
+        """Which layers are preconditioned (recorded in the cells table)."""
+        return {
+            "preconditioned": [c.layer.name for c in self.curv],
+            "identity_preconditioner": self.uncovered,
+        }
+
+    # ---------------------------------------------------------------- curvature
+    def _update_factors(self, output: torch.Tensor, y: torch.Tensor, m: int) -> None:
+        """EMA of Ā and G (§5) from the captured inputs and sampled-target output gradients."""
+        gs = output_grads(
+            self.capture,
+            [c.layer for c in self.curv],
+            self.problem,
+            output,
+            y,
+            fisher=self.fisher,  # type: ignore[arg-type]
+            generator=self.generator,
+            retain_graph=False,
+        )
+        n = max(1, math.ceil(self.cov_fraction * m))
+        self.factor_updates += 1
+        eps = min(1 - 1 / self.factor_updates, self.ema_max)
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for c, g in zip(self.curv, gs, strict=True):
+            a = self.capture.inputs(c.layer)
+            per_example = a.shape[0] // m  # conv: spatial positions per example
+            a, g = a[: n * per_example], g[: n * per_example]
+            rows.append((a, g))
+            a_new, g_new = factors(c.layer, a, g, n)
+            if c.a is None or c.g is None:
+                c.a, c.g = a_new, g_new
+            else:
+                c.a.mul_(eps).add_(a_new, alpha=1 - eps)
+                c.g.mul_(eps).add_(g_new, alpha=1 - eps)
+        if self.structure == "tridiag":
+            new_cross = [
+                cross_factors(a0, a1, g0, g1, n) for (a0, g0), (a1, g1) in itertools.pairwise(rows)
+            ]
+            if not self.cross:
+                self.cross = new_cross
+            else:
+                for (ca, cg), (na, ng) in zip(self.cross, new_cross, strict=True):
+                    ca.mul_(eps).add_(na, alpha=1 - eps)
+                    cg.mul_(eps).add_(ng, alpha=1 - eps)
+
+    def _refresh_inverses(self) -> None:
+        """Decompositions (eigh) or damped inverses (cholesky/inv) of every factor."""
+        for c in self.curv:
+            if c.a is None or c.g is None:
+                raise RuntimeError("K-FAC inverse requested before any factor update")
+            c.pi = factored_damping_pi(c.a, c.g)
+            name = c.layer.name
+            if self.structure == "tridiag":
+                continue
+            if self.inverse_method == "eigh":
+                c.da, c.qa = robust_eigh(c.a, f"A of {name}")
+                c.dg, c.qg = robust_eigh(c.g, f"G of {name}")
+            else:
+                c.a_inv = damped_inverse(
+                    c.a, c.pi * self.gamma, self.inverse_method, f"A of {name}"
+                )
+                c.g_inv = damped_inverse(
+                    c.g, self.gamma / c.pi, self.inverse_method, f"G of {name}"
+                )
+        if self.structure == "tridiag":
+            self.tridiag = self._tridiag_pieces(self.gamma)
+
+    def _tridiag_pieces(self, gamma: torch.Tensor) -> TridiagInverse:
+        diag_a, diag_g = [], []
+        for c in self.curv:
+            assert c.a is not None and c.g is not None and c.pi is not None
+            diag_a.append(c.a + c.pi * gamma * torch.eye(c.a.shape[0], device=c.a.device))
+            diag_g.append(c.g + gamma / c.pi * torch.eye(c.g.shape[0], device=c.g.device))
+        return tridiag_inverse(
+            diag_a, diag_g, [ca for ca, _ in self.cross], [cg for _, cg in self.cross]
+        )
+
+    # ---------------------------------------------------------------- directions
+    def _gradient(self) -> list[torch.Tensor]:
+        """∇h = ∇(mean loss) + η θ, per parameter in ``self.params`` order."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.eta:
+            grads = list(torch._foreach_add(grads, self.params, alpha=self.eta))
+        return grads
+
+    def _precondition(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor]:
+        """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others."""
+        out: list[torch.Tensor] = []
+        i = 0
+        mats: list[torch.Tensor] = []
+        for c in self.curv:
+            n = len(c.layer.params())
+            mats.append(grad_matrix(c.layer, grads[i : i + n]))
+            i += n
+        if self.structure == "tridiag":
+            tri = self.tridiag if gamma is self.gamma else self._tridiag_pieces(gamma)
+            assert tri is not None
+            nat = tridiag_apply(tri, mats)
+        else:
+            nat = [self._apply_block(c, v, gamma) for c, v in zip(self.curv, mats, strict=True)]
+        for c, v in zip(self.curv, nat, strict=True):
+            out += [-t for t in split_matrix(c.layer, v)]
+        out += [-g for g in grads[i:]]
+        return out
+
+    def _apply_block(self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ applied to the (out, in) gradient matrix: G⁻¹ V Ā⁻¹."""
+        if self.inverse_method == "eigh":
+            assert c.qa is not None and c.da is not None and c.qg is not None and c.dg is not None
+            assert c.pi is not None
+            v1 = c.qg.T @ v @ c.qa
+            v1 = v1 / torch.outer(c.dg + gamma / c.pi, c.da + c.pi * gamma)
+            return c.qg @ v1 @ c.qa.T
+        assert c.a_inv is not None and c.g_inv is not None
+        return c.g_inv @ v @ c.a_inv
+
+    # ---------------------------------------------------------------- re-scaling (§6.4, §7)
+    def _functional_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The training-mode forward pass at ``params`` on *copies* of the buffers.
+
+        A train-mode BatchNorm must not update its running statistics in these extra passes, and
+        under torch.func the copies must be made inside the transformed function.
+        """
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def _jvp(self, x: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """J v: the change of the network output along ``tangents`` (forward mode)."""
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        tangent = {n: torch.zeros_like(p) for n, p in params.items()}
+        tangent.update({by_id[id(p)]: t for p, t in zip(self.params, tangents, strict=True)})
+        out = jvp(lambda p: self._functional_forward(p, x), (params,), (tangent,))
+        return out[1]
+
+    def _quad_terms(
+        self,
+        x: torch.Tensor,
+        output: torch.Tensor,
+        grads: list[torch.Tensor],
+        direction: list[torch.Tensor],
+        j_prev: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 2×2 exact-Fisher system of §7 for δ = αΔ + μδ₀.
+
+        Returns (F2, N2, b, jd): F2 the Fisher Gram matrix of (Δ, δ₀), N2 their Euclidean Gram
+        matrix, b = [∇hᵀΔ, ∇hᵀδ₀], jd = JΔ. Without momentum (or before the first update) the
+        δ₀ row and column are zero.
+        """
+        dist = self.problem.distribution
+        jd = self._jvp(x, direction)
+        fdd = fisher_quadratic(dist, output, jd, jd)
+        ndd = _dot(direction, direction)
+        bd = _dot(grads, direction)
+        zero = torch.zeros((), device=self.device)
+        if j_prev is None or self.prev_update is None:
+            f2 = torch.stack([torch.stack([fdd, zero]), torch.stack([zero, zero])])
+            n2 = torch.stack([torch.stack([ndd, zero]), torch.stack([zero, zero])])
+            return f2, n2, torch.stack([bd, zero]), jd
+        prev = self.prev_update
+        fdp = fisher_quadratic(dist, output, jd, j_prev)
+        fpp = fisher_quadratic(dist, output, j_prev, j_prev)
+        ndp, npp = _dot(direction, prev), _dot(prev, prev)
+        f2 = torch.stack([torch.stack([fdd, fdp]), torch.stack([fdp, fpp])])
+        n2 = torch.stack([torch.stack([ndd, ndp]), torch.stack([ndp, npp])])
+        return f2, n2, torch.stack([bd, _dot(grads, prev)]), jd
+
+    def _solve(
+        self, f2: torch.Tensor, n2: torch.Tensor, b: torch.Tensor, has_prev: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minimise M over (α, μ): C2 [α, μ]ᵀ = −b with C2 = F2 + (λ+η) N2; returns (coef, M)."""
+        c2 = f2 + (self.lam + self.eta) * n2
+        if has_prev:
+            # A tiny ridge keeps the solve finite when Δ and δ₀ are parallel.
+            ridge = 1e-12 * c2.diagonal().abs().max() * torch.eye(2, device=self.device)
+            coef, _ = torch.linalg.solve_ex(c2 + ridge, -b)  # _ex: no error check, no sync
+        else:
+            alpha = -b[0] / c2[0, 0].clamp_min(1e-30)
+            coef = torch.stack([alpha, torch.zeros_like(alpha)])
+        m_value = 0.5 * coef @ c2 @ coef + b @ coef
+        return coef, m_value
+
+    def _rescaled_update(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        output: torch.Tensor,
+        grads: list[torch.Tensor],
+        direction: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """δ = αΔ + μδ₀ from the exact-Fisher quadratic model, with the γ search when due."""
+        use_prev = self.rescale_momentum and self.prev_update is not None
+        j_prev = self._jvp(x, self.prev_update) if use_prev and self.prev_update else None
+        gammas = [self.gamma]
+        directions = [direction]
+        if self.adapt_gamma and self.steps > 0 and self.steps % self.gamma_interval == 0:
+            for gamma in (self.gamma * self.omega2, self.gamma / self.omega2):
+                gammas.append(gamma)
+                directions.append(self._precondition(grads, gamma))
+        solved = []
+        for cand in directions:
+            f2, n2, b, _ = self._quad_terms(x, output, grads, cand, j_prev)
+            coef, m_value = self._solve(f2, n2, b, use_prev)
+            if len(directions) > 1 and self.gamma_criterion == "loss":
+                m_value = self._objective_after(self._combine(cand, coef, use_prev), x, y)
+            solved.append((coef, m_value, f2, n2, b))
+        if len(solved) == 1:
+            (coef, _, f2, n2, b), cand = solved[0], direction
+        else:
+            # Keep the γ whose update scores best, chosen on the device (§6.6).
+            best = torch.argmin(torch.stack([r[1] for r in solved]))
+            coef, _, f2, n2, b = (torch.stack([r[i] for r in solved])[best] for i in range(5))
+            cand = [torch.stack(ts)[best] for ts in zip(*directions, strict=True)]
+            self.gamma = torch.stack(gammas)[best]
+            if self.structure == "tridiag":
+                self.tridiag = self._tridiag_pieces(self.gamma)
+        self.last_alpha, self.last_mu = coef[0], coef[1]
+        update = self._combine(cand, coef, use_prev)
+        # The model change that Levenberg–Marquardt compares the actual change with (§6.5).
+        lm_damping = self.lam + self.eta if self.lm_include_damping else self.eta
+        self._model_change = 0.5 * coef @ (f2 + lm_damping * n2) @ coef + b @ coef
+        return update
+
+    def _combine(
+        self, direction: list[torch.Tensor], coef: torch.Tensor, use_prev: bool
+    ) -> list[torch.Tensor]:
+        """δ = αΔ + μδ₀."""
+        update = list(torch._foreach_mul(direction, coef[0]))
+        if use_prev and self.prev_update is not None:
+            torch._foreach_add_(update, list(torch._foreach_mul(self.prev_update, coef[1])))
+        return update
+
+    def _objective_after(
+        self, update: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """h(θ + δ) on the minibatch (ℓ2 cost included), without touching θ or BatchNorm."""
+        with torch.no_grad():
+            moved = list(torch._foreach_add(self.params, update))
+            by_id = {id(p): n for n, p in self.model.named_parameters()}
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            params.update({by_id[id(p)]: t for p, t in zip(self.params, moved, strict=True)})
+            loss = self.problem.loss(self._functional_forward(params, x), y)
+            return loss + 0.5 * self.eta * _dot(moved, moved)
+
+    def _levenberg_marquardt(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        """§6.5: ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0)); λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
+
+        h includes the ℓ2 cost (η/2)‖θ‖². The decision is taken with ``torch.where`` on the
+        device, so it costs one extra forward pass and no host sync.
+        """
+        assert self.prev_update is not None
+        with torch.no_grad():
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            new_loss = self.problem.loss(self._functional_forward(params, x), y)
+            theta_sq = _dot(self.params, self.params)
+            old = [p - d for p, d in zip(self.params, self.prev_update, strict=True)]
+            old_sq = _dot(old, old)
+            actual = new_loss - loss.detach() + 0.5 * self.eta * (theta_sq - old_sq)
+            rho = actual / self._model_change
+            lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
+            lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
+            self.lam = lam.clamp(*LAMBDA_RANGE)
+            if not self.adapt_gamma:
+                self.gamma = torch.sqrt(self.lam + self.eta)
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i ⟨a_i, b_i⟩ over parameter lists, as a device scalar."""
+    return torch.stack([(u * v).sum() for u, v in zip(a, b, strict=True)]).sum()
+
+
+def factored_damping_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """π = sqrt((tr Ā / dim Ā) / (tr G / dim G)) (§6.3), guarded against zero traces."""
+    ta = a.diagonal().mean().clamp_min(1e-12)
+    tg = g.diagonal().mean().clamp_min(1e-12)
+    return torch.sqrt(ta / tg)
+
+
+def _hparams(**overrides: HParam) -> dict[str, HParam]:
+    """The K-FAC hyperparameters with a preset's defaults."""
+    base = {
+        "lr": HParam(1.0, "learning rate of the SGD update (rescale = false only)", minimum=0.0),
+        "momentum": HParam(0.9, "momentum of the SGD update (rescale = false only)", minimum=0.0),
+        "fisher": HParam("sampled", "Fisher targets", choices=("sampled", "empirical")),
+        "cov_interval": HParam(1, "steps between factor updates", minimum=1),
+        "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", minimum=0.0),
+        "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", minimum=0.0),
+        "damping": HParam(150.0, "initial λ (λ₀)", minimum=0.0),
+        "weight_decay": HParam(1e-5, "η, the ℓ2 cost of the objective", minimum=0.0),
+        "inverse_method": HParam("eigh", "factor inversion", choices=INVERSE_METHODS),
+        "structure": HParam("blockdiag", "inverse structure", choices=("blockdiag", "tridiag")),
+        "rescale": HParam(True, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
+        "rescale_momentum": HParam(True, "include the previous update in the model (§7)"),
+        "adapt_damping": HParam(True, "Levenberg–Marquardt adjustment of λ (§6.5)"),
+        "lm_interval": HParam(5, "T1: steps between λ adjustments", minimum=1),
+        "lm_include_damping": HParam(False, "ρ's model change includes λ"),
+        "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
+        "gamma_interval": HParam(20, "T2: steps between γ searches", minimum=1),
+        "gamma_criterion": HParam("loss", "γ candidates scored by", choices=("loss", "model")),
+    }
+    base.update(overrides)
+    return base
+
+
+def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
+    return KFAC(problem, **hp, seed=ctx.seed)
+
+
+def _spec(name: str, summary: str, hparams: dict[str, HParam]) -> MethodSpec:
+    return MethodSpec(name, summary, hparams, uses_inv_interval=True, build=_build)
+
+
+SPECS = (
+    _spec(
+        "kfac",
+        "K-FAC as in Martens & Grosse 2015 (sampled Fisher, all adaptation, block-diag)",
+        _hparams(),
+    ),
+    _spec(
+        "kfac-tridiag",
+        "K-FAC with the block-tridiagonal inverse (§4.3; chains of Linear layers)",
+        _hparams(
+            structure=HParam("tridiag", "inverse structure", choices=("blockdiag", "tridiag"))
+        ),
+    ),
+    _spec(
+        "kfac-fast",
+        "K-FAC as distributed implementations run it: fixed damping, no re-scaling, SGD momentum",
+        _hparams(
+            lr=HParam(0.1, "learning rate of the SGD update", minimum=0.0),
+            damping=HParam(1.0, "fixed λ (γ = sqrt(λ + η))", minimum=0.0),
+            weight_decay=HParam(0.0, "η, the ℓ2 cost of the objective", minimum=0.0),
+            rescale=HParam(False, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
+            adapt_damping=HParam(False, "Levenberg–Marquardt adjustment of λ (§6.5)"),
+            adapt_gamma=HParam(False, "greedy γ search (§6.6)"),
+        ),
+    ),
+)

@@ -1,0 +1,268 @@
+"""K-FAC against brute force: dense Fisher products, explicit inverses, the 2×2 model solve."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kfacbench.core.problem import Distribution, Problem
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim import METHODS, MethodContext
+from kfacbench.optim.curvature import grad_matrix
+from kfacbench.optim.kfac import KFAC, fisher_quadratic
+from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
+
+CPU = torch.device("cpu")
+torch.set_default_dtype(torch.float32)
+
+
+def mlp(seed: int, sizes: tuple[int, ...] = (4, 5, 3)) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def batch(dist: Distribution, m: int = 16, d_in: int = 4, d_out: int = 3, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d_in, generator=gen)
+    if dist == "categorical":
+        return x, torch.randint(0, d_out, (m,), generator=gen)
+    if dist == "bernoulli":
+        return x, torch.rand(m, d_out, generator=gen).round()
+    return x, torch.randn(m, d_out, generator=gen)
+
+
+def dense_ggn(model: nn.Module, dist: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """The exact Fisher (GGN) of the mean loss, formed densely: (1/m) Σ Jᵢᵀ Hᵢ Jᵢ."""
+    params = dict(model.named_parameters())
+    names = list(params)
+
+    def f(*flat: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (x,))
+
+    jac = torch.autograd.functional.jacobian(f, tuple(params.values()))
+    out = f(*params.values()).detach()
+    m, k = out.shape
+    j = torch.cat([jj.reshape(m, k, -1) for jj in jac], dim=2)  # (m, k, P)
+    if dist == "bernoulli":
+        p = torch.sigmoid(out)
+        h = torch.diag_embed(p * (1 - p))
+    elif dist == "gaussian":
+        h = torch.eye(k).expand(m, k, k)
+    else:
+        p = torch.softmax(out, -1)
+        h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("mkp,mkl,mlq->pq", j, h, j) / m
+
+
+@pytest.mark.parametrize("dist", ["bernoulli", "gaussian", "categorical"])
+def test_fisher_quadratic_equals_the_dense_ggn(dist: Distribution) -> None:
+    model = mlp(0)
+    x, _ = batch(dist)
+    fisher = dense_ggn(model, dist, x)
+    opt = KFAC(Problem(model, dist), rescale=True, adapt_gamma=False, adapt_damping=False)
+    gen = torch.Generator().manual_seed(1)
+    u = [torch.randn(p.shape, generator=gen) for p in opt.params]
+    v = [torch.randn(p.shape, generator=gen) for p in opt.params]
+    flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+    out = model(x)
+    got = fisher_quadratic(dist, out, opt._jvp(x, u), opt._jvp(x, v))
+    assert got.item() == pytest.approx((flat(u) @ fisher @ flat(v)).item(), rel=1e-4, abs=1e-6)
+
+
+def one_step(opt: KFAC, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return opt.step(x, y, PhaseTimer(CPU))
+
+
+@pytest.mark.parametrize("method", ["eigh", "cholesky", "inv"])
+def test_preconditioning_equals_explicit_damped_inverses(method: str) -> None:
+    model = mlp(0)
+    x, y = batch("categorical")
+    opt = KFAC(
+        Problem(model, "categorical"),
+        inverse_method=method,
+        rescale=False,
+        adapt_damping=False,
+        adapt_gamma=False,
+        damping=0.1,
+        weight_decay=0.0,
+    )
+    one_step(opt, x, y)  # builds factors and inverses
+    grads = [torch.randn_like(p) for p in opt.params]
+    direction = opt._precondition(grads, opt.gamma)
+    start = 0
+    for c in opt.curv:
+        n = len(c.layer.params())
+        v = grad_matrix(c.layer, grads[start : start + n])
+        got = grad_matrix(c.layer, direction[start : start + n])
+        assert c.a is not None and c.g is not None and c.pi is not None
+        eye_a, eye_g = torch.eye(c.a.shape[0]), torch.eye(c.g.shape[0])
+        a_damped = c.a + c.pi * opt.gamma * eye_a
+        g_damped = c.g + opt.gamma / c.pi * eye_g
+        want = -torch.linalg.inv(g_damped) @ v @ torch.linalg.inv(a_damped)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        start += n
+
+
+def test_factored_damping_pi_and_gamma() -> None:
+    model = mlp(0)
+    x, y = batch("gaussian")
+    opt = KFAC(Problem(model, "gaussian"), damping=2.0, weight_decay=0.5, adapt_gamma=False)
+    assert opt.gamma.item() == pytest.approx(math.sqrt(2.5))
+    one_step(opt, x, y)
+    for c in opt.curv:
+        assert c.a is not None and c.g is not None and c.pi is not None
+        ta = torch.trace(c.a) / c.a.shape[0]
+        tg = torch.trace(c.g) / c.g.shape[0]
+        assert c.pi.item() == pytest.approx(math.sqrt(ta / tg), rel=1e-5)
+
+
+def test_rescaling_minimises_the_quadratic_model() -> None:
+    """The (α, μ) K-FAC applies minimise ½δᵀ(F + (λ+η)I)δ + ∇hᵀδ over δ = αΔ + μδ₀."""
+    dist: Distribution = "bernoulli"
+    model = mlp(0)
+    x, y = batch(dist)
+    opt = KFAC(Problem(model, dist), adapt_damping=False, adapt_gamma=False, damping=0.3)
+    one_step(opt, x, y)  # first step: δ₀ = 0
+    prev = [d.clone() for d in opt.prev_update or []]
+    theta = [p.detach().clone() for p in opt.params]
+    fisher = dense_ggn(model, dist, x)
+    loss = opt.problem.loss(model(x), y)
+    grads = torch.autograd.grad(loss, opt.params)
+    flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+    g = flat(grads) + opt.eta * flat(theta)
+    one_step(opt, x, y)
+    delta = flat(opt.prev_update or [])
+    # Δ is the K-FAC direction at the second step; recover it from the update and μ.
+    alpha, mu = opt.last_alpha.item(), opt.last_mu.item()
+    big_delta = (delta - mu * flat(prev)) / alpha
+    c = fisher + (opt.lam.item() + opt.eta) * torch.eye(fisher.shape[0])
+    basis = torch.stack([big_delta, flat(prev)], dim=1)
+    c2 = basis.T @ c @ basis
+    best = torch.linalg.solve(c2, -(basis.T @ g))
+    assert alpha == pytest.approx(best[0].item(), rel=1e-3)
+    assert mu == pytest.approx(best[1].item(), rel=1e-3, abs=1e-6)
+
+
+def test_levenberg_marquardt_decreases_lambda_on_an_exact_quadratic() -> None:
+    """Least squares with a linear model: M is h exactly, so ρ = 1 and λ ← ω₁λ every T1 steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(32, 4)
+    y = x @ torch.randn(4, 2)
+    opt = KFAC(Problem(model, "gaussian"), damping=1.0, adapt_gamma=False, lm_interval=5)
+    for _ in range(10):
+        one_step(opt, x, y)
+    assert opt.lam.item() == pytest.approx(1.0 * opt.omega1**2, rel=1e-4)
+    assert opt.gamma.item() == pytest.approx(math.sqrt(opt.lam.item() + opt.eta), rel=1e-5)
+
+
+def test_gamma_search_picks_one_of_the_three_candidates() -> None:
+    model = mlp(0)
+    x, y = batch("categorical")
+    opt = KFAC(Problem(model, "categorical"), gamma_interval=2, inv_interval=2, lm_interval=1000)
+    one_step(opt, x, y)
+    one_step(opt, x, y)
+    before = opt.gamma.item()
+    one_step(opt, x, y)  # step index 2: search
+    after = opt.gamma.item()
+    candidates = [before * opt.omega2, before, before / opt.omega2]
+    assert any(after == pytest.approx(c, rel=1e-6) for c in candidates)
+
+
+@pytest.mark.parametrize("preset", ["kfac", "kfac-tridiag", "kfac-fast"])
+def test_presets_reduce_the_loss_on_an_autoencoder(preset: str) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = deep_autoencoder((64, 32, 16, 4), generator=gen)
+    x = (torch.rand(256, 64, generator=gen) > 0.7).float()
+    problem = Problem(model, "bernoulli")
+    spec = METHODS[preset]
+    hp = {k: v.default for k, v in spec.hparams.items()} | {"inv_interval": 5}
+    opt = spec.build(problem, hp, MethodContext(None, 0, CPU))
+    first = problem.loss(model(x), x).item()
+    for _ in range(30):
+        loss = opt.step(x, x, PhaseTimer(CPU))
+        assert torch.isfinite(loss)
+    assert problem.loss(model(x), x).item() < 0.9 * first
+
+
+def test_conv_net_with_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(8, in_channels=1, num_classes=3)
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 3, (16,))
+    problem = Problem(model, "categorical")
+    opt = KFAC(problem, damping=1.0, inv_interval=2)
+    info = opt.info()
+    assert info["preconditioned"][-1] == "fc" or "linear" in info["preconditioned"][-1]
+    assert any("bn" in name for name in info["identity_preconditioner"])
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    first = problem.loss(model(x), y).item()  # one train-mode forward: one stats update
+    tracked = bn.num_batches_tracked.item()
+    one_step(opt, x, y)
+    assert bn.num_batches_tracked.item() == tracked + 1  # the extra passes left BN alone
+    for _ in range(10):
+        one_step(opt, x, y)
+    assert problem.loss(model(x), y).item() < first
+    with pytest.raises(KfacbenchError, match="tridiag"):
+        KFAC(problem, structure="tridiag")
+
+
+def test_invalid_settings_are_clear_errors() -> None:
+    problem = Problem(mlp(0), "categorical")
+    with pytest.raises(KfacbenchError, match="adapt_gamma needs inverse_method = 'eigh'"):
+        KFAC(problem, inverse_method="cholesky")
+    with pytest.raises(KfacbenchError, match="need rescale"):
+        KFAC(problem, rescale=False)
+    with pytest.raises(KfacbenchError, match="unknown inverse_method"):
+        KFAC(problem, inverse_method="svd", adapt_gamma=False)
+
+
+def test_fast_preset_is_sgd_momentum_on_the_preconditioned_gradient() -> None:
+    model = mlp(0)
+    x, y = batch("categorical")
+    opt = KFAC(
+        Problem(model, "categorical"),
+        rescale=False,
+        adapt_damping=False,
+        adapt_gamma=False,
+        lr=0.5,
+        momentum=0.0,
+        damping=0.01,
+        weight_decay=0.0,
+    )
+    theta = [p.detach().clone() for p in opt.params]
+    one_step(opt, x, y)
+    grads = [p.grad.clone() for p in opt.params if p.grad is not None]
+    direction = opt._precondition(grads, opt.gamma)
+    for before, p, d in zip(theta, opt.params, direction, strict=True):
+        torch.testing.assert_close(p.detach(), before + 0.5 * d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host-sync detection)")
+def test_no_host_sync_outside_the_inverse_phase() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = deep_autoencoder((64, 32, 8)).to(device)
+    x = torch.rand(128, 64, device=device).round()
+    opt = KFAC(Problem(model, "bernoulli"), inv_interval=1000)
+    timer = PhaseTimer(device)
+    for _ in range(4):  # past the first three steps, which refresh the inverses
+        opt.step(x, x, timer)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            opt.step(x, x, timer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
