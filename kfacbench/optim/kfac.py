@@ -179,11 +179,10 @@ class KFAC:
             the kfac-jax default; the paper's text is ambiguous here (?)).
         adapt_gamma: greedy search of γ over {ω₂γ, γ, γ/ω₂} every ``gamma_interval`` steps (§6.6).
         gamma_interval: T2 (20 in the paper); ω₂ = sqrt(19/20)^T2.
-        gamma_criterion: how the γ candidates are scored: ``loss``, the objective h(θ + δ) on the
-            minibatch after each candidate's re-scaled update (one extra forward pass each), or
-            ``model``, the quadratic model value M(δ). (?) which of the two the paper's
-            experiments used could not be checked; on CURVES, ``model`` drove γ up and stalled
-            on the plateau that ``loss`` escapes, so ``loss`` is the default.
+        gamma_criterion: how the γ candidates are scored: ``model``, the quadratic model value
+            M(δ) of each candidate's re-scaled update (§6.6, the default), or ``loss``, the
+            objective h(θ + δ) on the minibatch (one extra forward pass per candidate; the
+            "(or loss)" variant of ALGORITHMS.md (?)).
         seed: seed of the generator used to sample Fisher targets.
     """
 
@@ -209,7 +208,7 @@ class KFAC:
         lm_include_damping: bool = False,
         adapt_gamma: bool = True,
         gamma_interval: int = 20,
-        gamma_criterion: str = "loss",
+        gamma_criterion: str = "model",
         seed: int = 0,
     ) -> None:
         if inverse_method not in INVERSE_METHODS:
@@ -636,7 +635,7 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "lm_include_damping": HParam(False, "ρ's model change includes λ"),
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
         "gamma_interval": HParam(20, "T2: steps between γ searches", minimum=1),
-        "gamma_criterion": HParam("loss", "γ candidates scored by", choices=("loss", "model")),
+        "gamma_criterion": HParam("model", "γ candidates scored by", choices=("model", "loss")),
     }
     base.update(overrides)
     return base
