@@ -158,21 +158,20 @@ def load_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(run_dir / f"{name}.parquet") for name in TABLES}
 
 
+def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
+    """First line of a helper command's output, or ``None`` if it is absent or fails."""
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0] if lines else None
+
+
 def git_commit() -> str | None:
     """The commit of the kfacbench source tree (with ``-dirty`` if modified), if in git."""
     src = Path(kfacbench.__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=src,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    return _command_output(["git", "describe", "--always", "--dirty", "--abbrev=12"], src)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -194,7 +193,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
-        env["driver_version"] = _nvidia_driver()
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        env["driver_version"] = _command_output(query)
     return env
 
 
@@ -209,20 +209,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
 
 
 def dumps(obj: Any) -> str:
