@@ -45,6 +45,7 @@ from kfacbench.optim.curvature import (
     Capture,
     Layer,
     cross_factors,
+    exact_output_grads,
     factors,
     find_layers,
     grad_matrix,
@@ -55,6 +56,7 @@ from kfacbench.optim.sgd import SGD
 from kfacbench.optim.tridiag import TridiagInverse, tridiag_apply, tridiag_inverse
 
 INVERSE_METHODS = ("eigh", "cholesky", "inv")
+FISHERS = ("sampled", "empirical", "exact")
 LAMBDA_RANGE = (1e-8, 1e8)
 """Bounds on λ under Levenberg–Marquardt adaptation (keeps ω₁ steps from running away)."""
 
@@ -162,7 +164,8 @@ class KFAC:
         lr: learning rate of the SGD-with-momentum update (``rescale=False`` only).
         momentum: momentum μ of that update (``rescale=False`` only; with re-scaling μ is solved
             for each step when ``rescale_momentum`` is on).
-        fisher: ``sampled`` (targets from the model: the paper's choice), ``empirical``.
+        fisher: ``sampled`` (targets from the model: the paper's choice), ``empirical`` (data
+            labels) or ``exact`` (type-2: one backward per output, for models with few outputs).
         cov_interval: steps between factor updates.
         cov_fraction: fraction of the minibatch used for the factor statistics.
         ema_max: cap of the moving-average weight ε_k = min(1 − 1/k, ema_max) (§5: 0.95).
@@ -225,8 +228,8 @@ class KFAC:
                 "adapt_damping and adapt_gamma need rescale = true (they use the exact-Fisher "
                 "quadratic model)"
             )
-        if fisher not in ("sampled", "empirical"):
-            raise KfacbenchError(f"unknown fisher {fisher!r}; known: sampled, empirical")
+        if fisher not in FISHERS:
+            raise KfacbenchError(f"unknown fisher {fisher!r}; known: {', '.join(FISHERS)}")
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
@@ -243,6 +246,8 @@ class KFAC:
                     "structure = 'tridiag' needs a chain of Linear layers (the autoencoders); "
                     "this model has conv or other parameterised layers"
                 )
+            if fisher == "exact":
+                raise KfacbenchError("structure = 'tridiag' supports fisher = sampled | empirical")
         elif structure != "blockdiag":
             raise KfacbenchError(f"unknown structure {structure!r}; known: blockdiag, tridiag")
         self.params: list[torch.Tensor] = [
@@ -282,10 +287,7 @@ class KFAC:
         self.prev_update: list[torch.Tensor] | None = None
         self.tridiag: TridiagInverse | None = None
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.sgd = SGD(problem, lr=lr, momentum=momentum) if not rescale else None
-        if self.sgd is not None:
-            self.sgd.params = self.params
-            self.sgd.velocity = [torch.zeros_like(p) for p in self.params]
+        self.sgd = None if rescale else SGD(problem, lr=lr, momentum=momentum, params=self.params)
         self.last_alpha = torch.zeros((), device=device)
         self.last_mu = torch.zeros((), device=device)
 
@@ -346,16 +348,20 @@ class KFAC:
     # ---------------------------------------------------------------- curvature
     def _update_factors(self, output: torch.Tensor, y: torch.Tensor, m: int) -> None:
         """EMA of Ā and G (§5) from the captured inputs and sampled-target output gradients."""
-        gs = output_grads(
-            self.capture,
-            [c.layer for c in self.curv],
-            self.problem,
-            output,
-            y,
-            fisher=self.fisher,  # type: ignore[arg-type]
-            generator=self.generator,
-            retain_graph=False,
-        )
+        layers = [c.layer for c in self.curv]
+        if self.fisher == "exact":
+            gs = exact_output_grads(self.capture, layers, self.problem, output, retain_graph=False)
+        else:
+            gs = output_grads(
+                self.capture,
+                layers,
+                self.problem,
+                output,
+                y,
+                fisher=self.fisher,  # type: ignore[arg-type]
+                generator=self.generator,
+                retain_graph=False,
+            )
         n = max(1, math.ceil(self.cov_fraction * m))
         self.factor_updates += 1
         eps = min(1 - 1 / self.factor_updates, self.ema_max)
@@ -363,7 +369,9 @@ class KFAC:
         for c, g in zip(self.curv, gs, strict=True):
             a = self.capture.inputs(c.layer)
             per_example = a.shape[0] // m  # conv: spatial positions per example
-            a, g = a[: n * per_example], g[: n * per_example]
+            a = a[: n * per_example]
+            # Exact Fisher: K blocks of rows (one per output-Hessian column), each like ``a``.
+            g = g.reshape(-1, m * per_example, g.shape[-1])[:, : n * per_example].flatten(0, 1)
             rows.append((a, g))
             a_new, g_new = factors(c.layer, a, g, n)
             if c.a is None or c.g is None:
@@ -620,7 +628,9 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
     base = {
         "lr": HParam(1.0, "learning rate of the SGD update (rescale = false only)", minimum=0.0),
         "momentum": HParam(0.9, "momentum of the SGD update (rescale = false only)", minimum=0.0),
-        "fisher": HParam("sampled", "Fisher targets", choices=("sampled", "empirical")),
+        "fisher": HParam(
+            "sampled", "Fisher estimate (exact: type-2, few outputs)", choices=FISHERS
+        ),
         "cov_interval": HParam(1, "steps between factor updates", minimum=1),
         "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", minimum=0.0),
         "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", minimum=0.0),

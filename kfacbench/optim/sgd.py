@@ -18,7 +18,7 @@ instead of one per tensor, which matters for short steps on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,7 +44,8 @@ class SGD:
     """SGD with momentum as a :class:`~kfacbench.optim.base.Method`.
 
     Usable on its own: ``SGD(Problem(model, "categorical"), lr=0.1)`` then
-    ``opt.step(x, y, PhaseTimer(device))``.
+    ``opt.step(x, y, PhaseTimer(device))``. ``params`` (default: the model's trainable
+    parameters, in order) fixes which tensors ``apply`` updates, for methods that reuse it.
     """
 
     def __init__(
@@ -60,11 +61,16 @@ class SGD:
         warmup_steps: int = 0,
         lr_decay: float = 0.1,
         total_steps: int | None = None,
+        params: Sequence[torch.Tensor] | None = None,
     ) -> None:
         if form not in ("pytorch", "sutskever"):
             raise ValueError(f"unknown SGD form {form!r}; known: pytorch, sutskever")
         self.problem = problem
-        self.params: list[torch.Tensor] = [p for p in problem.model.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = (
+            [p for p in problem.model.parameters() if p.requires_grad]
+            if params is None
+            else list(params)
+        )
         self.velocity = [torch.zeros_like(p) for p in self.params]
         self.base_lr = lr
         self.momentum = momentum

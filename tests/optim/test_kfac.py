@@ -13,7 +13,7 @@ from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
-from kfacbench.optim.curvature import grad_matrix
+from kfacbench.optim.curvature import grad_matrix, kronecker_factors
 from kfacbench.optim.kfac import KFAC, fisher_quadratic
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 
@@ -266,3 +266,22 @@ def test_no_host_sync_outside_the_inverse_phase() -> None:
             opt.step(x, x, timer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    ("fisher", "fraction"), [("exact", 1.0), ("exact", 0.5), ("empirical", 0.5)]
+)
+def test_first_factors_are_the_batch_factors(fisher: str, fraction: float) -> None:
+    """ε₁ = 0: after one step the EMA holds exactly the factors of the (fractional) batch."""
+    model = mlp(0)
+    x, y = batch("categorical")
+    problem = Problem(model, "categorical")
+    n = int(x.shape[0] * fraction)
+    want = kronecker_factors(model, problem, x[:n], y[:n], fisher=fisher)  # type: ignore[arg-type]
+    opt = KFAC(problem, fisher=fisher, cov_fraction=fraction, adapt_gamma=False, damping=1.0)
+    one_step(opt, x, y)
+    for c in opt.curv:
+        a, g = want[c.layer.name]
+        assert c.a is not None and c.g is not None
+        torch.testing.assert_close(c.a, a)
+        torch.testing.assert_close(c.g, g, rtol=1e-4, atol=1e-6)
