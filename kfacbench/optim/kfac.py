@@ -311,23 +311,23 @@ class KFAC:
         if k < 3 or k % self.inv_interval == 0:
             with timer.phase("inverse"):
                 self._refresh_inverses()
-        with timer.phase("precondition"):
-            grads = self._gradient()
-            direction = self._precondition(grads, self.gamma)
-        if self.rescale:
-            with timer.phase("rescale"):
-                update = self._rescaled_update(x, y, output, grads, direction)
-        with timer.phase("update"):
+        with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
+            with timer.phase("precondition"):
+                grads = self._gradient()
+                direction = self._precondition(grads, self.gamma)
             if self.rescale:
-                with torch.no_grad():
+                with timer.phase("rescale"):
+                    update = self._rescaled_update(x, y, output, grads, direction)
+            with timer.phase("update"):
+                if self.rescale:
                     torch._foreach_add_(self.params, update)
-                self.prev_update = update
-            else:
-                assert self.sgd is not None
-                self.sgd.apply([-d for d in direction], self.lr)
-        if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
-            with timer.phase("rescale"):
-                self._levenberg_marquardt(x, y, loss)
+                    self.prev_update = update
+                else:
+                    assert self.sgd is not None
+                    self.sgd.apply([-d for d in direction], self.lr)
+            if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
+                with timer.phase("rescale"):
+                    self._levenberg_marquardt(x, y, loss)
         self.steps += 1
         return loss.detach()
 
@@ -549,7 +549,8 @@ class KFAC:
             f2, n2, b, _ = self._quad_terms(x, output, grads, cand, j_prev)
             coef, m_value = self._solve(f2, n2, b, use_prev)
             if len(directions) > 1 and self.gamma_criterion == "loss":
-                m_value = self._objective_after(self._combine(cand, coef, use_prev), x, y)
+                moved = torch._foreach_add(self.params, self._combine(cand, coef, use_prev))
+                m_value = self._objective(moved, x, y)
             solved.append((coef, m_value, f2, n2, b))
         if len(solved) == 1:
             (coef, _, f2, n2, b), cand = solved[0], direction
@@ -577,17 +578,16 @@ class KFAC:
             torch._foreach_add_(update, list(torch._foreach_mul(self.prev_update, coef[1])))
         return update
 
-    def _objective_after(
-        self, update: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    def _objective(
+        self, values: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        """h(θ + δ) on the minibatch (ℓ2 cost included), without touching θ or BatchNorm."""
-        with torch.no_grad():
-            moved = list(torch._foreach_add(self.params, update))
-            by_id = {id(p): n for n, p in self.model.named_parameters()}
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            params.update({by_id[id(p)]: t for p, t in zip(self.params, moved, strict=True)})
-            loss = self.problem.loss(self._functional_forward(params, x), y)
-            return loss + 0.5 * self.eta * _dot(moved, moved)
+        """h on the minibatch (ℓ2 cost included) with ``self.params`` set to ``values``, without
+        touching θ or BatchNorm statistics."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        params.update({by_id[id(p)]: t for p, t in zip(self.params, values, strict=True)})
+        loss = self.problem.loss(self._functional_forward(params, x), y)
+        return loss + 0.5 * self.eta * _dot(values, values)
 
     def _levenberg_marquardt(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
         """§6.5: ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0)); λ ← ω₁λ if ρ > 3/4, λ/ω₁ if ρ < 1/4.
@@ -596,19 +596,14 @@ class KFAC:
         device, so it costs one extra forward pass and no host sync.
         """
         assert self.prev_update is not None
-        with torch.no_grad():
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            new_loss = self.problem.loss(self._functional_forward(params, x), y)
-            theta_sq = _dot(self.params, self.params)
-            old = [p - d for p, d in zip(self.params, self.prev_update, strict=True)]
-            old_sq = _dot(old, old)
-            actual = new_loss - loss.detach() + 0.5 * self.eta * (theta_sq - old_sq)
-            rho = actual / self._model_change
-            lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
-            lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
-            self.lam = lam.clamp(*LAMBDA_RANGE)
-            if not self.adapt_gamma:
-                self.gamma = torch.sqrt(self.lam + self.eta)
+        old = torch._foreach_sub(self.params, self.prev_update)
+        actual = self._objective(self.params, x, y) - (loss + 0.5 * self.eta * _dot(old, old))
+        rho = actual / self._model_change
+        lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
+        lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
+        self.lam = lam.clamp(*LAMBDA_RANGE)
+        if not self.adapt_gamma:
+            self.gamma = torch.sqrt(self.lam + self.eta)
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
