@@ -274,6 +274,7 @@ class KFAC:
         self.lm_include_damping = lm_include_damping
         self.adapt_gamma = adapt_gamma
         self.gamma_interval = gamma_interval
+        self.fixed_damping = not (adapt_damping or adapt_gamma)
         if gamma_criterion not in ("loss", "model"):
             raise KfacbenchError(f"unknown gamma_criterion {gamma_criterion!r}; known: loss, model")
         self.gamma_criterion = gamma_criterion
@@ -402,6 +403,11 @@ class KFAC:
             if self.inverse_method == "eigh":
                 c.da, c.qa = robust_eigh(c.a, f"A of {name}")
                 c.dg, c.qg = robust_eigh(c.g, f"G of {name}")
+                if self.fixed_damping:
+                    # γ cannot change before the next refresh: form the damped inverses once,
+                    # so preconditioning is two matmuls per layer instead of four.
+                    c.a_inv = (c.qa / (c.da + c.pi * self.gamma)) @ c.qa.T
+                    c.g_inv = (c.qg / (c.dg + self.gamma / c.pi)) @ c.qg.T
             else:
                 c.a_inv = damped_inverse(
                     c.a, c.pi * self.gamma, self.inverse_method, f"A of {name}"
@@ -452,7 +458,7 @@ class KFAC:
 
     def _apply_block(self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ applied to the (out, in) gradient matrix: G⁻¹ V Ā⁻¹."""
-        if self.inverse_method == "eigh":
+        if self.inverse_method == "eigh" and not (self.fixed_damping and gamma is self.gamma):
             assert c.qa is not None and c.da is not None and c.qg is not None and c.dg is not None
             assert c.pi is not None
             v1 = c.qg.T @ v @ c.qa

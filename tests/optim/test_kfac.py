@@ -98,19 +98,22 @@ def test_preconditioning_equals_explicit_damped_inverses(method: str) -> None:
     )
     one_step(opt, x, y)  # builds factors and inverses
     grads = [torch.randn_like(p) for p in opt.params]
-    direction = opt._precondition(grads, opt.gamma)
-    start = 0
-    for c in opt.curv:
-        n = len(c.layer.params())
-        v = grad_matrix(c.layer, grads[start : start + n])
-        got = grad_matrix(c.layer, direction[start : start + n])
-        assert c.a is not None and c.g is not None and c.pi is not None
-        eye_a, eye_g = torch.eye(c.a.shape[0]), torch.eye(c.g.shape[0])
-        a_damped = c.a + c.pi * opt.gamma * eye_a
-        g_damped = c.g + opt.gamma / c.pi * eye_g
-        want = -torch.linalg.inv(g_damped) @ v @ torch.linalg.inv(a_damped)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        start += n
+    # The refreshed γ (precomputed inverses) and another γ (eigenbasis path for eigh).
+    gammas = [opt.gamma] + ([opt.gamma * 1.5] if method == "eigh" else [])
+    for gamma in gammas:
+        direction = opt._precondition(grads, gamma)
+        start = 0
+        for c in opt.curv:
+            n = len(c.layer.params())
+            v = grad_matrix(c.layer, grads[start : start + n])
+            got = grad_matrix(c.layer, direction[start : start + n])
+            assert c.a is not None and c.g is not None and c.pi is not None
+            eye_a, eye_g = torch.eye(c.a.shape[0]), torch.eye(c.g.shape[0])
+            a_damped = c.a + c.pi * gamma * eye_a
+            g_damped = c.g + gamma / c.pi * eye_g
+            want = -torch.linalg.inv(g_damped) @ v @ torch.linalg.inv(a_damped)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            start += n
 
 
 def test_factored_damping_pi_and_gamma() -> None:
@@ -285,3 +288,31 @@ def test_first_factors_are_the_batch_factors(fisher: str, fraction: float) -> No
         assert c.a is not None and c.g is not None
         torch.testing.assert_close(c.a, a)
         torch.testing.assert_close(c.g, g, rtol=1e-4, atol=1e-6)
+
+
+def test_single_linear_layer_with_gaussian_output_takes_the_natural_gradient_step() -> None:
+    """Here the K-FAC Fisher is exact (G = I with the type-2 Fisher), so with vanishing damping
+    the re-scaled K-FAC update is θ − F⁻¹∇h, F the exact Fisher formed densely."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(64, 3)
+    y = torch.randn(64, 2)
+    problem = Problem(model, "gaussian")
+    opt = KFAC(
+        problem,
+        fisher="exact",
+        damping=1e-9,
+        weight_decay=0.0,
+        adapt_damping=False,
+        adapt_gamma=False,
+        rescale_momentum=False,
+    )
+    fisher = dense_ggn(model, "gaussian", x).double()
+    loss = problem.loss(model(x), y)
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, opt.params)]).double()
+    theta = torch.cat([p.detach().flatten() for p in opt.params]).double()
+    want = theta - torch.linalg.solve(fisher, grad)
+    one_step(opt, x, y)
+    got = torch.cat([p.detach().flatten() for p in opt.params]).double()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert opt.last_alpha.item() == pytest.approx(1.0, rel=1e-3)
