@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,12 +98,14 @@ class MinibatchSampler:
     def _new_perm(self) -> torch.Tensor:
         return torch.randperm(self.n, generator=self.generator, device=self.device)
 
-    def next(self) -> torch.Tensor:
-        """Indices of the next minibatch (a device tensor)."""
-        if self._pos + self.batch_size > self.n:
+    def next(self, batch_size: int | None = None) -> torch.Tensor:
+        """Indices of the next minibatch (a device tensor); ``batch_size`` overrides the default
+        (growing minibatches) and is capped at the training-set size."""
+        size = min(batch_size or self.batch_size, self.n)
+        if self._pos + size > self.n:
             self._perm, self._pos = self._new_perm(), 0
-        idx = self._perm[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
+        idx = self._perm[self._pos : self._pos + size]
+        self._pos += size
         return idx
 
 
@@ -166,6 +169,9 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    batch_size_at = getattr(method, "batch_size_at", None)
+    averaged = getattr(method, "averaged", None)
+    examples = 0
     curves: list[dict[str, Any]] = []
     pending_losses: list[torch.Tensor] = []
     train_time = 0.0
@@ -182,7 +188,7 @@ def train(
         row: dict[str, Any] = {
             "step": step,
             "train_time_s": train_time,
-            "examples": step * config.batch_size,
+            "examples": examples,
             "train_loss": float(losses.mean()) if losses is not None else math.nan,
             "train_eval_loss": math.nan,
             "eval_loss": math.nan,
@@ -192,8 +198,9 @@ def train(
         }
         row.update({k: v for k, v in method.log_values().items() if k in ("lr", "damping")})
         if with_eval and finite:
-            train_loss, _ = evaluate(problem, *train_sub, metric)
-            eval_loss, eval_metric = evaluate(problem, data.test_x, data.test_y, metric)
+            with averaged() if averaged is not None else nullcontext():
+                train_loss, _ = evaluate(problem, *train_sub, metric)
+                eval_loss, eval_metric = evaluate(problem, data.test_x, data.test_y, metric)
             row.update(train_eval_loss=train_loss, eval_loss=eval_loss, eval_metric=eval_metric)
             last_eval = {
                 "final_train_loss": train_loss,
@@ -209,11 +216,15 @@ def train(
     step = 0
     segment_start = time.perf_counter()
     while True:
-        idx = sampler.next()
+        size = config.batch_size
+        if batch_size_at is not None:
+            size = batch_size_at(step, config.batch_size, sampler.n)
+        idx = sampler.next(size)
         with timer.step():
             loss = method.step(data.train_x[idx], data.train_y[idx], timer)
         pending_losses.append(loss)
         step += 1
+        examples += idx.shape[0]
         elapsed = train_time + time.perf_counter() - segment_start
         done = (config.max_steps is not None and step >= config.max_steps) or (
             config.max_seconds is not None and elapsed >= config.max_seconds

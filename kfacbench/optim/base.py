@@ -8,13 +8,14 @@ still timed by the same clock (DESIGN.md, "A Method runs its own passes").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from kfacbench.core.problem import Problem
     from kfacbench.core.timing import PhaseTimer
 
@@ -26,8 +27,13 @@ class Method(Protocol):
 
     ``step`` must not synchronise with the device (no ``.item()``, no host copies): it returns the
     minibatch loss as a detached device tensor and the core reads losses back in batches.
-    A method may also define ``info() -> dict`` (JSON-able facts about the cell, e.g. which
-    layers were preconditioned); the runner stores it in the ``method_info`` column.
+    Optional hooks the core uses when a method defines them:
+
+    - ``info() -> dict``: JSON-able facts about the cell (e.g. which layers were
+      preconditioned); stored in the ``method_info`` column.
+    - ``batch_size_at(step, base, n) -> int``: the minibatch size of step ``step`` (K-FAC's
+      growing minibatches); by default the cell's batch size.
+    - ``averaged() -> ContextManager``: evaluation runs inside it (Polyak-averaged iterates).
     """
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -98,3 +104,34 @@ class MethodSpec:
     hparams: Mapping[str, HParam]
     uses_inv_interval: bool
     build: Callable[[Problem, Mapping[str, Any], MethodContext], Method] = field(repr=False)
+
+
+class IterateAverage:
+    """Exponential (Polyak) averaging of parameters, for evaluation only.
+
+    θ̄ ← decay·θ̄ + (1 − decay)·θ after every step, on the device (one fused lerp); ``swapped()``
+    puts θ̄ into the model for an eval and restores θ afterwards. Used by K-FAC's experiments
+    (Martens & Grosse 2015, §13) to report the loss of the averaged iterates.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float) -> None:
+        self.params = list(params)
+        self.decay = decay
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current parameters into the average."""
+        torch._foreach_lerp_(self.average, self.params, 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The averaged parameters in place of the current ones, for the enclosed block."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, saved)

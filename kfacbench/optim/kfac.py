@@ -31,6 +31,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ from torch.func import functional_call, jvp
 from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.base import HParam, IterateAverage, MethodContext, MethodSpec
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -52,6 +53,7 @@ from kfacbench.optim.curvature import (
     output_grads,
     split_matrix,
 )
+from kfacbench.optim.schedules import growing_batch_size
 from kfacbench.optim.sgd import SGD
 from kfacbench.optim.tridiag import TridiagInverse, tridiag_apply, tridiag_inverse
 
@@ -186,6 +188,11 @@ class KFAC:
             M(δ) of each candidate's re-scaled update (§6.6, the default), or ``loss``, the
             objective h(θ + δ) on the minibatch (one extra forward pass per candidate; the
             "(or loss)" variant of ALGORITHMS.md (?)).
+        growing_batch: when > 0, the iteration from which the whole training set is the
+            minibatch; m_k = min(m₁ exp((k − 1)/b), |S|) from the cell's batch size m₁ (§13,
+            tensorflow/kfac's example uses 500). 0 keeps the batch size fixed.
+        polyak: decay of the Polyak average of the iterates used for evaluation (§13 (?):
+            0.99); 0 evaluates the current iterate.
         seed: seed of the generator used to sample Fisher targets.
     """
 
@@ -212,6 +219,8 @@ class KFAC:
         adapt_gamma: bool = True,
         gamma_interval: int = 20,
         gamma_criterion: str = "model",
+        growing_batch: int = 0,
+        polyak: float = 0.0,
         seed: int = 0,
     ) -> None:
         if inverse_method not in INVERSE_METHODS:
@@ -289,6 +298,10 @@ class KFAC:
         self.tridiag: TridiagInverse | None = None
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.sgd = None if rescale else SGD(problem, lr=lr, momentum=momentum, params=self.params)
+        if not 0.0 <= polyak < 1.0:
+            raise KfacbenchError(f"polyak must be in [0, 1), got {polyak}")
+        self.growing_batch = growing_batch
+        self.average = IterateAverage(self.params, polyak) if polyak > 0 else None
         self.last_alpha = torch.zeros((), device=device)
         self.last_mu = torch.zeros((), device=device)
 
@@ -329,6 +342,8 @@ class KFAC:
             if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
                 with timer.phase("rescale"):
                     self._levenberg_marquardt(x, y, loss)
+        if self.average is not None:
+            self.average.update()
         self.steps += 1
         return loss.detach()
 
@@ -338,6 +353,14 @@ class KFAC:
         if self.rescale:
             return {"lr": float(self.last_alpha), "damping": float(self.lam)}
         return {"lr": self.lr, "damping": float(self.lam)}
+
+    def batch_size_at(self, step: int, base: int, n: int) -> int:
+        """The growing minibatch schedule (§13), or ``base`` when it is off."""
+        return growing_batch_size(step, base, n, self.growing_batch) if self.growing_batch else base
+
+    def averaged(self) -> AbstractContextManager[None]:
+        """Evaluation on the Polyak-averaged iterates (a no-op when averaging is off)."""
+        return self.average.swapped() if self.average is not None else nullcontext()
 
     def info(self) -> dict[str, Any]:
         """Which layers are preconditioned (recorded in the cells table)."""
@@ -647,6 +670,10 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
         "gamma_interval": HParam(20, "T2: steps between γ searches", minimum=1),
         "gamma_criterion": HParam("model", "γ candidates scored by", choices=("model", "loss")),
+        "growing_batch": HParam(
+            0, "iteration from which the batch is the full set (0: off)", minimum=0
+        ),
+        "polyak": HParam(0.0, "Polyak-average decay of evaluated iterates (0: off)", minimum=0.0),
     }
     base.update(overrides)
     return base

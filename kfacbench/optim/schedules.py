@@ -43,3 +43,16 @@ def scheduled_lr(
         return base * (decay ** (int(frac >= 0.5) + int(frac >= 0.75)))
     t = min(step, total_steps) / total_steps
     return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def growing_batch_size(step: int, base: int, n: int, full_at: int) -> int:
+    """Minibatch size m_k = min(m₁ exp((k − 1)/b), n) of K-FAC's experiments (§13).
+
+    b is chosen so that the whole training set (n examples) is used from iteration ``full_at``
+    on (500 in tensorflow/kfac's autoencoder example); k = step + 1. ``full_at <= 1`` or
+    ``base >= n`` means the full set from the start.
+    """
+    if base >= n or full_at <= 1:
+        return n
+    rate = math.log(n / base) / (full_at - 1)
+    return min(n, round(base * math.exp(step * rate)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -149,3 +151,40 @@ def test_timer_phases_are_the_methods() -> None:
     data = blobs()
     SGD(problem, lr=0.1).step(data.train_x[:8], data.train_y[:8], timer)
     assert timer.phases() == ["forward", "backward", "update"]
+
+
+class GrowingSGD(SGD):
+    """SGD with the optional loop hooks: a batch that grows by 8 per step, and an eval flag."""
+
+    evals_inside = 0
+    inside = False
+
+    def batch_size_at(self, step: int, base: int, n: int) -> int:
+        return min(base + 8 * step, n)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        self.inside = True
+        yield
+        self.inside = False
+
+
+def test_optional_method_hooks_set_batch_size_and_wrap_eval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    problem = classifier()
+    method = GrowingSGD(problem, lr=0.1)
+    import kfacbench.core.loop as loop
+
+    real_evaluate = loop.evaluate
+
+    def spy(*args: object, **kw: object) -> tuple[float, float]:
+        assert method.inside
+        method.evals_inside += 1
+        return real_evaluate(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "evaluate", spy)
+    result = train(problem, method, blobs(), config(max_steps=10), metric="accuracy", reached=bool)
+    sizes = [min(32 + 8 * k, 256) for k in range(10)]
+    assert result.curves[-1]["examples"] == sum(sizes)
+    assert method.evals_inside == 4  # train and test evals at steps 0 and 10

@@ -316,3 +316,19 @@ def test_single_linear_layer_with_gaussian_output_takes_the_natural_gradient_ste
     got = torch.cat([p.detach().flatten() for p in opt.params]).double()
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     assert opt.last_alpha.item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_growing_batches_and_polyak_averaging() -> None:
+    model = mlp(0)
+    problem = Problem(model, "categorical")
+    opt = KFAC(problem, growing_batch=5, polyak=0.9, damping=1.0, adapt_gamma=False)
+    assert [opt.batch_size_at(k, 4, 64) for k in (0, 4, 9)] == [4, 64, 64]
+    for m in (4, 8, 16):  # factors and updates work as the batch grows
+        x, y = batch("categorical", m=m)
+        assert torch.isfinite(one_step(opt, x, y))
+    current = [p.detach().clone() for p in opt.params]
+    with opt.averaged():
+        assert not torch.equal(opt.params[0], current[0])
+    assert torch.equal(opt.params[0], current[0])
+    with pytest.raises(KfacbenchError, match="polyak"):
+        KFAC(problem, polyak=1.0)

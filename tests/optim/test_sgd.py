@@ -121,3 +121,13 @@ def test_schedules() -> None:
     assert scheduled_lr(1.0, 0, schedule="constant", total_steps=None, warmup_steps=4) == 0.25
     with pytest.raises(ValueError, match="needs a step budget"):
         scheduled_lr(1.0, 0, schedule="cosine", total_steps=None)
+
+
+def test_growing_batch_schedule() -> None:
+    from kfacbench.optim.schedules import growing_batch_size
+
+    sizes = [growing_batch_size(k, 1000, 60_000, 500) for k in range(600)]
+    assert sizes[0] == 1000 and sizes[499] == 60_000 and sizes[-1] == 60_000
+    assert sizes == sorted(sizes)
+    assert sizes[250] == round(1000 * (60_000 / 1000) ** (250 / 499))
+    assert growing_batch_size(3, 100, 50, 500) == 50
