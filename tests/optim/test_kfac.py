@@ -332,3 +332,45 @@ def test_growing_batches_and_polyak_averaging() -> None:
     assert torch.equal(opt.params[0], current[0])
     with pytest.raises(KfacbenchError, match="polyak"):
         KFAC(problem, polyak=1.0)
+
+
+def test_preconditioning_equals_the_dense_kronecker_solve() -> None:
+    """Δ = −[(Ā + πγI) ⊗ (G + γ/π I)]⁻¹ vec(∇W̄), the Kronecker product formed densely
+    (row-major vec of the (out, in) gradient matrix pairs with kron(G, A))."""
+    model = mlp(0)
+    x, y = batch("gaussian")
+    opt = KFAC(Problem(model, "gaussian"), damping=0.5, adapt_gamma=False, adapt_damping=False)
+    one_step(opt, x, y)
+    grads = [torch.randn_like(p) for p in opt.params]
+    direction = opt._precondition(grads, opt.gamma)
+    start = 0
+    for c in opt.curv:
+        n = len(c.layer.params())
+        assert c.a is not None and c.g is not None and c.pi is not None
+        a_d = c.a.double() + (c.pi * opt.gamma).double() * torch.eye(c.a.shape[0]).double()
+        g_d = c.g.double() + (opt.gamma / c.pi).double() * torch.eye(c.g.shape[0]).double()
+        vec = grad_matrix(c.layer, grads[start : start + n]).double().flatten()
+        want = -torch.linalg.solve(torch.kron(g_d, a_d), vec)
+        got = grad_matrix(c.layer, direction[start : start + n]).double().flatten()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        start += n
+
+
+@pytest.mark.parametrize(("rho", "factor"), [(0.9, "down"), (0.5, "same"), (0.1, "up")])
+def test_levenberg_marquardt_rule(rho: float, factor: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§6.5: λ ← ω₁λ when ρ > 3/4, λ/ω₁ when ρ < 1/4, unchanged in between."""
+    model = mlp(0)
+    x, y = batch("categorical")
+    opt = KFAC(Problem(model, "categorical"), damping=2.0, adapt_gamma=False, lm_interval=5)
+    loss = one_step(opt, x, y)
+    actual = opt._objective(opt.params, x, y) - (
+        loss
+        + 0.5
+        * opt.eta
+        * sum((p - d).pow(2).sum() for p, d in zip(opt.params, opt.prev_update or [], strict=True))
+    )
+    opt._model_change = actual / rho  # so that ρ is exactly the value under test
+    opt._levenberg_marquardt(x, y, loss)
+    want = {"down": 2.0 * opt.omega1, "same": 2.0, "up": 2.0 / opt.omega1}[factor]
+    assert opt.lam.item() == pytest.approx(want, rel=1e-5)
+    assert opt.gamma.item() == pytest.approx(math.sqrt(want + opt.eta), rel=1e-5)
