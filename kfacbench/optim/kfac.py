@@ -420,26 +420,39 @@ class KFAC:
             if c.a is None or c.g is None:
                 raise RuntimeError("K-FAC inverse requested before any factor update")
             c.pi = factored_damping_pi(c.a, c.g)
-            name = c.layer.name
-            if self.structure == "tridiag":
-                continue
-            if self.inverse_method == "eigh":
-                c.da, c.qa = robust_eigh(c.a, f"A of {name}")
-                c.dg, c.qg = robust_eigh(c.g, f"G of {name}")
-                if self.fixed_damping:
-                    # γ cannot change before the next refresh: form the damped inverses once,
-                    # so preconditioning is two matmuls per layer instead of four.
-                    c.a_inv = (c.qa / (c.da + c.pi * self.gamma)) @ c.qa.T
-                    c.g_inv = (c.qg / (c.dg + self.gamma / c.pi)) @ c.qg.T
-            else:
-                c.a_inv = damped_inverse(
-                    c.a, c.pi * self.gamma, self.inverse_method, f"A of {name}"
-                )
-                c.g_inv = damped_inverse(
-                    c.g, self.gamma / c.pi, self.inverse_method, f"G of {name}"
-                )
         if self.structure == "tridiag":
             self.tridiag = self._tridiag_pieces(self.gamma)
+        elif self.inverse_method == "eigh":
+            self._batched_eigh()
+        else:
+            for c in self.curv:
+                assert c.a is not None and c.g is not None and c.pi is not None
+                name, method = c.layer.name, self.inverse_method
+                c.a_inv = damped_inverse(c.a, c.pi * self.gamma, method, f"A of {name}")
+                c.g_inv = damped_inverse(c.g, self.gamma / c.pi, method, f"G of {name}")
+
+    def _batched_eigh(self) -> None:
+        """Eigendecompose all factors, one batched call per distinct size (fewer launches on a
+        GPU when layers share shapes, e.g. an autoencoder's mirrored encoder and decoder)."""
+        groups: dict[int, list[tuple[LayerCurvature, str]]] = {}
+        for c in self.curv:
+            assert c.a is not None and c.g is not None
+            groups.setdefault(c.a.shape[0], []).append((c, "a"))
+            groups.setdefault(c.g.shape[0], []).append((c, "g"))
+        for size, members in groups.items():
+            stack = torch.stack([getattr(c, which) for c, which in members])
+            vals, vecs = robust_eigh(stack, f"the {len(members)} factors of size {size}")
+            for (c, which), d, q in zip(members, vals, vecs, strict=True):
+                setattr(c, f"d{which}", d)
+                setattr(c, f"q{which}", q)
+        if self.fixed_damping:
+            # γ cannot change before the next refresh: form the damped inverses once, so
+            # preconditioning is two matmuls per layer instead of four.
+            for c in self.curv:
+                assert c.qa is not None and c.da is not None and c.qg is not None
+                assert c.dg is not None and c.pi is not None
+                c.a_inv = (c.qa / (c.da + c.pi * self.gamma)) @ c.qa.T
+                c.g_inv = (c.qg / (c.dg + self.gamma / c.pi)) @ c.qg.T
 
     def _tridiag_pieces(self, gamma: torch.Tensor) -> TridiagInverse:
         diag_a, diag_g = [], []
