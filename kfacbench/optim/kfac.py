@@ -18,7 +18,8 @@ costs and buys:
   T2 steps (§6.6).
 
 All damping arithmetic (λ, γ, π, the 2×2 solve, the LM and γ decisions) stays on the device as
-tensors, so a K-FAC step never synchronises with the host.
+tensors, so a K-FAC step does not synchronise with the host, except in the inverse refresh every
+T3 steps (eigh/Cholesky check their result).
 
 Presets (``kfac``, ``kfac-tridiag``, ``kfac-fast``) are registry entries with different defaults;
 ``kfac-fast`` is the variant distributed implementations use: fixed damping, no re-scaling, the
