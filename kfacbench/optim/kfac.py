@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -514,12 +514,20 @@ class KFAC:
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         return functional_call(self.model, (params, buffers), (x,))
 
+    def _by_name(
+        self, values: Sequence[torch.Tensor], fill: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``values`` (in ``self.params`` order) keyed by parameter name for ``functional_call``;
+        parameters outside ``self.params`` get ``fill(parameter)``."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        out = {n: fill(p) for n, p in self.model.named_parameters()}
+        out.update({by_id[id(p)]: v for p, v in zip(self.params, values, strict=True)})
+        return out
+
     def _jvp(self, x: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         """J v: the change of the network output along ``tangents`` (forward mode)."""
         params = {n: p.detach() for n, p in self.model.named_parameters()}
-        by_id = {id(p): n for n, p in self.model.named_parameters()}
-        tangent = {n: torch.zeros_like(p) for n, p in params.items()}
-        tangent.update({by_id[id(p)]: t for p, t in zip(self.params, tangents, strict=True)})
+        tangent = self._by_name(tangents, fill=torch.zeros_like)
         out = jvp(lambda p: self._functional_forward(p, x), (params,), (tangent,))
         return out[1]
 
@@ -626,9 +634,7 @@ class KFAC:
     ) -> torch.Tensor:
         """h on the minibatch (ℓ2 cost included) with ``self.params`` set to ``values``, without
         touching θ or BatchNorm statistics."""
-        by_id = {id(p): n for n, p in self.model.named_parameters()}
-        params = {n: p.detach() for n, p in self.model.named_parameters()}
-        params.update({by_id[id(p)]: t for p, t in zip(self.params, values, strict=True)})
+        params = self._by_name(values, fill=torch.Tensor.detach)
         loss = self.problem.loss(self._functional_forward(params, x), y)
         return loss + 0.5 * self.eta * _dot(values, values)
 
