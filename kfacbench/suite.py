@@ -18,7 +18,7 @@ training run. The schema (``suites/quick.toml`` is a working example)::
     [optimizers.sgd]                 # one table per registered method, at least one
     lr = [0.01, 0.1]                 # a value or a list of values per hyperparameter
     [[exclude]]                      # drop the cells matching every key given
-    batch_size = 500
+    batch_size = 500                 # (a list matches any of its values)
     lr = 0.1
 
 Validation is strict because a typo in a suite would otherwise silently run, and time, the wrong
@@ -370,11 +370,15 @@ def _exclude(
             r.fail(path, "empty table; give at least one key to match")
         for key, value in rule.items():
             present = [v for v in dict.fromkeys(_value(c, key) for c in cells) if v is not None]
-            if not any(_same(value, v) for v in present):
-                listed = ", ".join(repr(v) for v in present)
-                r.fail(
-                    f"{path}.{key}", f"no cell has {key}={value!r}; values in this suite: {listed}"
-                )
+            if isinstance(value, list) and not value:
+                r.fail(f"{path}.{key}", "empty list; give the values to match")
+            for one in _alternatives(value):
+                if not any(_same(one, v) for v in present):
+                    listed = ", ".join(repr(v) for v in present)
+                    r.fail(
+                        f"{path}.{key}",
+                        f"no cell has {key}={one!r}; values in this suite: {listed}",
+                    )
         if not any(_excluded(c, rule) for c in cells):
             r.fail(path, "matches no cell: each value occurs in the sweep, but never together")
     kept = [c for c in cells if not any(_excluded(c, rule) for rule in rules)]
@@ -393,8 +397,16 @@ def _same(a: object, b: object) -> bool:
     return isinstance(a, bool) is isinstance(b, bool) and a == b
 
 
+def _alternatives(value: object) -> list[object]:
+    """An exclude value as the list of values it matches (a list matches any of its items)."""
+    return value if isinstance(value, list) else [value]
+
+
 def _excluded(cell: Cell, rule: Mapping[str, object]) -> bool:
-    return all(_same(value, _value(cell, key)) for key, value in rule.items())
+    return all(
+        any(_same(one, _value(cell, key)) for one in _alternatives(value))
+        for key, value in rule.items()
+    )
 
 
 def _matches(pattern: str, text: str) -> bool:

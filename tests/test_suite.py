@@ -235,6 +235,17 @@ def test_exclude_matches_int_to_float_but_not_bool_to_number() -> None:
         parse(text + "[[exclude]]\nlr = true\n")
 
 
+def test_exclude_list_values_match_any_of_them() -> None:
+    listed = parse(GRID + "[[exclude]]\nbatch_size = 500\ninv_interval = [50, 20]\n").cells
+    full = parse(GRID).cells
+    want = [c.id for c in full if not (c.batch_size == 500 and c.inv_interval in (50, 20))]
+    assert [c.id for c in listed] == want
+    with pytest.raises(SuiteError, match=r"exclude\[0\]\.inv_interval: no cell has inv_interval=7"):
+        parse(GRID + "[[exclude]]\ninv_interval = [50, 7]\n")
+    with pytest.raises(SuiteError, match=r"exclude\[0\]\.seed: empty list"):
+        parse(GRID + "[[exclude]]\nseed = []\n")
+
+
 def test_exclude_on_a_hyperparameter_keeps_optimizers_without_it() -> None:
     suite = parse(GRID + '[[exclude]]\ndamping = 0.001\nworkload = "curves_ae"\n')
     assert {c.optimizer for c in suite.cells if c.workload == "curves_ae"} == {"sgd"}

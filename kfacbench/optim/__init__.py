@@ -4,10 +4,10 @@ Each entry is a :class:`~kfacbench.optim.base.MethodSpec`; suites name them by k
 """
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import kfac, sgd
+from kfacbench.optim import kfac, sgd, skfac
 from kfacbench.optim.base import HParam, Method, MethodContext, MethodSpec
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (sgd.SPEC, *kfac.SPECS)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (sgd.SPEC, *kfac.SPECS, *skfac.SPECS)}
 
 
 def get_method(name: str) -> MethodSpec:

@@ -190,7 +190,7 @@ def split_matrix(layer: Layer, mat: Tensor) -> list[Tensor]:
     return [mat[:, :-1].reshape(shape), mat[:, -1]]
 
 
-def _as_float(t: Tensor) -> Tensor:
+def as_float(t: Tensor) -> Tensor:
     """float32 for half-precision tensors (autocast), unchanged otherwise (float64 stays)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -205,22 +205,29 @@ def _same_padding(module: nn.Conv2d) -> tuple[int, int, int, int]:
     return widths[0], widths[1], widths[2], widths[3]
 
 
+def pad_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """The conv's input ``(..., C_in, H, W)`` with the module's zero padding applied, so that
+    patch extraction needs no padding of its own (``"valid"`` pads nothing; ``"same"`` may pad
+    asymmetrically)."""
+    padding = module.padding
+    if isinstance(padding, str):
+        return F.pad(x, _same_padding(module)) if padding == "same" else x
+    ph, pw = padding
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+
 def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     """im2col patches ``(..., T, C_in·kh·kw)`` of the conv's input ``(..., C_in, H, W)``, columns
     in the weight's ``(C_in, kh, kw)`` order and positions T row-major over the output map."""
-    padding: int | tuple[int, ...] | str = module.padding
-    if isinstance(padding, str):  # "valid" pads nothing; "same" may pad asymmetrically
-        if padding == "same":
-            x = F.pad(x, _same_padding(module))
-        padding = 0
-    unfolded = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    x = pad_conv_input(module, x)
+    unfolded = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
     return unfolded.transpose(-1, -2)
 
 
 def _grad_rows(layer: Layer, grad: Tensor) -> Tensor:
     """Output-gradient rows ``(rows, out_dim)`` in the row order of :meth:`Capture.inputs`:
     conv maps ``(..., C_out, H', W')`` become one row per example and position."""
-    grad = _as_float(grad)
+    grad = as_float(grad)
     if layer.kind == "conv2d":
         grad = grad.movedim(-3, -1)
     return grad.reshape(-1, layer.out_dim)
@@ -304,10 +311,15 @@ class Capture:
         """
         x = cast(Tensor, self._inputs[self._index(layer)])
         rows = x if layer.kind == "linear" else _patches(cast(nn.Conv2d, layer.module), x)
-        rows = _as_float(rows)
+        rows = as_float(rows)
         if layer.has_bias:
             rows = F.pad(rows, (0, 1), value=1.0)
         return rows.reshape(-1, layer.in_dim)
+
+    def raw_input(self, layer: Layer) -> Tensor:
+        """The recorded (detached) input tensor of ``layer`` as it entered the module, before
+        patch extraction: for reductions that never form the im2col matrix (SKFAC)."""
+        return cast(Tensor, self._inputs[self._index(layer)])
 
     def outputs(self, layers: Sequence[Layer] | None = None) -> list[Tensor]:
         """The recorded outputs s (still in the autograd graph) of ``layers`` (default: all of this
@@ -347,6 +359,7 @@ def output_grads(
     fisher: Literal["sampled", "empirical"] = "sampled",
     generator: torch.Generator | None = None,
     retain_graph: bool = True,
+    as_rows: bool = True,
 ) -> list[Tensor]:
     """The output-gradient rows g of each layer, for the Fisher's G factor.
 
@@ -365,6 +378,8 @@ def output_grads(
             targets.
         generator: the random source of the sampled targets.
         retain_graph: keep the forward graph for a later backward pass (the loss gradient).
+        as_rows: reshape each gradient to rows (below); ``False`` returns it shaped like the
+            layer's output (float32), for callers that reduce over positions first (SKFAC).
 
     Returns:
         Per layer, float32 rows ``(m, out_dim)`` (Linear) or ``(m·T, out_dim)`` (Conv2d, rows
@@ -384,6 +399,8 @@ def output_grads(
         allow_unused=True,
         materialize_grads=True,
     )
+    if not as_rows:
+        return [as_float(g) for g in grads]
     return [_grad_rows(layer, g) for layer, g in zip(layers, grads, strict=True)]
 
 

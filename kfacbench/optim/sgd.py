@@ -82,9 +82,9 @@ class SGD:
         self.lr_decay = lr_decay
         self.total_steps = total_steps
         self.steps = 0
-        self.lr = self._lr_at(0)  # fail early on a schedule without a horizon
+        self.lr = self.lr_at(0)  # fail early on a schedule without a horizon
 
-    def _lr_at(self, step: int) -> float:
+    def lr_at(self, step: int) -> float:
         return scheduled_lr(
             self.base_lr,
             step,
@@ -103,7 +103,7 @@ class SGD:
                 p.grad = None
             loss.backward()
         with timer.phase("update"):
-            self.lr = self._lr_at(self.steps)
+            self.lr = self.lr_at(self.steps)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             self.apply(grads, self.lr)
         self.steps += 1

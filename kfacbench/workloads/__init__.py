@@ -128,6 +128,25 @@ def _cifar(data_dir: Path | None, cache_dir: Path | None) -> Splits:
 
 
 MNIST_AE = (784, 1000, 500, 250, 30)
+WIDTHS = (256, 1024, 4096)
+"""Hidden widths W of the ``wide_ae_W`` family (784-W-W/2-30, mirrored): the axis on which SKFAC's
+Woodbury inverse wins (batch m ≪ W) or falls back to K-FAC's (m ≥ W)."""
+
+
+def _wide_autoencoder(width: int) -> Workload:
+    return Workload(
+        name=f"wide_ae_{width}",
+        summary=f"Fashion-MNIST autoencoder 784-{width}-{width // 2}-30 mirrored (width sweeps)",
+        input_shape=(784,),
+        distribution="bernoulli",
+        metric="recon_error",
+        target=15.0,
+        target_note="provisional: for step-time sweeps over width (synthetic data)",
+        build_model=_autoencoder((784, width, width // 2, 30)),
+        load_real=_mnist_ae("fashion_mnist"),
+        synthetic_sizes=(60_000, 10_000),
+    )
+
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -219,6 +238,7 @@ WORKLOADS: dict[str, Workload] = {
             synthetic_sizes=(60_000, 10_000),
             num_classes=10,
         ),
+        *(_wide_autoencoder(width) for width in WIDTHS),
     )
 }
 

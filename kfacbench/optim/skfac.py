@@ -1,0 +1,501 @@
+"""SKFAC (Tang et al., CVPR 2021): K-FAC with per-batch low-rank factors inverted by Woodbury.
+
+SKFAC keeps K-FAC's Kronecker-factored curvature (Martens & Grosse 2015, §3) and attacks the
+cost of inverting it:
+
+- **Low-rank factors.** Each factor comes from one minibatch, Ā = R_AᵀR_A and G = R_GᵀR_G with one
+  scaled row per example, so its rank r is at most the batch size m. When r < d the damped inverse
+  is applied through Sherman–Morrison–Woodbury with an r×r Cholesky (:mod:`.lowrank`), and falls
+  back to the ordinary damped inverse when r ≥ d.
+- **Conv dimension reduction.** A conv layer has one patch row per example *and output position*,
+  m·|T| rows, which destroys the low rank. ``reduction`` brings it back to m or m·s rows:
+
+  - ``"sum"``: ā_i = Σ_t ā_{i,t} and g_i = Σ_t g_{i,t} per example (the paper's Reduce Sum);
+  - ``"mean"``: the same divided by |T| (what the official code computes);
+  - ``"subsample"``: s positions per example drawn uniformly without replacement (Spatial
+    Subsampling), seeded.
+
+- **Update.** The preconditioned gradient G_δ⁻¹ ∇W̄ Ā_δ⁻¹ of every layer is applied by SGD with
+  momentum; inverses are refreshed every ``inv_interval`` steps, and factors are only measured
+  when a refresh will use them (every step costs the extra sampled-target backward pass only if
+  ``inv_interval`` is 1).
+
+**Scales** (R rows of a layer on a batch of m examples; ā includes the bias 1, which becomes |T|
+under ``"sum"``):
+
+- Linear, and conv under ``"sum"``/``"mean"``: R_A = ā/√m, R_G = g/√m, so Ā = (1/m) Σ_i ā_i ā_iᵀ
+  and G = (1/m) Σ_i g_i g_iᵀ, with g the per-example gradient (the official code's
+  ``batch_coefficient`` 1/√m on both factors and ``dout·batch_size``). On a Linear layer these are
+  exactly K-FAC's per-batch factors (:func:`~kfacbench.optim.curvature.factors`).
+- conv under ``"subsample"``: R_A = ā_S/√(m·s), R_G = g_S·√(|T|/(m·s)), so Ā and G are unbiased
+  estimates of K-FAC's conv factors in this package's KFC normalisation (Ā the average over all
+  patch rows, G summed over positions and averaged over examples), and equal them when s ≥ |T|.
+
+**Damping.** λ is split over the two factors: ``damping_split = "sqrt"`` adds √λ to each (the
+official code), ``"pi"`` adds π√λ to Ā and √λ/π to G with π² = (tr Ā/d_A)/(tr G/d_G) (K-FAC
+§6.3, ASDL's choice). Unlike π, the equal split sees the scale of the reduction: under ``"sum"``
+Ā grows with |T|², so the damping is relatively weaker than under ``"mean"``.
+
+**Moving average (off by default).** The official code uses each refresh's batch alone. With
+``factor_decay`` ε > 0 the factor is the exponentially weighted average of the last
+``factor_window`` batches' factors (weights ∝ εʲ, j = 0 for the newest, normalised to sum to 1),
+whose root is the row-wise concatenation of √wⱼ Rⱼ: it stays low-rank (rank ≤ window·m), so the
+Woodbury path still applies. Those batches are the ones just before each refresh.
+
+Weight decay η is part of the objective, as in K-FAC: ∇h = ∇L + ηθ is what gets preconditioned.
+Parameters of unsupported modules (BatchNorm) get the identity preconditioner.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from kfacbench.core.problem import Problem
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.curvature import (
+    Capture,
+    Layer,
+    as_float,
+    find_layers,
+    grad_matrix,
+    output_grads,
+    pad_conv_input,
+    split_matrix,
+)
+from kfacbench.optim.lowrank import DampedInverse, damped_inverses, kronecker_apply
+from kfacbench.optim.schedules import SCHEDULES
+from kfacbench.optim.sgd import SGD
+
+REDUCTIONS = ("sum", "mean", "subsample")
+DAMPING_SPLITS = ("sqrt", "pi")
+FISHERS = ("sampled", "empirical")
+
+
+# ---------------------------------------------------------------- conv reductions
+def conv_output_size(module: nn.Conv2d, padded: Tensor) -> tuple[int, int]:
+    """(H', W') of the conv's output for an already padded input ``(m, C, Hp, Wp)``."""
+    sizes = []
+    for size, k, d, s in zip(
+        padded.shape[-2:], module.kernel_size, module.dilation, module.stride, strict=True
+    ):
+        sizes.append((size - d * (k - 1) - 1) // s + 1)
+    return sizes[0], sizes[1]
+
+
+def conv_patch_sums(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Σ_t ā_t: the sum of the im2col patches of each example over output positions,
+    ``(m, C_in·kh·kw)`` in the weight's column order, without the bias column.
+
+    Never forms the im2col matrix (kh·kw times the input): column (c, i, j) of the sum is the sum
+    of the padded input over the strided window that kernel offset (i, j) visits, one strided
+    slice-and-sum per offset.
+    """
+    xp = pad_conv_input(module, x)
+    h_out, w_out = conv_output_size(module, xp)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    sums = [
+        xp[
+            ...,
+            i * dh : i * dh + sh * (h_out - 1) + 1 : sh,
+            j * dw : j * dw + sw * (w_out - 1) + 1 : sw,
+        ].sum(dim=(-2, -1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return torch.stack(sums, dim=-1).flatten(-2)  # (m, C, kh·kw) -> (m, C·kh·kw)
+
+
+def conv_patches_at(module: nn.Conv2d, x: Tensor, positions: Tensor) -> Tensor:
+    """The im2col patches of each example at the given output positions only.
+
+    Args:
+        module: the conv.
+        x: its input ``(m, C, H, W)``.
+        positions: ``(m, s)`` flat output positions (row-major over the output map) per example.
+
+    Returns:
+        ``(m, s, C_in·kh·kw)`` patches, columns in the weight's order, without the bias column;
+        gathered directly from the padded input (the full im2col matrix is never formed).
+    """
+    xp = pad_conv_input(module, x)
+    _, w_out = conv_output_size(module, xp)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    dev = x.device
+    rows = (positions // w_out * sh)[:, :, None, None] + (torch.arange(kh, device=dev) * dh)[
+        :, None
+    ]
+    cols = (positions % w_out * sw)[:, :, None, None] + torch.arange(kw, device=dev) * dw
+    batch = torch.arange(x.shape[0], device=dev)[:, None, None, None]
+    picked = xp.movedim(1, -1)[batch, rows, cols]  # (m, s, kh, kw, C)
+    return picked.movedim(-1, 2).flatten(2)  # (m, s, C·kh·kw)
+
+
+def sample_positions(m: int, positions: int, s: int, generator: torch.Generator) -> Tensor:
+    """``(m, s)`` distinct positions in ``range(positions)`` per example, uniformly drawn."""
+    device = generator.device
+    keys = torch.rand(m, positions, generator=generator, device=device)
+    return keys.topk(min(s, positions), dim=1).indices
+
+
+def factor_rows(
+    layer: Layer,
+    x: Tensor,
+    grad: Tensor,
+    *,
+    reduction: str = "sum",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The scaled rows (R_A, R_G) of one layer's per-batch factors Ā = R_AᵀR_A, G = R_GᵀR_G.
+
+    Args:
+        layer: the layer.
+        x: its recorded input (:meth:`~kfacbench.optim.curvature.Capture.raw_input`).
+        grad: the output-gradient of the per-example losses, shaped like the layer's output
+            (:func:`~kfacbench.optim.curvature.output_grads` with ``as_rows=False``).
+        reduction: ``sum``, ``mean`` or ``subsample`` over positions (conv layers, and Linear
+            layers applied to inputs with extra position dimensions); see the module docstring.
+        samples: s, positions kept per example by ``subsample``.
+        generator: the random source of ``subsample`` (on the layer's device).
+
+    Returns:
+        ``R_A`` of shape ``(r, in_dim)`` and ``R_G`` of shape ``(r, out_dim)`` with r = m, or
+        m·s under ``subsample`` (s capped at the number of positions).
+    """
+    x = as_float(x)
+    m = x.shape[0]
+    if layer.kind == "conv2d":
+        module = cast(nn.Conv2d, layer.module)
+        g = grad.flatten(2)  # (m, C_out, T)
+        positions = g.shape[-1]
+        if reduction == "subsample":
+            if generator is None:
+                raise ValueError("reduction = 'subsample' needs a generator")
+            pos = sample_positions(m, positions, samples, generator)
+            a = conv_patches_at(module, x, pos)
+            g = g.gather(2, pos[:, None, :].expand(-1, g.shape[1], -1)).transpose(1, 2)
+        else:
+            a = conv_patch_sums(module, x)[:, None]  # (m, 1, d)
+            g = g.sum(dim=-1)[:, None]  # (m, 1, C_out)
+        if layer.has_bias:
+            # The bias "patch" is 1 at every position: it sums to |T| (and averages to 1).
+            ones = 1.0 if reduction == "subsample" else float(positions)
+            a = torch.nn.functional.pad(a, (0, 1), value=ones)
+    else:
+        a = x.reshape(m, -1, x.shape[-1])
+        if layer.has_bias:
+            a = torch.nn.functional.pad(a, (0, 1), value=1.0)
+        g = grad.reshape(m, -1, layer.out_dim)
+        positions = a.shape[1]
+        if positions > 1:
+            if reduction == "subsample":
+                if generator is None:
+                    raise ValueError("reduction = 'subsample' needs a generator")
+                pos = sample_positions(m, positions, samples, generator)[..., None]
+                a = a.gather(1, pos.expand(-1, -1, a.shape[-1]))
+                g = g.gather(1, pos.expand(-1, -1, g.shape[-1]))
+            else:
+                a, g = a.sum(dim=1, keepdim=True), g.sum(dim=1, keepdim=True)
+    if positions > 1 and reduction == "mean":
+        a, g = a / positions, g / positions
+    rows_per_example = a.shape[1]
+    r = m * rows_per_example
+    a_scale = 1.0 / math.sqrt(r)
+    g_scale = math.sqrt(positions / r) if reduction == "subsample" else 1.0 / math.sqrt(m)
+    return a.reshape(r, -1) * a_scale, g.reshape(r, -1) * g_scale
+
+
+# ---------------------------------------------------------------- the optimizer
+@dataclass
+class LayerRoots:
+    """The factor roots of one layer and the inverses formed from them.
+
+    Attributes:
+        layer: the layer.
+        history: (R_A, R_G) of the most recent batches measured, newest last.
+        a_inv, g_inv: the damped inverses of the last refresh.
+        rank: r, the number of rows the factors of the last refresh had.
+    """
+
+    layer: Layer
+    history: deque[tuple[Tensor, Tensor]] = field(default_factory=deque)
+    a_inv: DampedInverse | None = None
+    g_inv: DampedInverse | None = None
+    rank: int = 0
+
+
+class SKFAC:
+    """SKFAC on any ``nn.Module`` (Linear and Conv2d layers preconditioned).
+
+    Args:
+        problem: the model and its output distribution.
+        lr: learning rate of the SGD-with-momentum update (peak value under a schedule).
+        momentum: its momentum μ.
+        schedule, warmup_steps, lr_decay, total_steps: the learning-rate schedule (as for SGD).
+        damping: λ, split over the two factors by ``damping_split``.
+        damping_split: ``sqrt`` (√λ each, the official code) or ``pi`` (π-split, K-FAC §6.3).
+        weight_decay: η, added to the gradient before preconditioning.
+        fisher: ``sampled`` (targets drawn from the model) or ``empirical`` (data targets).
+        reduction: ``sum``, ``mean`` or ``subsample`` for conv layers.
+        samples: s, the positions per example kept by ``subsample``.
+        inv_interval: steps between refreshes of the factors and their inverses.
+        factor_decay: ε of the moving average of the factors (0: per-batch factors).
+        factor_window: batches averaged when ``factor_decay`` > 0.
+        seed: seed of the Fisher targets and the subsampled positions.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        lr_decay: float = 0.1,
+        total_steps: int | None = None,
+        damping: float = 0.03,
+        damping_split: str = "sqrt",
+        weight_decay: float = 0.0,
+        fisher: str = "sampled",
+        reduction: str = "sum",
+        samples: int = 4,
+        inv_interval: int = 20,
+        factor_decay: float = 0.0,
+        factor_window: int = 4,
+        seed: int = 0,
+    ) -> None:
+        for key, value, known in (
+            ("reduction", reduction, REDUCTIONS),
+            ("damping_split", damping_split, DAMPING_SPLITS),
+            ("fisher", fisher, FISHERS),
+        ):
+            if value not in known:
+                raise KfacbenchError(f"unknown {key} {value!r}; known: {', '.join(known)}")
+        if damping <= 0:
+            raise KfacbenchError(f"SKFAC needs damping > 0 (Woodbury divides by it), got {damping}")
+        if not 0.0 <= factor_decay < 1.0:
+            raise KfacbenchError(f"factor_decay must be in [0, 1), got {factor_decay}")
+        if inv_interval < 1 or samples < 1 or factor_window < 1:
+            raise KfacbenchError("inv_interval, samples and factor_window must be at least 1")
+        self.problem = problem
+        self.model = problem.model
+        layers, others = find_layers(self.model)
+        self.window = factor_window if factor_decay > 0 else 1
+        self.roots = [LayerRoots(layer, deque(maxlen=self.window)) for layer in layers]
+        self.capture = Capture(layers)
+        covered = {id(p) for layer in layers for p in layer.params()}
+        self.other_params = [
+            p for p in self.model.parameters() if p.requires_grad and id(p) not in covered
+        ]
+        self.uncovered = [name for name, _ in others]
+        self.params: list[Tensor] = [
+            *(p for c in self.roots for p in c.layer.params()),
+            *self.other_params,
+        ]
+        device = next(self.model.parameters()).device
+        self.lam = torch.tensor(float(damping), device=device)
+        self.damping_split = damping_split
+        self.eta = weight_decay
+        self.fisher = fisher
+        self.reduction = reduction
+        self.samples = samples
+        self.inv_interval = inv_interval
+        self.decay = factor_decay
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.position_generator = torch.Generator(device=device)
+        self.position_generator.manual_seed(seed + 1)
+        self.sgd = SGD(
+            problem,
+            lr=lr,
+            momentum=momentum,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            lr_decay=lr_decay,
+            total_steps=total_steps,
+            params=self.params,
+        )
+        self.steps = 0
+
+    def step(self, x: Tensor, y: Tensor, timer: PhaseTimer) -> Tensor:
+        """Forward, backward, curvature and inverse (when due), precondition, momentum update."""
+        k = self.steps
+        refresh = k % self.inv_interval == 0
+        # With the moving average, the batches just before each refresh are measured too.
+        measure = refresh or (-k) % self.inv_interval < self.window
+        with timer.phase("forward"):
+            with self.capture.recording(measure):
+                output = self.problem.forward(x)
+            loss = self.problem.loss(output, y)
+        with timer.phase("backward"):
+            for p in self.params:
+                p.grad = None
+            loss.backward(retain_graph=measure)
+        if measure:
+            with timer.phase("curvature"):
+                self._measure(output, y)
+        self.capture.clear()
+        if refresh:
+            with timer.phase("inverse"):
+                self._refresh()
+        with torch.no_grad():
+            with timer.phase("precondition"):
+                direction = self._precondition()
+            with timer.phase("update"):
+                self.sgd.lr = self.sgd.lr_at(k)
+                self.sgd.apply(direction, self.sgd.lr)
+        self.steps += 1
+        return loss.detach()
+
+    def log_values(self) -> dict[str, float]:
+        """The learning rate and λ."""
+        return {"lr": self.sgd.lr, "damping": float(self.lam)}
+
+    def info(self) -> dict[str, Any]:
+        """Which layers are preconditioned, and per layer the rank of the last factors and the
+        form (``woodbury`` or ``dense``) each inverse took: where SMW applied."""
+        forms = {}
+        for c in self.roots:
+            if c.a_inv is None or c.g_inv is None:
+                continue
+            forms[c.layer.name] = {
+                "rank": c.rank,
+                "A": "woodbury" if c.a_inv.low_rank else "dense",
+                "G": "woodbury" if c.g_inv.low_rank else "dense",
+            }
+        return {
+            "preconditioned": [c.layer.name for c in self.roots],
+            "identity_preconditioner": self.uncovered,
+            "inverse_forms": forms,
+        }
+
+    def _measure(self, output: Tensor, y: Tensor) -> None:
+        """Per-batch factor roots of every layer (one extra backward pass w.r.t. the layer
+        outputs, with sampled targets for the true Fisher)."""
+        layers = [c.layer for c in self.roots]
+        grads = output_grads(
+            self.capture,
+            layers,
+            self.problem,
+            output,
+            y,
+            fisher=self.fisher,  # type: ignore[arg-type]
+            generator=self.generator,
+            retain_graph=False,
+            as_rows=False,
+        )
+        for c, g in zip(self.roots, grads, strict=True):
+            c.history.append(
+                factor_rows(
+                    c.layer,
+                    self.capture.raw_input(c.layer),
+                    g,
+                    reduction=self.reduction,
+                    samples=self.samples,
+                    generator=self.position_generator,
+                )
+            )
+
+    def _averaged_rows(self, c: LayerRoots) -> tuple[Tensor, Tensor]:
+        """The roots of the (weighted average) factors: √wⱼ-scaled rows stacked, newest first."""
+        batches = list(reversed(c.history))
+        if len(batches) == 1:
+            return batches[0]
+        weights = [self.decay**j for j in range(len(batches))]
+        total = sum(weights)
+        ra = torch.cat(
+            [r * math.sqrt(w / total) for (r, _), w in zip(batches, weights, strict=True)]
+        )
+        rg = torch.cat(
+            [r * math.sqrt(w / total) for (_, r), w in zip(batches, weights, strict=True)]
+        )
+        return ra, rg
+
+    def _refresh(self) -> None:
+        """Damped inverses of every factor from its roots (Woodbury or dense, batched)."""
+        rows: list[Tensor] = []
+        dampings: list[Tensor] = []
+        root = torch.sqrt(self.lam)
+        for c in self.roots:
+            ra, rg = self._averaged_rows(c)
+            if self.damping_split == "pi":
+                pi = torch.sqrt(
+                    (ra.square().sum() / ra.shape[1]).clamp_min(1e-12)
+                    / (rg.square().sum() / rg.shape[1]).clamp_min(1e-12)
+                )
+                dampings += [pi * root, root / pi]
+            else:
+                dampings += [root, root]
+            rows += [ra, rg]
+            c.rank = ra.shape[0]
+        inverses = damped_inverses(rows, dampings)
+        for i, c in enumerate(self.roots):
+            c.a_inv, c.g_inv = inverses[2 * i], inverses[2 * i + 1]
+
+    def _precondition(self) -> list[Tensor]:
+        """G_δ⁻¹ ∇h Ā_δ⁻¹ per layer, ∇h for the other parameters, in ``self.params`` order."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.eta:
+            grads = list(torch._foreach_add(grads, self.params, alpha=self.eta))
+        out: list[Tensor] = []
+        i = 0
+        for c in self.roots:
+            n = len(c.layer.params())
+            assert c.a_inv is not None and c.g_inv is not None
+            v = grad_matrix(c.layer, grads[i : i + n])
+            out += split_matrix(c.layer, kronecker_apply(c.g_inv, c.a_inv, v))
+            i += n
+        return out + grads[i:]
+
+
+def _hparams(**overrides: HParam) -> dict[str, HParam]:
+    """The SKFAC hyperparameters with a preset's defaults."""
+    base = {
+        "lr": HParam(0.1, "learning rate of the momentum update", minimum=0.0),
+        "momentum": HParam(0.9, "momentum μ", minimum=0.0),
+        "schedule": HParam("constant", "learning-rate schedule", choices=SCHEDULES),
+        "warmup_steps": HParam(0, "linear learning-rate warm-up steps", minimum=0),
+        "lr_decay": HParam(0.1, "factor of the step schedule (at 50% and 75% of the steps)"),
+        "damping": HParam(0.03, "λ, split over the two factors", minimum=0.0),
+        "damping_split": HParam("sqrt", "√λ per factor, or the π split", choices=DAMPING_SPLITS),
+        "weight_decay": HParam(0.0, "η, added to the gradient before preconditioning", minimum=0),
+        "fisher": HParam("sampled", "Fisher estimate", choices=FISHERS),
+        "reduction": HParam("sum", "conv dimension reduction", choices=REDUCTIONS),
+        "samples": HParam(4, "positions per example kept by subsample", minimum=1),
+        "factor_decay": HParam(0.0, "moving-average ε of the factors (0: per batch)", minimum=0),
+        "factor_window": HParam(4, "batches in the moving average", minimum=1),
+    }
+    base.update(overrides)
+    return base
+
+
+def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SKFAC:
+    return SKFAC(problem, **hp, total_steps=ctx.total_steps, seed=ctx.seed)
+
+
+SPECS = (
+    MethodSpec(
+        "skfac",
+        "SKFAC (Tang et al. 2021): per-batch factors, Woodbury inverses, conv reduce-sum",
+        _hparams(),
+        uses_inv_interval=True,
+        build=_build,
+    ),
+    MethodSpec(
+        "skfac-subsample",
+        "SKFAC with spatial subsampling of conv positions (s per example)",
+        _hparams(reduction=HParam("subsample", "conv dimension reduction", choices=REDUCTIONS)),
+        uses_inv_interval=True,
+        build=_build,
+    ),
+)

@@ -1,0 +1,79 @@
+"""Woodbury damped inverses against explicit dense inverses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kfacbench.optim import lowrank
+from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
+
+
+def dense_inverse(rows: torch.Tensor, delta: float) -> torch.Tensor:
+    d = rows.shape[1]
+    return torch.linalg.inv(rows.T @ rows + delta * torch.eye(d, dtype=rows.dtype))
+
+
+@pytest.mark.parametrize(("r", "d"), [(3, 10), (9, 10), (10, 10), (16, 5)])
+def test_inverse_applications_equal_the_explicit_damped_inverse(r: int, d: int) -> None:
+    """(UUᵀ/m + λI)⁻¹ with U = √m Rᵀ, applied from both sides to random gradients: Woodbury
+    for r < d, the ordinary inverse (fall-back) for r ≥ d."""
+    gen = torch.Generator().manual_seed(r * 100 + d)
+    m = r
+    u = torch.randn(d, m, generator=gen, dtype=torch.float64)
+    rows = u.T / m**0.5
+    lam = 0.3
+    (inv,) = damped_inverses([rows], [torch.tensor(lam, dtype=torch.float64)])
+    assert inv.low_rank == (r < d)
+    want = torch.linalg.inv(u @ u.T / m + lam * torch.eye(d, dtype=torch.float64))
+    v = torch.randn(7, d, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(inv.right(v), v @ want)
+    torch.testing.assert_close(inv.left(v.T), want @ v.T)
+    torch.testing.assert_close(inv.matrix(), want)
+    if inv.low_rank:
+        assert inv.dense is None  # the d×d inverse is never formed on the Woodbury path
+        assert inv.solved is not None and inv.solved.shape == (r, d)
+
+
+def test_mixed_sizes_are_batched_and_each_matches() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 12), (4, 9), (6, 12), (12, 5), (8, 5), (4, 12)]
+    rows = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    deltas = [0.1 * (i + 1) for i in range(len(rows))]
+    invs = damped_inverses(rows, [torch.tensor(x, dtype=torch.float64) for x in deltas])
+    assert [inv.low_rank for inv in invs] == [True, True, True, False, False, True]
+    for inv, r, delta in zip(invs, rows, deltas, strict=True):
+        torch.testing.assert_close(inv.matrix(), dense_inverse(r, delta))
+
+
+def test_kronecker_apply_equals_the_dense_kronecker_solve() -> None:
+    """G_δ⁻¹ V A_δ⁻¹ == (G_δ ⊗ A_δ)⁻¹ vec(V) for row-major vec (curvature.py's ordering)."""
+    gen = torch.Generator().manual_seed(1)
+    ra = torch.randn(3, 6, generator=gen, dtype=torch.float64)  # Woodbury side
+    rg = torch.randn(8, 4, generator=gen, dtype=torch.float64)  # dense side
+    da, dg = 0.2, 0.7
+    a_inv, g_inv = damped_inverses(
+        [ra, rg], [torch.tensor(da, dtype=torch.float64), torch.tensor(dg, dtype=torch.float64)]
+    )
+    v = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    big = torch.kron(
+        rg.T @ rg + dg * torch.eye(4, dtype=torch.float64),
+        ra.T @ ra + da * torch.eye(6, dtype=torch.float64),
+    )
+    want = torch.linalg.solve(big, v.flatten()).reshape(4, 6)
+    torch.testing.assert_close(kronecker_apply(g_inv, a_inv, v), want)
+
+
+def test_failed_float32_cholesky_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch.linalg.cholesky_ex
+
+    def failing(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        chol, info = real(mats)
+        return chol, torch.ones_like(info)
+
+    monkeypatch.setattr(lowrank.torch.linalg, "cholesky_ex", failing)
+    rows = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="retrying in float64"):
+        (inv,) = damped_inverses([rows], [torch.tensor(0.5)])
+    assert inv.solved is not None and inv.solved.dtype == torch.float32
+    torch.testing.assert_close(inv.matrix(), dense_inverse(rows.double(), 0.5).float())
