@@ -21,8 +21,9 @@ r (the batch size), so they go to one batched Cholesky; dense fall-backs are bat
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -98,16 +99,24 @@ def kronecker_apply(g_inv: DampedInverse, a_inv: DampedInverse, v: Tensor) -> Te
     return out * (g_inv.scale() * a_inv.scale())
 
 
-def _batched_cholesky_inverse(mats: Tensor, what: str) -> Tensor:
-    """Inverses of a batch of SPD matrices by Cholesky, retried in float64 (with a warning) when
-    float32 loses definiteness. One host sync (the success check) per batch."""
+def _cholesky_inverses(
+    grams: Callable[[torch.dtype], Tensor], dtype: torch.dtype, what: str
+) -> Tensor:
+    """Inverses of a batch of SPD matrices ``grams(dtype)`` by Cholesky.
+
+    When float32 loses definiteness (a Gram matrix of nearly dependent rows whose rounding errors
+    exceed δ: e.g. reduce-sum patches of a conv on 28×28 maps, whose entries reach 1e5), the
+    matrices are *rebuilt* from the rows in float64, not just cast, and inverted there (with a
+    warning). One host sync (the success check) per batch.
+    """
+    mats = grams(dtype)
     chol, info = torch.linalg.cholesky_ex(mats)
     if bool((info != 0).any()):
         warnings.warn(
-            f"SKFAC: Cholesky of {what} failed in float32; retrying in float64", stacklevel=3
+            f"SKFAC: Cholesky of {what} failed in {dtype}; rebuilding them in float64",
+            stacklevel=3,
         )
-        chol = torch.linalg.cholesky(mats.double())
-        return torch.cholesky_inverse(chol).to(mats.dtype)
+        return torch.cholesky_inverse(torch.linalg.cholesky(grams(torch.float64)))
     return torch.cholesky_inverse(chol)
 
 
@@ -119,8 +128,9 @@ def damped_inverses(rows: Sequence[Tensor], dampings: Sequence[Tensor]) -> list[
         dampings: per factor, δ > 0 as a 0-dim tensor.
 
     Returns:
-        One :class:`DampedInverse` per factor, in order. The Woodbury systems are factorised in
-        one batched call per rank r and the dense fall-backs in one per dimension d.
+        One :class:`DampedInverse` per factor, in order, in the rows' dtype. The Woodbury systems
+        are factorised in one batched call per rank r and the dense fall-backs in one per
+        dimension d.
     """
     out: list[DampedInverse | None] = [None] * len(rows)
     low: dict[int, list[int]] = {}
@@ -132,27 +142,31 @@ def damped_inverses(rows: Sequence[Tensor], dampings: Sequence[Tensor]) -> list[
         else:
             dense.setdefault(dim, []).append(i)
     for rank, members in low.items():
-        grams = [rows[i] @ rows[i].T for i in members]
-        inv = _batched_cholesky_inverse(
-            _damped(grams, [dampings[i] for i in members]),
+        inv = _cholesky_inverses(
+            partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], True),
+            rows[members[0]].dtype,
             f"{len(members)} Woodbury systems of size {rank}",
         )
         for k, i in enumerate(members):
-            out[i] = DampedInverse(dampings[i], rows=rows[i], solved=inv[k] @ rows[i])
+            solved = inv[k] @ rows[i].to(inv.dtype)
+            out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved.to(rows[i].dtype))
     for dim, members in dense.items():
-        grams = [rows[i].T @ rows[i] for i in members]
-        inv = _batched_cholesky_inverse(
-            _damped(grams, [dampings[i] for i in members]),
+        inv = _cholesky_inverses(
+            partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], False),
+            rows[members[0]].dtype,
             f"{len(members)} factors of size {dim}",
         )
         for k, i in enumerate(members):
-            out[i] = DampedInverse(dampings[i], dense=inv[k])
+            out[i] = DampedInverse(dampings[i], dense=inv[k].to(rows[i].dtype))
     return [d for d in out if d is not None]
 
 
-def _damped(grams: Sequence[Tensor], dampings: Sequence[Tensor]) -> Tensor:
-    """The stack of ``gram + δ I`` (all grams of one size)."""
-    stack = torch.stack(list(grams))
-    delta = torch.stack(list(dampings)).to(stack.dtype)
-    eye = torch.eye(stack.shape[-1], dtype=stack.dtype, device=stack.device)
+def _damped(
+    rows: Sequence[Tensor], dampings: Sequence[Tensor], outer: bool, dtype: torch.dtype
+) -> Tensor:
+    """The stack of RRᵀ + δI (``outer``, the Woodbury system) or RᵀR + δI, formed in ``dtype``."""
+    cast = [r.to(dtype) for r in rows]
+    stack = torch.stack([r @ r.T if outer else r.T @ r for r in cast])
+    delta = torch.stack(list(dampings)).to(dtype)
+    eye = torch.eye(stack.shape[-1], dtype=dtype, device=stack.device)
     return stack + delta[:, None, None] * eye

@@ -64,6 +64,22 @@ def test_kronecker_apply_equals_the_dense_kronecker_solve() -> None:
     torch.testing.assert_close(kronecker_apply(g_inv, a_inv, v), want)
 
 
+def test_nearly_dependent_rows_are_rebuilt_in_float64() -> None:
+    """Rows so large that float32 rounding of RRᵀ exceeds δ (reduce-sum conv patches reach 1e5):
+    the Gram matrix is rebuilt in float64, and the result still matches the exact inverse."""
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.randn(4, 40, generator=gen, dtype=torch.float64)
+    rows64 = 300.0 * torch.randn(32, 4, generator=gen, dtype=torch.float64) @ basis  # rank 4
+    rows64 += 1e-3 * torch.randn(32, 40, generator=gen, dtype=torch.float64)
+    rows = rows64.float()
+    with pytest.warns(UserWarning, match="rebuilding them in float64"):
+        (inv,) = damped_inverses([rows], [torch.tensor(0.1)])
+    v = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    want = v @ dense_inverse(rows.double(), 0.1)
+    got = inv.right(v.float()).double()
+    assert torch.linalg.norm(got - want) < 1e-3 * torch.linalg.norm(want)
+
+
 def test_failed_float32_cholesky_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     real = torch.linalg.cholesky_ex
 
@@ -73,7 +89,7 @@ def test_failed_float32_cholesky_is_retried_in_float64(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(lowrank.torch.linalg, "cholesky_ex", failing)
     rows = torch.randn(3, 8)
-    with pytest.warns(UserWarning, match="retrying in float64"):
+    with pytest.warns(UserWarning, match="rebuilding them in float64"):
         (inv,) = damped_inverses([rows], [torch.tensor(0.5)])
     assert inv.solved is not None and inv.solved.dtype == torch.float32
     torch.testing.assert_close(inv.matrix(), dense_inverse(rows.double(), 0.5).float())
