@@ -158,6 +158,13 @@ def find_layers(model: nn.Module) -> tuple[list[Layer], list[tuple[str, nn.Modul
     return layers, unsupported
 
 
+def other_params(model: nn.Module, layers: Sequence[Layer]) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that no layer in ``layers`` owns, in model order:
+    the ones a Kronecker-factored method leaves to the identity preconditioner."""
+    covered = {id(p) for layer in layers for p in layer.params()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+
+
 def grad_matrix(layer: Layer, tensors: Sequence[Tensor] | None = None) -> Tensor:
     """The ``(out_dim, in_dim)`` matrix W̄ = [W | b] of per-parameter tensors.
 

@@ -51,6 +51,7 @@ from kfacbench.optim.curvature import (
     factors,
     find_layers,
     grad_matrix,
+    other_params,
     output_grads,
     split_matrix,
 )
@@ -245,10 +246,7 @@ class KFAC:
         layers, others = find_layers(self.model)
         self.curv = [LayerCurvature(layer) for layer in layers]
         self.capture = Capture(layers)
-        covered = {id(p) for layer in layers for p in layer.params()}
-        self.other_params: list[torch.Tensor] = [
-            p for p in self.model.parameters() if p.requires_grad and id(p) not in covered
-        ]
+        self.other_params: list[torch.Tensor] = list(other_params(self.model, layers))
         self.uncovered = [name for name, _ in others]
         if structure == "tridiag":
             if any(c.layer.kind != "linear" for c in self.curv) or self.other_params:

@@ -141,23 +141,27 @@ def damped_inverses(rows: Sequence[Tensor], dampings: Sequence[Tensor]) -> list[
             low.setdefault(rank, []).append(i)
         else:
             dense.setdefault(dim, []).append(i)
-    for rank, members in low.items():
+    for (size, members), woodbury in [
+        *((g, True) for g in low.items()),
+        *((g, False) for g in dense.items()),
+    ]:
+        what = (
+            f"{len(members)} Woodbury systems of size {size}"
+            if woodbury
+            else f"{len(members)} factors of size {size}"
+        )
         inv = _cholesky_inverses(
-            partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], True),
+            partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], woodbury),
             rows[members[0]].dtype,
-            f"{len(members)} Woodbury systems of size {rank}",
+            what,
         )
         for k, i in enumerate(members):
-            solved = inv[k] @ rows[i].to(inv.dtype)
-            out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved.to(rows[i].dtype))
-    for dim, members in dense.items():
-        inv = _cholesky_inverses(
-            partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], False),
-            rows[members[0]].dtype,
-            f"{len(members)} factors of size {dim}",
-        )
-        for k, i in enumerate(members):
-            out[i] = DampedInverse(dampings[i], dense=inv[k].to(rows[i].dtype))
+            dtype = rows[i].dtype
+            if woodbury:
+                solved = (inv[k] @ rows[i].to(inv.dtype)).to(dtype)
+                out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved)
+            else:
+                out[i] = DampedInverse(dampings[i], dense=inv[k].to(dtype))
     return [d for d in out if d is not None]
 
 

@@ -67,6 +67,7 @@ from kfacbench.optim.curvature import (
     as_float,
     find_layers,
     grad_matrix,
+    other_params,
     output_grads,
     pad_conv_input,
     split_matrix,
@@ -293,10 +294,7 @@ class SKFAC:
         self.window = factor_window if factor_decay > 0 else 1
         self.roots = [LayerRoots(layer, deque(maxlen=self.window)) for layer in layers]
         self.capture = Capture(layers)
-        covered = {id(p) for layer in layers for p in layer.params()}
-        self.other_params = [
-            p for p in self.model.parameters() if p.requires_grad and id(p) not in covered
-        ]
+        self.other_params: list[Tensor] = list(other_params(self.model, layers))
         self.uncovered = [name for name, _ in others]
         self.params: list[Tensor] = [
             *(p for c in self.roots for p in c.layer.params()),
