@@ -38,12 +38,14 @@ class DampedInverse:
         rows: R, ``(r, d)``, for the Woodbury form; ``None`` for the dense form.
         solved: W = (δI_r + RRᵀ)⁻¹ R, ``(r, d)``, for the Woodbury form.
         dense: the ``(d, d)`` damped inverse, for the dense form (r ≥ d).
+        float64: whether its system had to be formed and factorised in float64.
     """
 
     damping: Tensor
     rows: Tensor | None = None
     solved: Tensor | None = None
     dense: Tensor | None = None
+    float64: bool = False
 
     @property
     def low_rank(self) -> bool:
@@ -101,14 +103,17 @@ def kronecker_apply(g_inv: DampedInverse, a_inv: DampedInverse, v: Tensor) -> Te
 
 def _cholesky_inverses(
     grams: Callable[[torch.dtype], Tensor], dtype: torch.dtype, what: str
-) -> Tensor:
+) -> tuple[Tensor, bool]:
     """Inverses of a batch of SPD matrices ``grams(dtype)`` by Cholesky.
 
     When float32 loses definiteness (a Gram matrix of nearly dependent rows whose rounding errors
     exceed δ: e.g. reduce-sum patches of a conv on 28×28 maps, whose entries reach 1e5), the
     matrices are *rebuilt* from the rows in float64, not just cast, and inverted there (with a
-    warning). One host sync (the success check) per batch.
+    warning). One host sync (the success check) per batch. Returns the inverses and whether they
+    were computed in float64.
     """
+    if dtype == torch.float64:
+        return torch.cholesky_inverse(torch.linalg.cholesky(grams(dtype))), True
     mats = grams(dtype)
     chol, info = torch.linalg.cholesky_ex(mats)
     if bool((info != 0).any()):
@@ -116,16 +121,20 @@ def _cholesky_inverses(
             f"SKFAC: Cholesky of {what} failed in {dtype}; rebuilding them in float64",
             stacklevel=3,
         )
-        return torch.cholesky_inverse(torch.linalg.cholesky(grams(torch.float64)))
-    return torch.cholesky_inverse(chol)
+        return torch.cholesky_inverse(torch.linalg.cholesky(grams(torch.float64))), True
+    return torch.cholesky_inverse(chol), False
 
 
-def damped_inverses(rows: Sequence[Tensor], dampings: Sequence[Tensor]) -> list[DampedInverse]:
+def damped_inverses(
+    rows: Sequence[Tensor], dampings: Sequence[Tensor], *, float64: bool = False
+) -> list[DampedInverse]:
     """(RᵢᵀRᵢ + δᵢI)⁻¹ for every factor, Woodbury where rank < dimension, dense otherwise.
 
     Args:
         rows: per factor, R of shape ``(r, d)``, so that the factor is RᵀR.
         dampings: per factor, δ > 0 as a 0-dim tensor.
+        float64: form and factorise every system in float64 from the start (for callers that
+            saw a float32 failure before: it saves the failing attempt).
 
     Returns:
         One :class:`DampedInverse` per factor, in order, in the rows' dtype. The Woodbury systems
@@ -150,18 +159,18 @@ def damped_inverses(rows: Sequence[Tensor], dampings: Sequence[Tensor]) -> list[
             if woodbury
             else f"{len(members)} factors of size {size}"
         )
-        inv = _cholesky_inverses(
+        inv, wide = _cholesky_inverses(
             partial(_damped, [rows[i] for i in members], [dampings[i] for i in members], woodbury),
-            rows[members[0]].dtype,
+            torch.float64 if float64 else rows[members[0]].dtype,
             what,
         )
         for k, i in enumerate(members):
             dtype = rows[i].dtype
             if woodbury:
                 solved = (inv[k] @ rows[i].to(inv.dtype)).to(dtype)
-                out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved)
+                out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved, float64=wide)
             else:
-                out[i] = DampedInverse(dampings[i], dense=inv[k].to(dtype))
+                out[i] = DampedInverse(dampings[i], dense=inv[k].to(dtype), float64=wide)
     return [d for d in out if d is not None]
 
 

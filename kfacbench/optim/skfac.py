@@ -323,6 +323,7 @@ class SKFAC:
             total_steps=total_steps,
             params=self.params,
         )
+        self.float64_systems = False
         self.steps = 0
 
     def step(self, x: Tensor, y: Tensor, timer: PhaseTimer) -> Tensor:
@@ -375,6 +376,7 @@ class SKFAC:
             "preconditioned": [c.layer.name for c in self.roots],
             "identity_preconditioner": self.uncovered,
             "inverse_forms": forms,
+            "float64_systems": self.float64_systems,
         }
 
     def _measure(self, output: Tensor, y: Tensor) -> None:
@@ -436,7 +438,9 @@ class SKFAC:
                 dampings += [root, root]
             rows += [ra, rg]
             c.rank = ra.shape[0]
-        inverses = damped_inverses(rows, dampings)
+        inverses = damped_inverses(rows, dampings, float64=self.float64_systems)
+        # Once float32 has failed, later refreshes go straight to float64 (no failing attempt).
+        self.float64_systems = any(inv.float64 for inv in inverses)
         for i, c in enumerate(self.roots):
             c.a_inv, c.g_inv = inverses[2 * i], inverses[2 * i + 1]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -74,10 +76,16 @@ def test_nearly_dependent_rows_are_rebuilt_in_float64() -> None:
     rows = rows64.float()
     with pytest.warns(UserWarning, match="rebuilding them in float64"):
         (inv,) = damped_inverses([rows], [torch.tensor(0.1)])
+    assert inv.float64
     v = torch.randn(3, 40, generator=gen, dtype=torch.float64)
     want = v @ dense_inverse(rows.double(), 0.1)
     got = inv.right(v.float()).double()
     assert torch.linalg.norm(got - want) < 1e-3 * torch.linalg.norm(want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for float64 up front: no failing attempt
+        (again,) = damped_inverses([rows], [torch.tensor(0.1)], float64=True)
+    assert again.float64 and again.solved is not None and again.solved.dtype == torch.float32
+    torch.testing.assert_close(again.right(v.float()), inv.right(v.float()))
 
 
 def test_failed_float32_cholesky_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
@@ -29,6 +31,7 @@ from kfacbench.optim.skfac import (
     factor_rows,
     sample_positions,
 )
+from kfacbench.workloads import WORKLOADS
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 
 CPU = torch.device("cpu")
@@ -263,6 +266,34 @@ def test_presets_reduce_the_loss_on_an_autoencoder(preset: str) -> None:
     assert problem.loss(model(x), x).item() < 0.9 * first
 
 
+def test_skfac_trains_curves_ae(tmp_path: Path) -> None:
+    """The quick suite's SKFAC settings on the generated CURVES set, through the training loop:
+    the per-batch factors of 100 examples are Woodbury for the 784-400-200 layers."""
+    workload = WORKLOADS["curves_ae"]
+    data = workload.load_data("real", cache_dir=tmp_path)
+    model = workload.build_model(torch.Generator().manual_seed(0))
+    problem = Problem(model, workload.distribution)
+    config = LoopConfig(
+        batch_size=100,
+        seed=0,
+        max_steps=300,
+        max_seconds=None,
+        eval_every=300,
+        log_every=50,
+        train_eval_size=2000,
+    )
+    opt = SKFAC(problem, lr=0.1, damping=1.0, weight_decay=1e-5, inv_interval=20)
+    result = train(problem, opt, data, config, metric=workload.metric, reached=workload.reached)
+    first, last = result.curves[0], result.curves[-1]
+    assert result.status == "ok"
+    assert last["train_eval_loss"] < 0.9 * first["train_eval_loss"]
+    assert last["eval_metric"] < 0.9 * first["eval_metric"]
+    forms = opt.info()["inverse_forms"]
+    assert forms["0"]["A"] == "woodbury" and forms["0"]["G"] == "woodbury"  # 785 and 400 > 100
+    assert forms["4"]["G"] == "dense"  # 100 outputs, rank 100: m ≥ d falls back
+    assert forms["8"]["A"] == "dense"  # 51 inputs < 100
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "subsample"])
 def test_reductions_train_a_conv_net_with_batchnorm(reduction: str) -> None:
     torch.manual_seed(0)
@@ -299,3 +330,54 @@ def test_invalid_settings_are_clear_errors() -> None:
         SKFAC(problem, damping=0.0)
     with pytest.raises(KfacbenchError, match="factor_decay"):
         SKFAC(problem, factor_decay=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host-sync detection)")
+@pytest.mark.parametrize("reduction", ["sum", "subsample"])
+def test_no_host_sync_outside_the_refresh(reduction: str) -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = cifar_resnet(8, in_channels=1, num_classes=3).to(device)
+    x = torch.randn(16, 1, 8, 8, device=device)
+    y = torch.randint(0, 3, (16,), device=device)
+    # Steps 2-5 measure factors for the moving average of the refresh at step 6.
+    opt = SKFAC(
+        Problem(model, "categorical"),
+        reduction=reduction,
+        inv_interval=6,
+        factor_decay=0.5,
+        factor_window=4,
+    )
+    timer = PhaseTimer(device)
+    opt.step(x, y, timer)  # the refresh (its Cholesky check syncs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            opt.step(x, y, timer)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_float32_failure_makes_later_refreshes_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one failed float32 Cholesky, SKFAC forms its systems in float64 directly."""
+    from kfacbench.optim import lowrank
+
+    real = torch.linalg.cholesky_ex
+    calls: list[torch.dtype] = []
+
+    def failing(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(mats.dtype)
+        chol, info = real(mats)
+        return chol, torch.ones_like(info)
+
+    monkeypatch.setattr(lowrank.torch.linalg, "cholesky_ex", failing)
+    opt = SKFAC(Problem(mlp(0), "categorical"), inv_interval=1)
+    x, y = batch()
+    with pytest.warns(UserWarning, match="rebuilding them in float64"):
+        opt.step(x, y, PhaseTimer(CPU))
+    tried = len(calls)
+    assert tried > 0 and opt.info()["float64_systems"]
+    opt.step(x, y, PhaseTimer(CPU))
+    assert len(calls) == tried  # no float32 attempt on the second refresh
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in opt.params)
