@@ -8,11 +8,13 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.optim import METHODS
+from kfacbench.profiling import ProfileWindow, profile_cells, top_kernels
 from kfacbench.runner import RunOptions, run_cells
 from kfacbench.store import RunStore, load_tables
 from kfacbench.suite import Suite, load_suite
@@ -154,7 +156,62 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    suite = read_suite(args.suite)
+    cells = suite.select(args.only)
+    if not cells:
+        raise KfacbenchError(f"--only {args.only!r} matches none of the {len(suite.cells)} cells")
+    window = ProfileWindow(wait=args.wait, warmup=args.warmup, active=args.steps)
+    store = RunStore.new(args.out, suite.name)
+    if suite.path is not None:
+        store.write_text("suite.toml", suite.path.read_text())
+    console.print(
+        f"profiling {len(cells)} cells of {suite.name} ({window.active} steps each, after"
+        f" {window.wait} skipped and {window.warmup} warm-up) -> {store.run_dir}"
+    )
+    options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    kernels = profile_cells(
+        cells,
+        store.run_dir,
+        options,
+        window,
+        on_cell=lambda cell, message: console.print(f"{cell.label}: {message}"),
+    )
+    if not kernels.empty:
+        console.print(_kernels_table(kernels, args.top, str(store.run_dir)))
+    console.print(
+        f"kernels: {store.run_dir}/kernels.parquet; traces: tensorboard --logdir"
+        f" {store.run_dir}/traces (pip install 'kfacbench\\[profile]')"
+    )
+    return 0
+
+
+def _kernels_table(kernels: pd.DataFrame, top: int, title: str) -> Table:
+    table = Table(title=f"top {top} kernels per optimizer and phase ({title})")
+    for col in ("optimizer", "phase", "kernel", "category", "calls", "total ms", "share"):
+        table.add_column(col, justify="right" if col in ("calls", "total ms", "share") else "left")
+    for r in top_kernels(kernels, top).to_dict("records"):
+        table.add_row(
+            r["optimizer"],
+            r["phase"],
+            r["kernel"][:70],
+            r["category"],
+            str(r["calls"]),
+            f"{r['total_ms']:.3g}",
+            f"{r['share']:.1%}",
+        )
+    return table
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    kernels_path = args.run_dir / "kernels.parquet"
+    if args.kernels:
+        if not kernels_path.exists():
+            raise KfacbenchError(
+                f"{kernels_path} does not exist; make it with `kfacbench profile SUITE`"
+            )
+        console.print(_kernels_table(pd.read_parquet(kernels_path), args.top, str(args.run_dir)))
+        return 0
     try:
         tables = load_tables(args.run_dir)
     except FileNotFoundError as exc:
@@ -221,8 +278,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lst.set_defaults(func=cmd_list)
 
+    prof = sub.add_parser(
+        "profile",
+        help="profile a window of steps of each cell (torch.profiler traces, kernels table)",
+        description="Rebuild each cell and train it for WAIT + WARMUP + STEPS steps under "
+        "torch.profiler, recording the last STEPS (a separate pass: profiling never runs inside "
+        "a timed run). Writes TensorBoard/Perfetto traces to OUT/<suite>/<timestamp>/traces/"
+        "<cell-id>/ and the kernels table (per cell, phase and kernel or CPU operator) to "
+        "kernels.parquet.",
+    )
+    prof.add_argument(
+        "suite", nargs="?", default=DEFAULT_SUITE, help="suite file or name (as for run)"
+    )
+    prof.add_argument(
+        "--only", metavar="PATTERN", help="profile only cells whose label or id matches"
+    )
+    prof.add_argument("--steps", type=int, default=5, help="profiled (active) steps (%(default)s)")
+    prof.add_argument("--wait", type=int, default=1, help="steps skipped first (%(default)s)")
+    prof.add_argument("--warmup", type=int, default=2, help="warm-up steps (%(default)s)")
+    prof.add_argument("--top", type=int, default=5, help="kernels shown per phase (%(default)s)")
+    prof.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
+    prof.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    prof.add_argument("--data-dir", type=Path, help="folder with real data files")
+    prof.add_argument("--cache-dir", type=Path, help="cache for generated data")
+    prof.set_defaults(func=cmd_profile)
+
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")
+    show.add_argument("--kernels", action="store_true", help="top kernels per optimizer and phase")
+    show.add_argument("--top", type=int, default=5, help="kernels per phase (%(default)s)")
     show.set_defaults(func=cmd_show)
     return parser
 

@@ -33,10 +33,10 @@ from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
 from kfacbench.data import Splits
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import MethodContext, get_method
+from kfacbench.optim import Method, MethodContext, get_method
 from kfacbench.store import RunStore, dumps, environment
 from kfacbench.suite import Cell
-from kfacbench.workloads import get_workload
+from kfacbench.workloads import Workload, get_workload
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,20 @@ def to_device(data: Splits, device: torch.device) -> Splits:
     return Splits(train_x, train_y, test_x, test_y, data.source)
 
 
-def run_cell(
-    cell: Cell,
-    device: torch.device,
-    data: DataCache,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[TrainResult, str, dict[str, Any]]:
-    """Build and train one cell; return its result, the data source and the method's info."""
+@dataclass
+class PreparedCell:
+    """Everything a cell's training run needs, built from its config (:func:`prepare_cell`)."""
+
+    workload: Workload
+    problem: Problem
+    method: Method
+    splits: Splits
+    config: LoopConfig
+
+
+def prepare_cell(cell: Cell, device: torch.device, data: DataCache) -> PreparedCell:
+    """Build a cell's model (seeded), method and data on ``device``; shared by the timed run and
+    the profiling pass, so both run exactly the same thing."""
     settings = cell.settings
     if settings.amp == "fp16":
         raise KfacbenchError(
@@ -129,18 +136,30 @@ def run_cell(
         log_every=settings.log_every,
         train_eval_size=settings.train_eval_size,
     )
+    return PreparedCell(workload, problem, method, splits, config)
+
+
+def run_cell(
+    cell: Cell,
+    device: torch.device,
+    data: DataCache,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[TrainResult, str, dict[str, Any]]:
+    """Build and train one cell; return its result, the data source and the method's info."""
+    p = prepare_cell(cell, device, data)
+    real = cell.settings.data == "real"
     result = train(
-        problem,
-        method,
-        splits,
-        config,
-        metric=workload.metric,
+        p.problem,
+        p.method,
+        p.splits,
+        p.config,
+        metric=p.workload.metric,
         # Targets are values on the real data; synthetic data has no time-to-target.
-        reached=workload.reached if settings.data == "real" else (lambda value: False),
+        reached=p.workload.reached if real else (lambda value: False),
         on_progress=on_progress,
     )
-    info = method.info() if hasattr(method, "info") else {}
-    return result, splits.source, info
+    info = p.method.info() if hasattr(p.method, "info") else {}
+    return result, p.splits.source, info
 
 
 def cell_row(

@@ -146,6 +146,7 @@ def train(
     metric: str,
     reached: Callable[[float], bool],
     on_progress: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train one cell and return its curves, phase times and summary.
 
@@ -157,6 +158,8 @@ def train(
         metric: the workload's eval metric (``recon_error`` or ``accuracy``).
         reached: whether an eval-metric value meets the workload's target.
         on_progress: called with the step count at each read-back point (progress bars).
+        on_step: called with the step count after every step, inside the timed segment (the
+            profiler's ``step()``: keep it cheap).
     """
     if config.max_steps is None and config.max_seconds is None:
         raise ValueError("a cell needs max_steps or max_seconds")
@@ -225,6 +228,8 @@ def train(
         pending_losses.append(loss)
         step += 1
         examples += idx.shape[0]
+        if on_step is not None:
+            on_step(step)
         elapsed = train_time + time.perf_counter() - segment_start
         done = (config.max_steps is not None and step >= config.max_steps) or (
             config.max_seconds is not None and elapsed >= config.max_seconds
