@@ -14,10 +14,10 @@ from rich.table import Table
 
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.optim import METHODS
-from kfacbench.profiling import ProfileWindow, profile_cells, top_kernels
+from kfacbench.profiling import profile_cells, top_kernels
 from kfacbench.runner import RunOptions, run_cells
 from kfacbench.store import RunStore, load_tables
-from kfacbench.suite import Suite, load_suite
+from kfacbench.suite import ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary
 from kfacbench.workloads import WORKLOADS
 
@@ -115,6 +115,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             f"  kfacbench run {args.suite} --resume {store.run_dir}"
         )
         return 130
+    if suite.profile is not None:
+        console.print(f"profiling {len(cells)} cells (separate pass, after the timed runs)")
+        profile_cells(
+            cells,
+            store.run_dir,
+            options,
+            suite.profile,
+            on_cell=lambda cell, message: console.print(f"  {cell.label}: {message}"),
+        )
     tables = load_tables(store.run_dir)
     console.print(rich_summary(tables["cells"], f"{suite.name} ({store.run_dir})"))
     console.print(
@@ -161,7 +170,12 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     cells = suite.select(args.only)
     if not cells:
         raise KfacbenchError(f"--only {args.only!r} matches none of the {len(suite.cells)} cells")
-    window = ProfileWindow(wait=args.wait, warmup=args.warmup, active=args.steps)
+    base = suite.profile or ProfileWindow()
+    window = ProfileWindow(
+        wait=base.wait if args.wait is None else args.wait,
+        warmup=base.warmup if args.warmup is None else args.warmup,
+        active=base.active if args.steps is None else args.steps,
+    )
     store = RunStore.new(args.out, suite.name)
     if suite.path is not None:
         store.write_text("suite.toml", suite.path.read_text())
@@ -293,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument(
         "--only", metavar="PATTERN", help="profile only cells whose label or id matches"
     )
-    prof.add_argument("--steps", type=int, default=5, help="profiled (active) steps (%(default)s)")
-    prof.add_argument("--wait", type=int, default=1, help="steps skipped first (%(default)s)")
-    prof.add_argument("--warmup", type=int, default=2, help="warm-up steps (%(default)s)")
+    prof.add_argument(
+        "--steps", type=int, help="profiled (active) steps (default: the suite's [profile], or 5)"
+    )
+    prof.add_argument("--wait", type=int, help="steps skipped first (default 1)")
+    prof.add_argument("--warmup", type=int, help="warm-up steps (default 2)")
     prof.add_argument("--top", type=int, default=5, help="kernels shown per phase (%(default)s)")
     prof.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
     prof.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")

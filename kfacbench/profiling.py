@@ -29,7 +29,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from kfacbench.core.timing import ANNOTATION_PREFIX, STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
 from kfacbench.store import atomic_write_parquet
-from kfacbench.suite import Cell
+from kfacbench.suite import Cell, ProfileWindow
 
 CATEGORIES = ("gemm", "solver", "elementwise", "reduction", "copy/memset", "communication", "other")
 """Kernel categories of the ``kernels`` table, matched in this order by :func:`categorize`."""
@@ -120,28 +120,6 @@ def categorize(name: str) -> str:
         if pattern.search(name):
             return category
     return "other"
-
-
-@dataclass(frozen=True)
-class ProfileWindow:
-    """The profiler schedule of one cell: skip ``wait`` steps, warm up for ``warmup`` (recorded
-    and thrown away: first-call allocations, cuDNN autotuning), record ``active``."""
-
-    wait: int = 1
-    warmup: int = 2
-    active: int = 5
-
-    def __post_init__(self) -> None:
-        if self.wait < 1 or self.warmup < 0 or self.active < 1:
-            raise KfacbenchError(
-                "profile window needs wait >= 1 (the step-0 eval runs there), warmup >= 0 and"
-                f" active >= 1; got wait={self.wait}, warmup={self.warmup}, active={self.active}"
-            )
-
-    @property
-    def steps(self) -> int:
-        """Training steps the profiling pass runs."""
-        return self.wait + self.warmup + self.active
 
 
 def profile_cell(
@@ -311,12 +289,15 @@ def profile_cells(
     A cell that fails (out of memory, an error in the method) is reported through ``on_cell`` with
     its message and skipped; the others are still profiled. Each cell's rows are kept in
     ``parts/<cell-id>.kernels.parquet``, so the table is rebuilt from every profiled cell of the
-    run directory, including earlier invocations.
+    run directory, including earlier invocations, and a cell profiled before is not profiled
+    again.
     """
     data = DataCache(options)
     parts = run_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     for cell in cells:
+        if (parts / f"{cell.id}.kernels.parquet").exists():
+            continue  # profiled by an earlier, interrupted invocation (--resume)
         try:
             device = resolve_device(options.device or cell.settings.device)
             trace = profile_cell(cell, device, data, run_dir / "traces", window)

@@ -20,6 +20,10 @@ training run. The schema (``suites/quick.toml`` is a working example)::
     [[exclude]]                      # drop the cells matching every key given
     batch_size = 500                 # (a list matches any of its values)
     lr = 0.1
+    [profile]                        # optional: profile each cell after the timed runs
+    wait = 1                         # (kfacbench.profiling; not part of any cell's config)
+    warmup = 2
+    active = 5
 
 Validation is strict because a typo in a suite would otherwise silently run, and time, the wrong
 configuration: an unknown key, an ill-typed value or a sweep that expands to nothing raises a
@@ -52,7 +56,17 @@ T = TypeVar("T")
 AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed")
 """The sweep axes of a cell; with hyperparameter names, the keys an ``[[exclude]]`` table takes."""
 
-_TOP_KEYS = ("name", "description", "defaults", "workloads", "sweep", "optimizers", "exclude")
+_TOP_KEYS = (
+    "name",
+    "description",
+    "defaults",
+    "workloads",
+    "sweep",
+    "optimizers",
+    "exclude",
+    "profile",
+)
+_PROFILE_KEYS = ("wait", "warmup", "active")
 _SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names a results directory
@@ -85,6 +99,30 @@ class Settings:
     train_eval_size: int = 10_000
     tf32: bool = False
     amp: str = "off"
+
+
+@dataclass(frozen=True)
+class ProfileWindow:
+    """The profiler schedule of a cell's profiling pass: skip ``wait`` steps, warm up for
+    ``warmup`` (recorded and thrown away: first-call allocations, cuDNN autotuning), record
+    ``active``. A suite's ``profile = { wait, warmup, active }``; not part of any cell's config,
+    since the profiling pass never changes the timed results."""
+
+    wait: int = 1
+    warmup: int = 2
+    active: int = 5
+
+    def __post_init__(self) -> None:
+        if self.wait < 1 or self.warmup < 0 or self.active < 1:
+            raise SuiteError(
+                "profile window needs wait >= 1 (the step-0 eval runs there), warmup >= 0 and"
+                f" active >= 1; got wait={self.wait}, warmup={self.warmup}, active={self.active}"
+            )
+
+    @property
+    def steps(self) -> int:
+        """Training steps the profiling pass runs."""
+        return self.wait + self.warmup + self.active
 
 
 class _FrozenDict(Mapping[str, HParamValue]):
@@ -181,6 +219,8 @@ class Suite:
         cells: the expanded sweep after ``[[exclude]]``, ordered by workload, optimizer,
             hyperparameters, batch size, inversion interval and seed.
         raw: the parsed TOML, to be kept next to the results.
+        profile: when set, ``kfacbench run`` also profiles every cell, in a separate pass after
+            the timed runs (:mod:`kfacbench.profiling`).
     """
 
     name: str
@@ -188,6 +228,7 @@ class Suite:
     path: Path | None
     cells: tuple[Cell, ...]
     raw: dict[str, Any] = field(compare=False, repr=False)
+    profile: ProfileWindow | None = None
 
     def select(self, pattern: str | None) -> tuple[Cell, ...]:
         """The cells whose label or id contains ``pattern`` or matches it as a glob (``--only``).
@@ -272,6 +313,14 @@ def parse_suite(
 
     settings = _resolve_settings(r, names, data)
     grids = _grids(r, data, methods)
+    profile = None
+    if "profile" in data:
+        table = r.table(data["profile"], "profile", _PROFILE_KEYS)
+        counts = {key: r.integer(value, f"profile.{key}", 0) for key, value in table.items()}
+        try:
+            profile = ProfileWindow(**counts)
+        except SuiteError as exc:
+            r.fail("profile", str(exc))
 
     cells: list[Cell] = []
     for workload, (optimizer, combos) in itertools.product(names, grids.items()):
@@ -298,6 +347,7 @@ def parse_suite(
         path=None,
         cells=tuple(replace(c, label_keys=varying[c.optimizer]) for c in kept),
         raw=dict(data),
+        profile=profile,
     )
 
 

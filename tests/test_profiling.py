@@ -14,16 +14,10 @@ from kfacbench import cli
 from kfacbench.core.timing import ANNOTATION_PREFIX
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.profiling import (
-    CATEGORIES,
-    KERNEL_COLUMNS,
-    ProfileWindow,
-    categorize,
-    kernel_rows,
-    profile_cell,
-)
+from kfacbench.profiling import CATEGORIES, KERNEL_COLUMNS, categorize, kernel_rows, profile_cell
 from kfacbench.runner import DataCache, RunOptions, run_cell
-from kfacbench.suite import Cell, parse_suite
+from kfacbench.store import load_tables
+from kfacbench.suite import Cell, ProfileWindow, parse_suite
 from kfacbench.workloads import WORKLOADS
 
 CPU = torch.device("cpu")
@@ -153,13 +147,50 @@ def test_profiling_leaves_the_timed_results_unchanged(tmp_path: Path) -> None:
     before, _, _ = run_cell(skfac, CPU, data)
     profile_cell(skfac, CPU, data, tmp_path, ProfileWindow())
     after, _, _ = run_cell(skfac, CPU, data)
-    losses = [[row["train_loss"] for row in r.curves] for r in (before, after)]
-    assert losses[0] == losses[1]
+    losses = [[row["train_loss"] for row in r.curves[1:]] for r in (before, after)]
+    assert losses[0] and losses[0] == losses[1]  # row 0 (before any step) has no train loss
 
 
 def test_window_validation() -> None:
     with pytest.raises(KfacbenchError, match="wait >= 1"):
         ProfileWindow(wait=0)
+    with pytest.raises(KfacbenchError, match=r"p\.toml: profile: .*active >= 1"):
+        parse_suite(
+            tomllib.loads(SUITE + "[profile]\nactive = 0\n"),
+            source="p.toml",
+            workloads=WORKLOADS,
+            methods=METHODS,
+            name_default="p",
+        )
+    with pytest.raises(KfacbenchError, match=r"profile\.steps"):
+        parse_suite(
+            tomllib.loads(SUITE + "[profile]\nsteps = 3\n"),
+            source="p.toml",
+            workloads=WORKLOADS,
+            methods=METHODS,
+            name_default="p",
+        )
+
+
+def test_run_with_a_profile_option_profiles_after_the_timed_runs(tmp_path: Path) -> None:
+    """Same cell ids and the same timed results with and without ``[profile]``; the profiled run
+    also has traces and the kernels table."""
+    plain, profiled = tmp_path / "plain.toml", tmp_path / "profiled.toml"
+    plain.write_text(SUITE)
+    profiled.write_text(SUITE + "[profile]\nwait = 1\nwarmup = 1\nactive = 2\n")
+    tables = []
+    for suite, out in ((plain, tmp_path / "a"), (profiled, tmp_path / "b")):
+        assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+        (run_dir,) = (out / "p").iterdir()
+        tables.append((run_dir, load_tables(run_dir)))
+    (dir_a, a), (dir_b, b) = tables
+    assert not (dir_a / "kernels.parquet").exists()
+    kernels = pd.read_parquet(dir_b / "kernels.parquet")
+    assert set(kernels["cell_id"]) == set(b["cells"]["cell_id"]) == set(a["cells"]["cell_id"])
+    losses = [
+        t["curves"].sort_values(["cell_id", "step"])["train_loss"].dropna().tolist() for t in (a, b)
+    ]
+    assert losses[0] and losses[0] == losses[1]
 
 
 def test_profile_command_and_show_kernels(
