@@ -118,6 +118,86 @@ def test_self_times_and_phase_attribution_on_a_hand_made_trace(tmp_path: Path) -
     assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
 
 
+def test_cuda_kernels_go_to_the_phase_that_launched_them(tmp_path: Path) -> None:
+    """Device kernels run after their launch (asynchronously): the launching runtime call, found
+    by correlation id, decides the phase, not the kernel's own time."""
+    ann = "user_annotation"
+    events = [
+        {"ph": "X", "cat": ann, "name": "ProfilerStep#3", "ts": 0, "dur": 100, "tid": 1},
+        {
+            "ph": "X",
+            "cat": ann,
+            "name": ANNOTATION_PREFIX + "inverse",
+            "ts": 0,
+            "dur": 30,
+            "tid": 1,
+        },
+        {
+            "ph": "X",
+            "cat": ann,
+            "name": ANNOTATION_PREFIX + "update",
+            "ts": 40,
+            "dur": 50,
+            "tid": 1,
+        },
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": 5,
+            "dur": 2,
+            "args": {"correlation": 7},
+        },
+        {
+            "ph": "X",
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": 45,
+            "dur": 2,
+            "args": {"correlation": 8},
+        },
+        # launched in inverse, runs during update on the device
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "syevd_kernel",
+            "ts": 50,
+            "dur": 20,
+            "args": {"correlation": 7},
+        },
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "ampere_sgemm_64x64_nn",
+            "ts": 71,
+            "dur": 10,
+            "args": {"correlation": 8},
+        },
+        {
+            "ph": "X",
+            "cat": "gpu_memcpy",
+            "name": "Memcpy DtoH",
+            "ts": 82,
+            "dur": 4,
+            "args": {"correlation": 8},
+        },
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 44, "dur": 5, "tid": 1},
+    ]
+    trace = tmp_path / "t.pt.trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    rows = {(r["phase"], r["kernel"]): r for r in kernel_rows(trace, "c")}
+    assert {r["device"] for r in rows.values()} == {"cuda"}
+    assert rows[("inverse", "syevd_kernel")]["category"] == "solver"
+    assert rows[("inverse", "syevd_kernel")]["total_ms"] == pytest.approx(0.020)
+    assert rows[("update", "ampere_sgemm_64x64_nn")]["category"] == "gemm"
+    assert rows[("update", "Memcpy DtoH")]["category"] == "copy/memset"
+    assert ("update", "aten::mm") not in rows  # on CUDA the rows are device work only
+    assert rows[("inverse", "(device idle)")]["total_ms"] == pytest.approx(0.010)  # 30 - 20
+    assert rows[("update", "(device idle)")]["total_ms"] == pytest.approx(0.036)  # 50 - 14
+    assert rows[("(none)", "(device idle)")]["total_ms"] == pytest.approx(0.020)
+    assert sum(r["share"] for r in rows.values()) == pytest.approx(1.0)
+
+
 def test_a_profiled_cell_writes_a_trace_and_its_kernels_table(tmp_path: Path) -> None:
     skfac = next(c for c in cells() if c.optimizer == "skfac")
     data = DataCache(RunOptions())

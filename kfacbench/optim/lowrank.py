@@ -181,5 +181,5 @@ def _damped(
     cast = [r.to(dtype) for r in rows]
     stack = torch.stack([r @ r.T if outer else r.T @ r for r in cast])
     delta = torch.stack(list(dampings)).to(dtype)
-    eye = torch.eye(stack.shape[-1], dtype=dtype, device=stack.device)
-    return stack + delta[:, None, None] * eye
+    stack.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])  # in place: no n×d×d identity
+    return stack
