@@ -130,6 +130,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         f"tables: {store.run_dir}/{{cells,curves,phases}}.parquet  "
         f"(pandas.read_parquet; `kfacbench show {store.run_dir}`)"
     )
+    if suite.profile is not None:
+        console.print(
+            f"kernels: {store.run_dir}/kernels.parquet (`kfacbench show {store.run_dir}"
+            f" --kernels`); traces: tensorboard --logdir {store.run_dir}/traces"
+        )
     return 0
 
 
