@@ -223,6 +223,14 @@ def _kernels_table(kernels: pd.DataFrame, top: int, title: str) -> Table:
     return table
 
 
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from kfacbench.report import write_report  # matplotlib is imported only when reporting
+
+    index = write_report(args.run_dirs, args.output)
+    console.print(f"report: {index} (and summary.md, PNG/SVG figures in {args.output})")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     result = compare_runs(args.base, args.new, args.metric, args.fail_above / 100)
     table = Table(
@@ -356,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--data-dir", type=Path, help="folder with real data files")
     prof.add_argument("--cache-dir", type=Path, help="cache for generated data")
     prof.set_defaults(func=cmd_profile)
+
+    rep = sub.add_parser(
+        "report",
+        help="plotted report of one or more runs (PNG/SVG, self-contained HTML, Markdown)",
+        description="Figures (loss vs time and steps, time-to-target and speedup over the best "
+        "SGD, per-phase step time, scaling with batch size / inversion interval / width, "
+        "kernels, performance profile), an HTML page with them embedded and a Markdown summary.",
+    )
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    rep.add_argument(
+        "-o", "--output", type=Path, required=True, help="output folder, e.g. reports/<name>/"
+    )
+    rep.set_defaults(func=cmd_report)
 
     cmp = sub.add_parser(
         "compare",

@@ -1,0 +1,122 @@
+"""`kfacbench report`: every figure is a valid image, the HTML is self-contained."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from kfacbench import cli
+from kfacbench.report import optimizer_colors, performance_profile, time_to_target_table
+
+SUITE = """
+name = "r"
+[defaults]
+device = "cpu"
+data = "real"
+max_steps = 40
+eval_every = 20
+log_every = 10
+train_eval_size = 500
+[sweep]
+workload = ["curves_ae"]
+batch_size = [100, 200]
+inv_interval = [2, 10]
+seed = [0, 1]
+[optimizers.sgd]
+lr = 0.01
+[optimizers.skfac]
+lr = 0.05
+damping = 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    suite = root / "r.toml"
+    suite.write_text(SUITE)
+    out = root / "out"
+    assert cli.main(["run", str(suite), "--out", str(out), "--cache-dir", str(root)]) == 0
+    (run_dir,) = (out / "r").iterdir()
+    assert (
+        cli.main(
+            [
+                "profile",
+                str(suite),
+                "--out",
+                str(out / "p"),
+                "--steps",
+                "2",
+                "--only",
+                "bs=100 inv=2",
+            ]
+        )
+        == 0
+    )
+    (prof_dir,) = (out / "p" / "r").iterdir()
+    dest = root / "report"
+    assert cli.main(["report", str(run_dir), str(prof_dir), "-o", str(dest)]) == 0
+    return dest
+
+
+def test_every_figure_exists_and_is_a_valid_image(report: Path) -> None:
+    expected = {"loss_curves_ae", "phases", "scaling_batch_size", "scaling_inv_interval"}
+    pngs = {p.stem for p in report.glob("*.png")}
+    assert expected <= pngs
+    for stem in pngs:
+        with Image.open(report / f"{stem}.png") as image:
+            image.verify()
+            assert image.format == "PNG"
+        with Image.open(report / f"{stem}.png") as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+        svg = (report / f"{stem}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+
+
+def test_html_is_self_contained(report: Path) -> None:
+    page = (report / "index.html").read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page)
+    assert refs and all(ref.startswith("data:image/png;base64,") for ref in refs)
+    assert "@import" not in page and "<link" not in page and "<script" not in page
+    assert page.count("<img") == len(list(report.glob("*.png")))
+    assert "kfacbench report: r" in page and "torch" in page  # environment header
+    assert "[optimizers.skfac]" in page  # the suite as run
+
+
+def test_markdown_summary(report: Path) -> None:
+    md = (report / "summary.md").read_text()
+    assert md.startswith("# kfacbench report: r")
+    assert "| workload | optimizer | setting |" in md
+    for png in report.glob("*.png"):
+        assert f"]({png.name})" in md
+
+
+def test_colors_are_fixed_per_optimizer() -> None:
+    a, b = optimizer_colors(["sgd"]), optimizer_colors(["skfac", "sgd", "asdl-kfac"])
+    assert a["sgd"] == b["sgd"] and a["skfac"] == b["skfac"]
+    assert len(set(b.values())) == len(b)
+
+
+def test_time_to_target_and_performance_profile_by_hand() -> None:
+    cells = pd.DataFrame(
+        {
+            "workload": ["w1"] * 3 + ["w2"] * 3,
+            "optimizer": ["sgd", "sgd", "kfac", "sgd", "sgd", "kfac"],
+            "setting": ["s1", "s2", "k", "s1", "s2", "k"],
+            "status": ["ok"] * 6,
+            "time_to_target_s": [10.0, 20.0, 5.0, 8.0, float("nan"), 16.0],
+            "median_step_ms": [1.0] * 6,
+        }
+    )
+    table = time_to_target_table(cells).set_index(["workload", "setting"])
+    assert table.loc[("w1", "k"), "speedup_vs_best_sgd"] == pytest.approx(2.0)
+    assert table.loc[("w2", "k"), "speedup_vs_best_sgd"] == pytest.approx(0.5)
+    profile = performance_profile(table.reset_index())
+    at = profile.set_index(["optimizer", "tau"])["fraction"]
+    assert at[("kfac", 1.0)] == 0.5 and at[("sgd", 1.0)] == 0.5  # each best on one workload
+    assert at[("kfac", 2.0)] == 1.0 and at[("sgd", 2.0)] == 1.0  # within 2× everywhere
+    assert at[("sgd", 1.975)] == 0.5
