@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import NullLocator
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
@@ -316,6 +317,10 @@ def scaling_figures(data: ReportData, out: Path, colors: dict[str, Any]) -> list
             col_wrap=min(3, swept[facet].nunique()),
         )
         grid.set(xscale="log", yscale="log")
+        for ax in grid.axes.flat:  # label the swept values themselves, not log decades
+            values = sorted(swept[axis].unique())
+            ax.set_xticks(values, [f"{v:g}" for v in values])
+            ax.xaxis.set_minor_locator(NullLocator())
         grid.set_axis_labels(xlabel, "median step time (ms)")
         grid.figure.suptitle(
             f"Step time vs {xlabel} (median over each optimizer's other settings)", y=1.03

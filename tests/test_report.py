@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -120,3 +122,51 @@ def test_time_to_target_and_performance_profile_by_hand() -> None:
     assert at[("kfac", 1.0)] == 0.5 and at[("sgd", 1.0)] == 0.5  # each best on one workload
     assert at[("kfac", 2.0)] == 1.0 and at[("sgd", 2.0)] == 1.0  # within 2× everywhere
     assert at[("sgd", 1.975)] == 0.5
+
+
+CHROMIUM = next(
+    (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    None,
+)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian package 'chromium')")
+def test_the_report_renders_in_a_headless_browser(report: Path, tmp_path: Path) -> None:
+    """A real browser loads the page offline and draws the tables and the embedded figures."""
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,3000",
+            f"--screenshot={shot}",
+            (report / "index.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with Image.open(shot) as image:
+        gray = image.convert("L")
+        width, height = gray.size
+        pixels = gray.tobytes()
+    assert (width, height) == (1280, 3000)
+    dark = sum(1 for p in pixels if p < 128) / len(pixels)
+    colored = image_colorful_fraction(shot)
+    assert dark > 0.005  # text and axes were drawn
+    assert colored > 0.01  # the figures' coloured lines and bars were drawn (images loaded)
+
+
+def image_colorful_fraction(path: Path) -> float:
+    """The fraction of pixels whose channels differ by more than 60 (not gray/white/black)."""
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+        data = rgb.tobytes()
+    n = len(data) // 3
+    colorful = sum(
+        1 for i in range(0, len(data), 3) if max(data[i : i + 3]) - min(data[i : i + 3]) > 60
+    )
+    return colorful / n
