@@ -227,7 +227,7 @@ def time_to_target_figure(table: pd.DataFrame, out: Path, colors: dict[str, Any]
     ax.set_xlabel("time to target (s of training, median over seeds)")
     ax.set_ylabel("")
     ax.set_title("Time to target (settings that reached it with every seed)")
-    ax.legend(title="optimizer", loc="lower right")
+    ax.legend(title="optimizer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return [_save(fig, out, "time_to_target")]
 
 
