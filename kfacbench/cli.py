@@ -283,6 +283,20 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    """Where results go, where cells run and where data comes from (``run`` and ``profile``)."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
+    parser.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--data-dir", type=Path, help="folder with real data files (also $KFACBENCH_DATA)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="cache for generated data (default $KFACBENCH_CACHE or ~/.cache/kfacbench)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfacbench",
@@ -308,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="suite file, or name of ./suites/NAME.toml or of a bundled suite "
         f"(default: {DEFAULT_SUITE})",
     )
-    run.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
-    run.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    _add_placement(run)
     run.add_argument(
         "--resume",
         nargs="?",
@@ -320,16 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="list the cells without running")
     run.add_argument("--only", metavar="PATTERN", help="run only cells whose label or id matches")
-    run.add_argument(
-        "--data-dir",
-        type=Path,
-        help="folder with real data files (also $KFACBENCH_DATA)",
-    )
-    run.add_argument(
-        "--cache-dir",
-        type=Path,
-        help="cache for generated data (default $KFACBENCH_CACHE or ~/.cache/kfacbench)",
-    )
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list workloads, optimizers and suites")
@@ -359,10 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--wait", type=int, help="steps skipped first (default 1)")
     prof.add_argument("--warmup", type=int, help="warm-up steps (default 2)")
     prof.add_argument("--top", type=int, default=5, help="kernels shown per phase (%(default)s)")
-    prof.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
-    prof.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
-    prof.add_argument("--data-dir", type=Path, help="folder with real data files")
-    prof.add_argument("--cache-dir", type=Path, help="cache for generated data")
+    _add_placement(prof)
     prof.set_defaults(func=cmd_profile)
 
     rep = sub.add_parser(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from shared_suites import PROFILED
 
 from kfacbench import cli
 from kfacbench.core.timing import ANNOTATION_PREFIX
@@ -22,25 +23,7 @@ from kfacbench.workloads import WORKLOADS
 
 CPU = torch.device("cpu")
 
-SUITE = """
-name = "p"
-[defaults]
-device = "cpu"
-data = "synthetic"
-max_steps = 8
-eval_every = 4
-log_every = 4
-train_eval_size = 200
-[sweep]
-workload = ["curves_ae"]
-batch_size = [64]
-inv_interval = [2]
-[optimizers.sgd]
-lr = 0.01
-[optimizers.skfac]
-damping = 1.0
-lr = 0.01
-"""
+SUITE = PROFILED.format(name="p")
 
 
 def cells() -> tuple[Cell, ...]:

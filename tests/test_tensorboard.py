@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_suites import PROFILED
 
 from kfacbench import cli
 
@@ -29,25 +30,7 @@ pytest.importorskip(
     "torch_tb_profiler", reason="torch-tb-profiler is not installed (the 'profile' extra)"
 )
 
-SUITE = """
-name = "tb"
-[defaults]
-device = "cpu"
-data = "synthetic"
-max_steps = 8
-eval_every = 8
-log_every = 4
-train_eval_size = 200
-[sweep]
-workload = ["curves_ae"]
-batch_size = [64]
-inv_interval = [2]
-[optimizers.sgd]
-lr = 0.01
-[optimizers.skfac]
-damping = 1.0
-lr = 0.01
-"""
+SUITE = PROFILED.format(name="tb")
 PLUGIN = "/data/plugin/pytorch_profiler"
 TIMEOUT_S = 120.0
 
