@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import NullLocator, PercentFormatter
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
@@ -329,26 +329,35 @@ def scaling_figures(data: ReportData, out: Path, colors: dict[str, Any]) -> list
     return names
 
 
-def kernel_figure(data: ReportData, out: Path, top: int = 8) -> list[str]:
+def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
+    """The ``top`` kernels (or CPU operators) of every phase, one panel per optimizer, bars
+    coloured by kernel category."""
     if data.kernels is None or data.kernels.empty:
         return []
     k = data.kernels[~data.kernels["kernel"].str.startswith("(")]
-    shares = k.groupby(["optimizer", "kernel", "category"])["share"].mean().reset_index()
-    k = shares.sort_values("share", ascending=False).groupby("optimizer").head(top)
+    shares = k.groupby(["optimizer", "phase", "kernel", "category"])["share"].mean().reset_index()
+    k = shares.sort_values("share", ascending=False).groupby(["optimizer", "phase"]).head(top)
+    k = k.assign(row=k["phase"] + ": " + k["kernel"].str.slice(0, 48)).sort_values(
+        ["optimizer", "phase", "share"], ascending=[True, True, False]
+    )
     grid = sns.catplot(
         k,
-        y="kernel",
+        y="row",
         x="share",
         hue="category",
         col="optimizer",
         kind="bar",
         sharey=False,
-        height=3.8,
-        aspect=1.3,
+        sharex=False,
+        height=max(3.0, 0.28 * k.groupby("optimizer").size().max()),
+        aspect=1.1,
         dodge=False,
+        palette="tab10",
     )
     grid.set_axis_labels("share of the profiled steps", "")
-    grid.figure.suptitle(f"Top {top} kernels / operators per optimizer", y=1.03)
+    for ax in grid.axes.flat:
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    grid.figure.suptitle(f"Top {top} kernels / operators per phase", y=1.02)
     return [_save(grid.figure, out, "kernels")]
 
 
