@@ -16,6 +16,7 @@ from kfacbench.compare import METRICS, compare_runs
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.optim import METHODS
 from kfacbench.profiling import profile_cells, top_kernels
+from kfacbench.regress import check, machine_kind, normalised_phases, write_baseline
 from kfacbench.runner import RunOptions, run_cells
 from kfacbench.store import RunStore, load_tables
 from kfacbench.suite import ProfileWindow, Suite, load_suite
@@ -24,6 +25,7 @@ from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
+BASELINES = Path("results/baselines")
 EXAMPLES = """examples:
   kfacbench run                          the quick suite (CURVES, CPU-friendly) on auto device
   kfacbench run sgd_steps --device cuda  SGD step time on every workload, synthetic data
@@ -263,6 +265,52 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_regress(args: argparse.Namespace, console: Console) -> int:
+    if args.run is not None:
+        run_dir = Path(args.run)
+    else:
+        suite = read_suite(args.suite)
+        store = RunStore.new(args.out, suite.name)
+        if suite.path is not None:
+            store.write_text("suite.toml", suite.path.read_text())
+        console.print(f"suite {suite.name}: {len(suite.cells)} cells -> {store.run_dir}")
+        options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        run_cells(suite.cells, store, options, console)
+        run_dir = store.run_dir
+    record = normalised_phases(run_dir)
+    kind = machine_kind(run_dir)
+    baseline = args.baseline or BASELINES / f"{kind}.parquet"
+    if args.update_baseline:
+        write_baseline(record, baseline)
+        console.print(f"baseline for {kind} written: {baseline} ({len(record)} lines)")
+        return 0
+    if not baseline.exists():
+        raise KfacbenchError(
+            f"no baseline {baseline} for machine kind {kind!r}; record one with"
+            " `kfacbench regress --update-baseline` on unchanged code"
+        )
+    result = check(record, pd.read_parquet(baseline), args.fail_above / 100)
+    table = Table(title=f"{run_dir} vs {baseline} (regression above +{args.fail_above:g}%)")
+    for col in ("setting", "phase", "base / SGD step", "now / SGD step", "change", ""):
+        table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")
+    for r in result.to_dict("records"):
+        table.add_row(
+            str(r["setting"]),
+            str(r["phase"]),
+            f"{r['ratio_base']:.3f}",
+            f"{r['ratio_new']:.3f}",
+            f"{r['change']:.3f}",
+            "[red]regressed[/]" if r["regressed"] else "",
+        )
+    console.print(table)
+    bad = result[result["regressed"]]
+    if not bad.empty:
+        names = ", ".join(f"{s} {p}" for s, p in zip(bad["setting"], bad["phase"], strict=True))
+        console.print(f"[red]{len(bad)} regressions[/]: {names}")
+        return 1
+    return 0
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     kernels_path = args.run_dir / "kernels.parquet"
     if args.kernels:
@@ -400,6 +448,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--markdown", type=Path, metavar="FILE", help="also write a Markdown table")
     cmp.set_defaults(func=cmd_compare)
+
+    reg = sub.add_parser(
+        "regress",
+        help="run the regression suite and compare normalised phase times with a baseline",
+        description="Run SUITE (default ci), divide every phase's median time by the SGD step "
+        "of the same workload and batch size in the same run, and compare with the baseline of "
+        "this machine kind (results/baselines/<machine-kind>.parquet). Exits 1 when a ratio "
+        "grew by more than PCT percent.",
+    )
+    reg.add_argument("suite", nargs="?", default="ci", help="suite file or name (%(default)s)")
+    reg.add_argument("--run", type=Path, metavar="RUN_DIR", help="check an existing run instead")
+    reg.add_argument("--baseline", type=Path, help="baseline file (default: by machine kind)")
+    reg.add_argument(
+        "--update-baseline", action="store_true", help="write the baseline from this run"
+    )
+    reg.add_argument(
+        "--fail-above",
+        type=float,
+        default=25.0,
+        metavar="PCT",
+        help="allowed growth of a normalised phase time, percent (%(default)s)",
+    )
+    _add_placement(reg)
+    reg.set_defaults(func=cmd_regress)
 
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")
