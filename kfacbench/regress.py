@@ -20,7 +20,7 @@ import pandas as pd
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
-from kfacbench.store import atomic_write_parquet, load_tables
+from kfacbench.store import atomic_write_parquet, load_tables, settings_of
 
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
@@ -48,7 +48,7 @@ def normalised_phases(run_dir: Path) -> pd.DataFrame:
     """
     tables = load_tables(run_dir)
     cells = tables["cells"][tables["cells"]["status"] == "ok"].copy()
-    cells["setting"] = cells["label"].str.replace(r" seed=\d+$", "", regex=True)
+    cells["setting"] = settings_of(cells["label"])
     phases = tables["phases"].merge(
         cells[["cell_id", "workload", "batch_size", "optimizer", "setting"]], on="cell_id"
     )

@@ -46,7 +46,7 @@ from matplotlib.ticker import NullLocator, PercentFormatter
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.store import load_tables
+from kfacbench.store import load_tables, settings_of
 
 TAU_MAX = 4.0
 """Largest ratio to the best time-to-target shown by the performance profile (AlgoPerf's r_max)."""
@@ -101,7 +101,7 @@ def load_runs(run_dirs: Sequence[Path]) -> ReportData:
             "a report needs at least one run directory with cells.parquet (`kfacbench run`)"
         )
     cells = pd.concat(parts["cells"], ignore_index=True).drop_duplicates("cell_id", keep="last")
-    cells["setting"] = cells["label"].str.replace(r" seed=\d+$", "", regex=True)
+    cells["setting"] = settings_of(cells["label"])
     kernels = pd.concat(parts["kernels"], ignore_index=True) if parts["kernels"] else None
     return ReportData(
         cells=cells,

@@ -147,6 +147,11 @@ class RunStore:
         atomic_write_bytes(self.run_dir / name, text.encode())
 
 
+def settings_of(labels: pd.Series) -> pd.Series:
+    """Cell labels without their ``seed=N``: the setting that repeats over seeds."""
+    return labels.str.replace(r" seed=\d+$", "", regex=True)
+
+
 def load_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     """The ``cells``, ``curves`` and ``phases`` tables of a run directory."""
     run_dir = Path(run_dir)

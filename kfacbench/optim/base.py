@@ -49,6 +49,16 @@ class Method(Protocol):
         ...
 
 
+def gradients(params: Sequence[torch.Tensor], weight_decay: float = 0.0) -> list[torch.Tensor]:
+    """``.grad`` of each parameter (zeros for one the last backward pass did not reach), plus
+    ``weight_decay`` times the parameter: ∇h = ∇(mean loss) + ηθ when η is part of the objective
+    (K-FAC's and SKFAC's convention)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if weight_decay:
+        grads = list(torch._foreach_add(grads, list(params), alpha=weight_decay))
+    return grads
+
+
 @dataclass(frozen=True)
 class HParam:
     """One hyperparameter of a method: its type, default and allowed values.

@@ -42,7 +42,7 @@ from torch.func import functional_call, jvp
 from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, IterateAverage, MethodContext, MethodSpec
+from kfacbench.optim.base import HParam, IterateAverage, MethodContext, MethodSpec, gradients
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -466,10 +466,7 @@ class KFAC:
     # ---------------------------------------------------------------- directions
     def _gradient(self) -> list[torch.Tensor]:
         """∇h = ∇(mean loss) + η θ, per parameter in ``self.params`` order."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.eta:
-            grads = list(torch._foreach_add(grads, self.params, alpha=self.eta))
-        return grads
+        return gradients(self.params, self.eta)
 
     def _precondition(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor]:
         """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others."""

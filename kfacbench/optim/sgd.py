@@ -25,7 +25,7 @@ import torch
 
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
 from kfacbench.optim.schedules import SCHEDULES, scheduled_lr
 
 SGD_HPARAMS: dict[str, HParam] = {
@@ -104,8 +104,7 @@ class SGD:
             loss.backward()
         with timer.phase("update"):
             self.lr = self.lr_at(self.steps)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            self.apply(grads, self.lr)
+            self.apply(gradients(self.params), self.lr)
         self.steps += 1
         return loss.detach()
 

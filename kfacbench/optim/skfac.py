@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -446,9 +446,7 @@ class SKFAC:
 
     def _precondition(self) -> list[Tensor]:
         """G_δ⁻¹ ∇h Ā_δ⁻¹ per layer, ∇h for the other parameters, in ``self.params`` order."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.eta:
-            grads = list(torch._foreach_add(grads, self.params, alpha=self.eta))
+        grads = gradients(self.params, self.eta)
         out: list[Tensor] = []
         i = 0
         for c in self.roots:
