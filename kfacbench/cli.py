@@ -32,6 +32,10 @@ EXAMPLES = """examples:
   kfacbench run quick --only '*bs=100*'  a subset of the cells
   kfacbench run quick --resume           continue the latest interrupted run of quick
   kfacbench show results/runs/quick/20261124-140000
+  kfacbench profile kernels --steps 5   per-kernel profiles (TensorBoard traces, kernels table)
+  kfacbench show RUN_DIR --kernels      the top kernels per optimizer and phase
+  kfacbench report RUN_DIR -o reports/quick/   figures, self-contained HTML, Markdown
+  kfacbench compare BASE_RUN NEW_RUN    ratios per cell; exit 1 above +10%
   kfacbench list workloads
 """
 
