@@ -340,6 +340,9 @@ def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
     k = k.assign(row=k["phase"] + ": " + k["kernel"].str.slice(0, 48)).sort_values(
         ["optimizer", "phase", "share"], ascending=[True, True, False]
     )
+    categories = sorted(k["category"].unique())
+    palette = dict(zip(categories, sns.color_palette("tab10", len(categories)), strict=True))
+    height = max(3.0, 0.28 * k.groupby("optimizer").size().max())
     grid = sns.catplot(
         k,
         y="row",
@@ -349,10 +352,15 @@ def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
         kind="bar",
         sharey=False,
         sharex=False,
-        height=max(3.0, 0.28 * k.groupby("optimizer").size().max()),
-        aspect=1.1,
+        height=height,
+        aspect=max(1.1, 4.0 / height),
         dodge=False,
-        palette="tab10",
+        palette=palette,
+        legend=False,  # placed by hand below: seaborn's outside legend can overflow a small grid
+    )
+    handles = [Rectangle((0, 0), 1, 1, color=palette[c]) for c in categories]
+    grid.figure.legend(
+        handles, categories, title="category", loc="center left", bbox_to_anchor=(1.0, 0.5)
     )
     grid.set_axis_labels("share of the profiled steps", "")
     for ax in grid.axes.flat:
