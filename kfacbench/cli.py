@@ -16,9 +16,17 @@ from kfacbench.compare import METRICS, compare_runs
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.optim import METHODS
 from kfacbench.profiling import profile_cells, top_kernels
-from kfacbench.regress import check, machine_kind, normalised_phases, write_baseline
+from kfacbench.regress import (
+    FAIL_ABOVE,
+    MIN_SHARE,
+    check,
+    combine,
+    machine_kind,
+    read_baseline,
+    write_baseline,
+)
 from kfacbench.runner import RunOptions, run_cells
-from kfacbench.store import RunStore, load_tables
+from kfacbench.store import RunStore, fresh_dir, load_tables
 from kfacbench.suite import ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary
 from kfacbench.workloads import WORKLOADS
@@ -269,49 +277,93 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _passes(run_dirs: list[Path]) -> list[Path]:
+    """Run directories, a directory of passes (``kfacbench regress`` output) expanded."""
+    out: list[Path] = []
+    for d in run_dirs:
+        if (d / "cells.parquet").exists() or not d.is_dir():
+            out.append(d)
+        else:
+            inner = sorted(p for p in d.iterdir() if (p / "cells.parquet").exists())
+            out += inner or [d]
+    return out
+
+
 def cmd_regress(args: argparse.Namespace, console: Console) -> int:
-    if args.run is not None:
-        run_dir = Path(args.run)
+    if args.repeats < 1:
+        raise KfacbenchError(f"--repeats must be at least 1, not {args.repeats}")
+    if args.run:
+        run_dirs = _passes(args.run)
     else:
         suite = read_suite(args.suite)
-        store = RunStore.new(args.out, suite.name)
-        if suite.path is not None:
-            store.write_text("suite.toml", suite.path.read_text())
-        console.print(f"suite {suite.name}: {len(suite.cells)} cells -> {store.run_dir}")
+        root = fresh_dir(args.out / "regress" / suite.name)
         options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
-        run_cells(suite.cells, store, options, console)
-        run_dir = store.run_dir
-    record = normalised_phases(run_dir)
-    kind = machine_kind(run_dir)
-    baseline = args.baseline or BASELINES / f"{kind}.parquet"
+        run_dirs = []
+        for i in range(args.repeats):
+            store = RunStore(root / f"pass-{i + 1}")
+            if suite.path is not None:
+                store.write_text("suite.toml", suite.path.read_text())
+            console.print(
+                f"suite {suite.name}, pass {i + 1}/{args.repeats}: {len(suite.cells)} cells"
+                f" -> {store.run_dir}"
+            )
+            # Alternate the order so a drift in machine speed during a pass cancels out.
+            cells = suite.cells if i % 2 == 0 else list(reversed(suite.cells))
+            run_cells(cells, store, options, console)
+            run_dirs.append(store.run_dir)
+    record = combine(run_dirs)
+    kind = machine_kind(run_dirs[0])
+    baseline_path = args.baseline or BASELINES / f"{kind}.parquet"
     if args.update_baseline:
-        write_baseline(record, baseline)
-        console.print(f"baseline for {kind} written: {baseline} ({len(record)} lines)")
-        return 0
-    if not baseline.exists():
-        raise KfacbenchError(
-            f"no baseline {baseline} for machine kind {kind!r}; record one with"
-            " `kfacbench regress --update-baseline` on unchanged code"
+        write_baseline(record, baseline_path)
+        console.print(
+            f"baseline for {kind} written: {baseline_path} ({len(record)} lines,"
+            f" {len(run_dirs)} passes, {record['machine'].iloc[0]})"
         )
-    result = check(record, pd.read_parquet(baseline), args.fail_above / 100)
-    table = Table(title=f"{run_dir} vs {baseline} (regression above +{args.fail_above:g}%)")
-    for col in ("setting", "phase", "base / SGD step", "now / SGD step", "change", ""):
+        return 0
+    baseline = read_baseline(baseline_path)
+    result = check(record, baseline, args.fail_above / 100, args.min_share / 100)
+    table = Table(
+        title=f"normalised phase times ({len(run_dirs)} passes) vs {baseline_path}: regression"
+        f" above +{args.fail_above:g}%, phases under {args.min_share:g}% of their step not gated"
+    )
+    for col in ("setting", "phase", "share", "base / SGD", "now / SGD", "passes", "change", ""):
         table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")
     for r in result.to_dict("records"):
+        verdict = "[red]regressed[/]" if r["regressed"] else ("" if r["gated"] else "[dim]ungated")
         table.add_row(
             str(r["setting"]),
             str(r["phase"]),
+            f"{max(r['share_base'], r['share_new']):.0%}",
             f"{r['ratio_base']:.3f}",
             f"{r['ratio_new']:.3f}",
+            f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}",
             f"{r['change']:.3f}",
-            "[red]regressed[/]" if r["regressed"] else "",
+            verdict,
         )
     console.print(table)
+    then, now = baseline["machine"].iloc[0], record["machine"].iloc[0]
+    if then != now:
+        console.print(
+            f"[yellow]baseline recorded on {then}, this run on {now}: ratios can differ between"
+            " machines; re-record the baseline on the machine that gates[/]"
+        )
     bad = result[result["regressed"]]
     if not bad.empty:
-        names = ", ".join(f"{s} {p}" for s, p in zip(bad["setting"], bad["phase"], strict=True))
+        names = ", ".join(
+            f"{w} bs={b} {s} {p} ×{c:.2f}"
+            for w, b, s, p, c in zip(
+                bad["workload"],
+                bad["batch_size"],
+                bad["setting"],
+                bad["phase"],
+                bad["change"],
+                strict=True,
+            )
+        )
         console.print(f"[red]{len(bad)} regressions[/]: {names}")
         return 1
+    console.print(f"no regression above +{args.fail_above:g}%")
     return 0
 
 
@@ -456,13 +508,29 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser(
         "regress",
         help="run the regression suite and compare normalised phase times with a baseline",
-        description="Run SUITE (default ci), divide every phase's median time by the SGD step "
-        "of the same workload and batch size in the same run, and compare with the baseline of "
-        "this machine kind (results/baselines/<machine-kind>.parquet). Exits 1 when a ratio "
-        "grew by more than PCT percent.",
+        description="Run SUITE (default ci) N times with its cells interleaved, divide every "
+        "phase's median time by the SGD step of the same workload and batch size in the same "
+        "pass, take the median over the passes, and compare with the baseline of this machine "
+        "kind (results/baselines/<machine-kind>.parquet). Exits 1 when the whole step, or a "
+        "phase that is at least --min-share of its step, grew by more than --fail-above percent. "
+        "Record the baseline with --update-baseline on unchanged code, on the machine that gates.",
     )
     reg.add_argument("suite", nargs="?", default="ci", help="suite file or name (%(default)s)")
-    reg.add_argument("--run", type=Path, metavar="RUN_DIR", help="check an existing run instead")
+    reg.add_argument(
+        "--run",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="check existing runs (passes) instead of running the suite; a directory of passes"
+        " written by an earlier `kfacbench regress` is expanded",
+    )
+    reg.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="interleaved passes over the suite; each line is the median over them (%(default)s)",
+    )
     reg.add_argument("--baseline", type=Path, help="baseline file (default: by machine kind)")
     reg.add_argument(
         "--update-baseline", action="store_true", help="write the baseline from this run"
@@ -470,9 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument(
         "--fail-above",
         type=float,
-        default=25.0,
+        default=FAIL_ABOVE,
         metavar="PCT",
         help="allowed growth of a normalised phase time, percent (%(default)s)",
+    )
+    reg.add_argument(
+        "--min-share",
+        type=float,
+        default=MIN_SHARE,
+        metavar="PCT",
+        help="phases below this share of their step are shown but do not gate (%(default)s)",
     )
     _add_placement(reg)
     reg.set_defaults(func=cmd_regress)

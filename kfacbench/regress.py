@@ -6,6 +6,13 @@ median SGD step of the same workload and batch size measured in the same run (De
 ratio, applied per phase). A K-FAC inverse that gets 20% slower moves its ratio by 20% whatever
 the machine's speed that minute; a machine that is 20% slower for everything moves nothing.
 
+On a shared machine the load also changes *between* cells, so one pass is not enough: the suite is
+run several times, its cells interleaved (pass 1 runs SGD, K-FAC, SKFAC, pass 2 runs them again,
+...), each pass normalised by its own SGD cells, and a line's ratio is the median over the passes.
+Phases that are a small share of their step (an SGD ``update`` of 0.3 ms, a K-FAC inverse paid
+every tenth step) move by tens of percent from scheduling noise alone, so only the whole step and
+the phases above a share floor gate the check; the others are shown but never fail it.
+
 Baselines are parquet files keyed by machine kind (``cpu``, ``cuda-nvidia-h100-80gb-hbm3``, ...,
 from the run's ``env.json``), so a CPU baseline is never compared with a GPU run.
 """
@@ -14,7 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -25,13 +34,38 @@ from kfacbench.store import atomic_write_parquet, load_tables, settings_of
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
 
+FAIL_ABOVE = 25.0
+"""Default threshold in percent: above the noise measured on unchanged code (README)."""
+
+MIN_SHARE = 5.0
+"""Default share of its step (percent) below which a phase does not gate the check."""
+
+RECORD_COLUMNS = [
+    *KEYS,
+    "optimizer",
+    "median_ms",
+    "sgd_step_ms",
+    "ratio",
+    "ratio_lo",
+    "ratio_hi",
+    "share",
+    "repeats",
+    "machine",
+]
+"""Columns of a regression record and of a baseline file."""
+
+
+def _env(run_dir: Path) -> dict[str, Any]:
+    try:
+        env: dict[str, Any] = json.loads((run_dir / "env.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise KfacbenchError(f"cannot read {run_dir / 'env.json'}: {exc}") from None
+    return env
+
 
 def machine_kind(run_dir: Path) -> str:
     """``cpu``, or ``cuda-<gpu model>`` (lower case, dashes) from the run's ``env.json``."""
-    try:
-        env = json.loads((run_dir / "env.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise KfacbenchError(f"cannot read {run_dir / 'env.json'}: {exc}") from None
+    env = _env(run_dir)
     if env.get("device_kind") != "cuda":
         return "cpu"
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", str(env.get("device_name", "gpu")).lower()).strip(
@@ -39,9 +73,20 @@ def machine_kind(run_dir: Path) -> str:
     )
 
 
+def machine_of(run_dir: Path) -> str:
+    """The facts that move normalised ratios between machines of one kind: the device's model,
+    the number of CPU threads and the torch build (e.g. ``AMD EPYC, 2 threads, torch 2.13.0``)."""
+    env = _env(run_dir)
+    return (
+        f"{env.get('device_name', '?')}, {env.get('torch_threads', '?')} threads,"
+        f" torch {env.get('torch_version', '?')}"
+    )
+
+
 def normalised_phases(run_dir: Path) -> pd.DataFrame:
-    """Per setting and phase (the whole ``step`` included): the median ms and its ratio to the
-    SGD step of the same workload and batch size in the same run.
+    """One pass: per setting and phase (the whole ``step`` included) the median ms, its ratio to
+    the SGD step of the same workload and batch size in the same run, and its share of the
+    setting's own step.
 
     Raises:
         KfacbenchError: a workload and batch size without an SGD cell to normalise by.
@@ -66,7 +111,32 @@ def normalised_phases(run_dir: Path) -> pd.DataFrame:
     record = merged.groupby([*KEYS, "optimizer"], as_index=False)[
         ["median_ms", "sgd_step_ms", "ratio"]
     ].median()
-    return record.sort_values(KEYS, ignore_index=True)
+    own_step = record[record["phase"] == STEP].set_index(KEYS[:3])["median_ms"].rename("own_step")
+    record = record.join(own_step, on=KEYS[:3])
+    record["share"] = record["median_ms"] / record["own_step"]
+    return record.drop(columns="own_step").sort_values(KEYS, ignore_index=True)
+
+
+def combine(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """The regression record of several interleaved passes: per line the median ratio over the
+    passes, its range (``ratio_lo``, ``ratio_hi``: the noise seen in this measurement) and the
+    median share of the step.
+
+    Raises:
+        KfacbenchError: no passes, or passes run on different machines.
+    """
+    if not run_dirs:
+        raise KfacbenchError("no run directories to build a regression record from")
+    machines = {machine_of(d) for d in run_dirs}
+    if len(machines) > 1:
+        raise KfacbenchError(f"passes from different machines: {sorted(machines)}")
+    passes = pd.concat([normalised_phases(d) for d in run_dirs], ignore_index=True)
+    grouped = passes.groupby([*KEYS, "optimizer"], as_index=False)
+    record = grouped[["median_ms", "sgd_step_ms", "ratio", "share"]].median()
+    spread = grouped["ratio"].agg(ratio_lo="min", ratio_hi="max", repeats="count")
+    record = record.merge(spread, on=[*KEYS, "optimizer"])
+    record["machine"] = machines.pop()
+    return record[RECORD_COLUMNS].sort_values(KEYS, ignore_index=True)
 
 
 def write_baseline(record: pd.DataFrame, path: Path) -> None:
@@ -75,15 +145,51 @@ def write_baseline(record: pd.DataFrame, path: Path) -> None:
     atomic_write_parquet(path, record)
 
 
-def check(record: pd.DataFrame, baseline: pd.DataFrame, fail_above: float) -> pd.DataFrame:
+def read_baseline(path: Path) -> pd.DataFrame:
+    """A baseline written by :func:`write_baseline`.
+
+    Raises:
+        KfacbenchError: the file is missing, unreadable, or lacks record columns.
+    """
+    try:
+        baseline = pd.read_parquet(path)
+    except FileNotFoundError:
+        raise KfacbenchError(
+            f"no baseline {path}; record one with `kfacbench regress --update-baseline` on"
+            " unchanged code"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise KfacbenchError(f"cannot read baseline {path}: {exc}") from None
+    missing = [c for c in RECORD_COLUMNS if c not in baseline.columns]
+    if missing:
+        raise KfacbenchError(
+            f"{path} is not a regression baseline (missing columns {', '.join(missing)});"
+            " rewrite it with `kfacbench regress --update-baseline`"
+        )
+    return baseline
+
+
+def check(
+    record: pd.DataFrame, baseline: pd.DataFrame, fail_above: float, min_share: float = 0.0
+) -> pd.DataFrame:
     """Join the current record with the baseline and flag ratios above ``1 + fail_above`` times
-    the baseline's. Lines missing on either side are kept with a NaN change, never flagged."""
-    joined = baseline[[*KEYS, "ratio"]].merge(
-        record[[*KEYS, "optimizer", "ratio"]],
+    the baseline's.
+
+    Only gated lines can be flagged: the whole step, and phases whose share of their step was at
+    least ``min_share`` in the baseline or is now (a phase that grew from 1% to 30% of the step
+    is gated by its new share). Lines missing on either side are kept with a NaN change, never
+    flagged.
+    """
+    joined = baseline[[*KEYS, "optimizer", "ratio", "share"]].merge(
+        record[[*KEYS, "optimizer", "ratio", "ratio_lo", "ratio_hi", "share"]],
         on=KEYS,
         how="outer",
         suffixes=("_base", "_new"),
     )
+    joined["optimizer"] = joined.pop("optimizer_new").fillna(joined.pop("optimizer_base"))
     joined["change"] = joined["ratio_new"] / joined["ratio_base"]
-    joined["regressed"] = joined["change"] > 1 + fail_above
-    return joined.sort_values("change", ascending=False, ignore_index=True)
+    share = joined[["share_base", "share_new"]].max(axis=1)
+    joined["gated"] = (joined["phase"] == STEP) | (share >= min_share)
+    joined["regressed"] = joined["gated"] & (joined["change"] > 1 + fail_above)
+    order = joined.assign(key=joined["change"].where(joined["gated"], -1.0))
+    return order.sort_values("key", ascending=False, ignore_index=True).drop(columns="key")

@@ -135,6 +135,7 @@ def prepare_cell(cell: Cell, device: torch.device, data: DataCache) -> PreparedC
         eval_every=settings.eval_every,
         log_every=settings.log_every,
         train_eval_size=settings.train_eval_size,
+        eval_size=settings.eval_size,
     )
     return PreparedCell(workload, problem, method, splits, config)
 

@@ -79,6 +79,20 @@ def cells_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return frame.astype({"inv_interval": "Int64", "steps": "Int64"})
 
 
+def fresh_dir(parent: Path) -> Path:
+    """A new, empty directory ``parent/<UTC timestamp>`` (``-2``, ``-3``, ... when taken)."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    path = parent / stamp
+    n = 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = parent / f"{stamp}-{n}"
+
+
 class RunStore:
     """The result directory of one run of a suite.
 
@@ -95,13 +109,7 @@ class RunStore:
     @classmethod
     def new(cls, root: Path, suite: str) -> RunStore:
         """A fresh run directory ``root/<suite>/<UTC timestamp>``."""
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        run_dir = root / suite / stamp
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = root / suite / f"{stamp}-{n}"
-        return cls(run_dir)
+        return cls(fresh_dir(root / suite))
 
     def finished_ids(self) -> set[str]:
         """Ids of the cells whose results are complete."""

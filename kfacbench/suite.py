@@ -85,6 +85,8 @@ class Settings:
         eval_every: steps between evals (off the clock).
         log_every: steps between loss read-backs and divergence checks (each one syncs the device).
         train_eval_size: training examples used for the train-set eval.
+        eval_size: test examples used at each eval; ``None`` for the whole test set (a timing
+            suite on synthetic data has no use for a full ResNet eval on 10,000 images).
         tf32: allow TF32 matmuls and convolutions on CUDA.
         amp: autocast mode of the forward pass: ``off`` or ``bf16`` (fp16 would need loss
             scaling, which the core does not do, so it is not offered).
@@ -97,6 +99,7 @@ class Settings:
     eval_every: int = 50
     log_every: int = 25
     train_eval_size: int = 10_000
+    eval_size: int | None = None
     tf32: bool = False
     amp: str = "off"
 
@@ -581,6 +584,7 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "eval_every": lambda r, v, p: r.integer(v, p, 1),
     "log_every": lambda r, v, p: r.integer(v, p, 1),
     "train_eval_size": lambda r, v, p: r.integer(v, p, 1),
+    "eval_size": lambda r, v, p: r.integer(v, p, 1),
     "tf32": _Reader.boolean,
     "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
 }

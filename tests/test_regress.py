@@ -12,7 +12,7 @@ import pytest
 from kfacbench import cli
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.skfac import SKFAC
-from kfacbench.regress import check, machine_kind, normalised_phases
+from kfacbench.regress import check, combine, machine_kind, normalised_phases, read_baseline
 
 SUITE = """
 name = "rg"
@@ -65,7 +65,7 @@ def test_ratios_are_normalised_by_the_sgd_step_of_the_same_run(baseline_run: Pat
 
 
 def test_a_uniformly_slower_machine_is_not_a_regression(baseline_run: Path) -> None:
-    record = normalised_phases(baseline_run)
+    record = combine([baseline_run])
     slower = record.assign(
         median_ms=record["median_ms"] * 1.3, sgd_step_ms=record["sgd_step_ms"] * 1.3
     )
@@ -89,7 +89,7 @@ def test_a_planted_phase_slowdown_is_caught(baseline_run: Path, tmp_path: Path) 
     hit = (phases["cell_id"] == skfac_id) & (phases["phase"] == "inverse")
     phases.loc[hit, "median_ms"] *= 2.0
     phases.to_parquet(slow / "phases.parquet")
-    result = check(normalised_phases(slow), pd.read_parquet(base), 0.25)
+    result = check(combine([slow]), read_baseline(base), 0.25)
     bad = result[result["regressed"]]
     assert list(zip(bad["optimizer"], bad["phase"], strict=True)) == [("skfac", "inverse")]
     assert cli.main(["regress", "--run", str(slow), "--baseline", str(base)]) == 1
@@ -114,12 +114,13 @@ def test_an_injected_delay_fails_the_check(
         return real(self)
 
     monkeypatch.setattr(SKFAC, "_precondition", slowed)
-    code = cli.main(["regress", str(suite), "--baseline", str(base), "--out", str(tmp_path / "o")])
+    out = tmp_path / "o"
+    code = cli.main(["regress", str(suite), "--baseline", str(base), "--out", str(out)])
     assert code == 1
-    (run_dir,) = (tmp_path / "o" / "rg").iterdir()
-    result = check(normalised_phases(run_dir), pd.read_parquet(base), 0.25).set_index(
-        ["optimizer", "phase"]
-    )
+    (run_dir,) = (out / "regress" / "rg").iterdir()
+    passes = sorted(run_dir.iterdir())
+    assert [p.name for p in passes] == ["pass-1", "pass-2", "pass-3"]
+    result = check(combine(passes), read_baseline(base), 0.25).set_index(["optimizer", "phase"])
     assert result.loc[("skfac", "precondition"), "change"] > 3  # the sleep, not noise
 
 
@@ -135,3 +136,93 @@ def test_missing_baseline_and_missing_sgd_are_clear_errors(
     cells[cells["optimizer"] != "sgd"].to_parquet(no_sgd / "cells.parquet")
     with pytest.raises(KfacbenchError, match="no SGD cell"):
         normalised_phases(no_sgd)
+
+
+def _record(ratios: dict[str, float], shares: dict[str, float]) -> pd.DataFrame:
+    """A hand-made one-setting record (SKFAC on curves_ae bs=128)."""
+    return pd.DataFrame(
+        {
+            "workload": "curves_ae",
+            "batch_size": 128,
+            "setting": "skfac",
+            "phase": list(ratios),
+            "optimizer": "skfac",
+            "median_ms": 1.0,
+            "sgd_step_ms": 1.0,
+            "ratio": list(ratios.values()),
+            "ratio_lo": list(ratios.values()),
+            "ratio_hi": list(ratios.values()),
+            "share": [shares[p] for p in ratios],
+            "repeats": 1,
+            "machine": "m",
+        }
+    )
+
+
+def test_phases_under_the_share_floor_do_not_gate() -> None:
+    shares = {"step": 1.0, "update": 0.02, "inverse": 0.03, "precondition": 0.4}
+    base = _record({"step": 2.0, "update": 0.04, "inverse": 0.06, "precondition": 0.8}, shares)
+    # update doubles (noise-sized phase), inverse grows tenfold to 30% of the step.
+    now = _record(
+        {"step": 2.0, "update": 0.08, "inverse": 0.6, "precondition": 0.8},
+        {**shares, "inverse": 0.3},
+    )
+    result = check(now, base, 0.25, min_share=0.05).set_index("phase")
+    assert not result.loc["update", "gated"] and not result.loc["update", "regressed"]
+    assert result.loc["update", "change"] == pytest.approx(2.0)
+    assert result.loc["inverse", "gated"] and result.loc["inverse", "regressed"]
+    assert not result.loc["precondition", "regressed"] and result.loc["step", "gated"]
+    # Without a floor the doubled update is flagged too.
+    assert check(now, base, 0.25).set_index("phase").loc["update", "regressed"]
+
+
+def test_combine_takes_the_median_over_passes_and_keeps_the_range(
+    baseline_run: Path, tmp_path: Path
+) -> None:
+    passes = [shutil.copytree(baseline_run, tmp_path / f"p{i}") for i in range(3)]
+    for scale, p in zip((1.0, 1.3, 1.1), passes, strict=True):
+        phases = pd.read_parquet(p / "phases.parquet")
+        cells = pd.read_parquet(p / "cells.parquet")
+        skfac_id = cells.loc[cells["optimizer"] == "skfac", "cell_id"].iloc[0]
+        phases.loc[phases["cell_id"] == skfac_id, "median_ms"] *= scale
+        phases.to_parquet(p / "phases.parquet")
+    one = normalised_phases(baseline_run).set_index(["optimizer", "phase"])
+    record = combine(passes).set_index(["optimizer", "phase"])
+    base = one.loc[("skfac", "precondition"), "ratio"]
+    line = record.loc[("skfac", "precondition")]
+    assert line["ratio"] == pytest.approx(1.1 * base)
+    assert (line["ratio_lo"], line["ratio_hi"]) == pytest.approx((base, 1.3 * base))
+    assert line["repeats"] == 3
+    assert record.loc[("sgd", "step"), "ratio"] == 1.0
+    assert record.loc[("skfac", "step"), "share"] == 1.0
+    # A directory of passes is expanded by --run.
+    root = tmp_path / "passes"
+    for i, p in enumerate(passes):
+        shutil.copytree(p, root / f"pass-{i + 1}")
+    out = tmp_path / "b.parquet"
+    assert (
+        cli.main(["regress", "--run", str(root), "--baseline", str(out), "--update-baseline"]) == 0
+    )
+    assert (
+        read_baseline(out)
+        .set_index(["optimizer", "phase"])
+        .loc[("skfac", "precondition"), "repeats"]
+        == 3
+    )
+
+
+def test_passes_from_different_machines_and_bad_baselines_are_errors(
+    baseline_run: Path, tmp_path: Path
+) -> None:
+    other = shutil.copytree(baseline_run, tmp_path / "other")
+    env = (other / "env.json").read_text().replace('"torch_threads": ', '"torch_threads": 10')
+    (other / "env.json").write_text(env)
+    with pytest.raises(KfacbenchError, match="different machines"):
+        combine([baseline_run, other])
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(bad)
+    with pytest.raises(KfacbenchError, match="not a regression baseline"):
+        read_baseline(bad)
+    with pytest.raises(KfacbenchError, match="--update-baseline"):
+        read_baseline(tmp_path / "missing.parquet")
+    assert cli.main(["regress", "--run", str(baseline_run), "--repeats", "0"]) == 2

@@ -167,6 +167,7 @@ def test_every_setting_is_read() -> None:
         "eval_every": 3,
         "log_every": 4,
         "train_eval_size": 99,
+        "eval_size": 50,
         "tf32": True,
         "amp": "bf16",
     }

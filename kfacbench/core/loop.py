@@ -44,6 +44,7 @@ class LoopConfig:
     eval_every: int
     log_every: int
     train_eval_size: int
+    eval_size: int | None = None
 
 
 @dataclass
@@ -168,6 +169,7 @@ def train(
     sampler = MinibatchSampler(data.train_x.shape[0], config.batch_size, config.seed, device)
     n_sub = min(config.train_eval_size, data.train_x.shape[0])
     train_sub = (data.train_x[:n_sub], data.train_y[:n_sub])
+    test = (data.test_x[: config.eval_size], data.test_y[: config.eval_size])
     problem.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,7 +205,7 @@ def train(
         if with_eval and finite:
             with averaged() if averaged is not None else nullcontext():
                 train_loss, _ = evaluate(problem, *train_sub, metric)
-                eval_loss, eval_metric = evaluate(problem, data.test_x, data.test_y, metric)
+                eval_loss, eval_metric = evaluate(problem, *test, metric)
             row.update(train_eval_loss=train_loss, eval_loss=eval_loss, eval_metric=eval_metric)
             last_eval = {
                 "final_train_loss": train_loss,

@@ -134,6 +134,29 @@ def test_eval_is_off_the_clock() -> None:
     assert slow.train_time_s < fast.train_time_s * 3 + 0.05
 
 
+def test_eval_size_evaluates_the_first_test_examples_only() -> None:
+    """``eval_size`` = k: the eval loss is the one of the first k test examples."""
+    data = blobs()
+    results = {}
+    for k in (None, 7):
+        problem = classifier()
+        results[k] = train(
+            problem,
+            SGD(problem, lr=0.1),
+            data,
+            config(eval_size=k),
+            metric="accuracy",
+            reached=bool,
+        )
+    problem = classifier()
+    train(problem, SGD(problem, lr=0.1), data, config(), metric="accuracy", reached=bool)
+    first7, _ = evaluate(problem, data.test_x[:7], data.test_y[:7], "accuracy")
+    whole, _ = evaluate(problem, data.test_x, data.test_y, "accuracy")
+    assert first7 != whole
+    assert results[7].final["final_eval_loss"] == first7
+    assert results[None].final["final_eval_loss"] == whole
+
+
 def test_evaluate_recon_error_is_summed_squared_error_per_example() -> None:
     model = nn.Linear(3, 3)
     with torch.no_grad():
