@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import sys
 import tomllib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.distributed as td
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kfacbench.compare import METRICS, compare_runs
+from kfacbench.distributed import init, launched_by_torchrun
 from kfacbench.errors import KfacbenchError, SuiteError
+from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
 from kfacbench.optim import METHODS
 from kfacbench.profiling import profile_cells, top_kernels
 from kfacbench.regress import (
@@ -25,15 +34,16 @@ from kfacbench.regress import (
     read_baseline,
     write_baseline,
 )
-from kfacbench.runner import RunOptions, run_cells
-from kfacbench.store import RunStore, fresh_dir, load_tables
-from kfacbench.suite import ProfileWindow, Suite, load_suite
+from kfacbench.runner import RunOptions, cell_row, now, resolve_device, run_cells
+from kfacbench.store import RunStore, environment, fresh_dir, load_tables
+from kfacbench.suite import Cell, ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary
 from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
 BASELINES = Path("results/baselines")
+CPU = torch.device("cpu")
 EXAMPLES = """examples:
   kfacbench run                          the quick suite (CURVES, CPU-friendly) on auto device
   kfacbench run sgd_steps --device cuda  SGD step time on every workload, synthetic data
@@ -112,18 +122,26 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             table.add_row(c.id, c.label, s.device, str(s.max_steps), str(s.max_seconds))
         console.print(table)
         return 0
+    options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    if launched_by_torchrun():
+        return run_worker(args, suite, cells, options)
     if args.resume is not None:
         run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
-        check_resumable(run_dir, suite.name)
+        if not (args.nnodes > 1 and not run_dir.exists()):  # several nodes: a new shared folder
+            check_resumable(run_dir, suite.name)
         store = RunStore(run_dir)
     else:
         store = RunStore.new(args.out, suite.name)
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
     console.print(f"suite {suite.name}: {len(cells)} cells -> {store.run_dir}")
-    options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
     try:
-        run_cells(cells, store, options, console)
+        if args.nproc is not None:
+            code = run_distributed(args, suite, cells, store, console)
+            if code:
+                return code
+        else:
+            run_cells(cells, store, options, console)
     except KeyboardInterrupt:
         console.print(
             f"[red]interrupted[/]: finished cells are kept; continue with\n"
@@ -150,6 +168,78 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             f"kernels: {store.run_dir}/kernels.parquet (`kfacbench show {store.run_dir}"
             f" --kernels`); traces: tensorboard --logdir {store.run_dir}/traces"
         )
+    return 0
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The options of ``run`` that the torchrun workers must see too."""
+    out: list[str] = []
+    for flag, value in (
+        ("--only", args.only),
+        ("--device", args.device),
+        ("--data-dir", args.data_dir),
+        ("--cache-dir", args.cache_dir),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def run_distributed(
+    args: argparse.Namespace,
+    suite: Suite,
+    cells: Sequence[Cell],
+    store: RunStore,
+    console: Console,
+) -> int:
+    """Launch the workers through torchrun; record a failed cell and relaunch for the rest."""
+    opts = LaunchOptions(args.nproc, args.nnodes, args.rdzv_endpoint, args.dist_timeout)
+    target = str(suite.path) if suite.path is not None else args.suite
+    by_id = {c.id: c for c in cells}
+    while True:
+        failure = launch(target, store.run_dir, _worker_args(args), opts)
+        if failure is None:
+            return 0
+        cell = by_id.get(failure.cell_id or "")
+        if cell is None or cell.id in store.finished_ids():
+            raise KfacbenchError(f"the distributed job failed outside a cell: {failure.message}")
+        env_file = store.run_dir / "env.json"
+        env = json.loads(env_file.read_text()) if env_file.exists() else environment(CPU)
+        started = failure.started_at or now()
+        row = cell_row(cell, env, started, status=failure.status, error=failure.message)
+        store.write_cell(row, [], [])
+        console.print(f"[yellow]{cell.label}: {failure.status}[/] {escape(failure.message)}")
+        if opts.nnodes > 1:  # the other nodes' launchers stopped too: resume all of them
+            console.print(f"resume with: kfacbench run {args.suite} ... --resume {store.run_dir}")
+            return 1
+        if all(c.id in store.finished_ids() for c in cells):
+            return 0
+
+
+def run_worker(
+    args: argparse.Namespace,
+    suite: Suite,
+    cells: Sequence[Cell],
+    options: RunOptions,
+) -> int:
+    """One torchrun worker: join the process group and run the cells with the other ranks."""
+    kinds = {resolve_device(args.device or c.settings.device).type for c in cells}
+    if len(kinds) > 1:
+        raise KfacbenchError(
+            f"a distributed run needs one device kind for all cells, got {sorted(kinds)}; "
+            "set --device"
+        )
+    dist = init(kinds.pop(), float(os.environ.get(TIMEOUT_ENV, "300")))
+    store = RunStore(Path(args.resume))
+    where = {"pid": os.getpid(), "host": socket.gethostname(), "local_rank": dist.local_rank}
+    write_json(store.run_dir / DIST_DIR / f"rank{dist.rank}.json", where)
+    quiet = Console(stderr=True, quiet=not dist.is_main)
+    try:
+        run_cells(cells, store, options, quiet, dist=dist)
+        if suite.profile is not None:
+            profile_cells(cells, store.run_dir, options, suite.profile, dist=dist)
+    finally:
+        td.destroy_process_group()
     return 0
 
 
@@ -436,6 +526,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(default RUN_DIR: the latest run of the suite under --out)",
     )
     run.add_argument("--dry-run", action="store_true", help="list the cells without running")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="data-parallel: N processes on this node (one per GPU), launched through torchrun;"
+        " the suite's batch size is the global batch (gloo on CPU, nccl on CUDA)",
+    )
+    run.add_argument(
+        "--nnodes", type=int, default=1, metavar="M", help="nodes taking part (%(default)s)"
+    )
+    run.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="rendezvous of a multi-node run (c10d; run the same command on every node, with"
+        " the same --resume RUN_DIR on a shared filesystem)",
+    )
+    run.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds after which a collective that gets no answer fails the job (%(default)s)",
+    )
     run.add_argument("--only", metavar="PATTERN", help="run only cells whose label or id matches")
     run.set_defaults(func=cmd_run)
 

@@ -39,8 +39,9 @@ from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trac
 
 from kfacbench.core.loop import train
 from kfacbench.core.timing import ANNOTATION_PREFIX, STEP
+from kfacbench.distributed import Dist, broadcast_object
 from kfacbench.errors import KfacbenchError
-from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
+from kfacbench.runner import DataCache, RunOptions, dist_device, prepare_cell, resolve_device
 from kfacbench.store import atomic_write_parquet
 from kfacbench.suite import Cell, ProfileWindow
 
@@ -123,7 +124,12 @@ def categorize(name: str) -> str:
 
 
 def profile_cell(
-    cell: Cell, device: torch.device, data: DataCache, traces: Path, window: ProfileWindow
+    cell: Cell,
+    device: torch.device,
+    data: DataCache,
+    traces: Path,
+    window: ProfileWindow,
+    dist: Dist | None = None,
 ) -> Path:
     """Profile ``window.active`` steps of ``cell`` in a separate, untimed pass.
 
@@ -133,11 +139,14 @@ def profile_cell(
         data: the run's data cache.
         traces: the run's ``traces`` directory; the cell writes ``traces/<cell-id>/``.
         window: the schedule.
+        dist: the process group of a data-parallel run: every rank writes its own trace, worker
+            ``<cell-id>.rank<R>`` (one TensorBoard worker per rank), with the rank in the
+            trace's metadata.
 
     Returns:
         The Chrome-trace JSON file written for the cell.
     """
-    p = prepare_cell(cell, device, data)
+    p = prepare_cell(cell, device, data, dist)
     steps = window.steps
     config = replace(
         p.config,
@@ -149,15 +158,18 @@ def profile_cell(
     )
     out = traces / cell.id
     out.mkdir(parents=True, exist_ok=True)
-    before = set(out.glob("*.pt.trace.json"))
+    worker = cell.id if dist is None else f"{cell.id}.rank{dist.rank}"
+    before = set(out.glob(f"{worker}.*.pt.trace.json"))
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     with profile(
         activities=activities,
         schedule=schedule(wait=window.wait, warmup=window.warmup, active=window.active, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(out), worker_name=cell.id),
+        on_trace_ready=tensorboard_trace_handler(str(out), worker_name=worker),
     ) as prof:
+        if dist is not None:
+            prof.add_metadata_json("kfacbench_rank", str(dist.rank))
         train(
             p.problem,
             p.method,
@@ -166,8 +178,11 @@ def profile_cell(
             metric=p.workload.metric,
             reached=lambda value: False,
             on_step=lambda step: prof.step(),
+            dist=dist,
         )
-    written = sorted(set(out.glob("*.pt.trace.json")) - before, key=lambda f: f.stat().st_mtime)
+    written = sorted(
+        set(out.glob(f"{worker}.*.pt.trace.json")) - before, key=lambda f: f.stat().st_mtime
+    )
     if not written:
         raise KfacbenchError(f"the profiler wrote no trace for cell {cell.id} under {out}")
     return written[-1]
@@ -283,6 +298,7 @@ def profile_cells(
     options: RunOptions,
     window: ProfileWindow,
     on_cell: Callable[[Cell, str], None] | None = None,
+    dist: Dist | None = None,
 ) -> pd.DataFrame:
     """Profile every cell into ``run_dir/traces`` and write ``run_dir/kernels.parquet``.
 
@@ -290,17 +306,26 @@ def profile_cells(
     its message and skipped; the others are still profiled. Each cell's rows are kept in
     ``parts/<cell-id>.kernels.parquet``, so the table is rebuilt from every profiled cell of the
     run directory, including earlier invocations, and a cell profiled before is not profiled
-    again.
+    again. In a data-parallel run every rank profiles (and writes a trace); the kernels table
+    comes from rank 0's traces.
     """
     data = DataCache(options)
     parts = run_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    main = dist is None or dist.is_main
+    done = {c.id for c in cells if (parts / f"{c.id}.kernels.parquet").exists()} if main else set()
+    if dist is not None:
+        done = broadcast_object(done, dist)
     for cell in cells:
-        if (parts / f"{cell.id}.kernels.parquet").exists():
+        if cell.id in done:
             continue  # profiled by an earlier, interrupted invocation (--resume)
         try:
             device = resolve_device(options.device or cell.settings.device)
-            trace = profile_cell(cell, device, data, run_dir / "traces", window)
+            if dist is not None:
+                device = dist_device(device, dist)
+            trace = profile_cell(cell, device, data, run_dir / "traces", window, dist)
+            if not main:
+                continue
             meta = {"label": cell.label, "workload": cell.workload, "optimizer": cell.optimizer}
             rows = [row | meta for row in kernel_rows(trace, cell.id)]
             atomic_write_parquet(parts / f"{cell.id}.kernels.parquet", kernels_frame(rows))
@@ -309,6 +334,8 @@ def profile_cells(
             message = f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         if on_cell is not None:
             on_cell(cell, message)
+    if not main:
+        return kernels_frame([])
     frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.kernels.parquet"))]
     table = pd.concat(frames, ignore_index=True) if frames else kernels_frame([])
     atomic_write_parquet(run_dir / "kernels.parquet", table)

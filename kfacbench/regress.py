@@ -34,8 +34,9 @@ from kfacbench.store import atomic_write_parquet, load_tables, settings_of
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
 
-FAIL_ABOVE = 25.0
-"""Default threshold in percent: above the noise measured on unchanged code (README)."""
+FAIL_ABOVE = 35.0
+"""Default threshold in percent, above the noise measured on unchanged code: on a 2-core VM,
+10 runs of 3 passes against a 5-pass baseline moved gated lines by 0.85-1.31x (README)."""
 
 MIN_SHARE = 5.0
 """Default share of its step (percent) below which a phase does not gate the check."""

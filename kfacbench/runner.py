@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,12 +28,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch import nn
 
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
 from kfacbench.data import Splits
+from kfacbench.distributed import Dist, broadcast_object
 from kfacbench.errors import KfacbenchError
+from kfacbench.launch import DIST_DIR, write_json
 from kfacbench.optim import Method, MethodContext, get_method
 from kfacbench.store import RunStore, dumps, environment
 from kfacbench.suite import Cell
@@ -106,9 +110,12 @@ class PreparedCell:
     config: LoopConfig
 
 
-def prepare_cell(cell: Cell, device: torch.device, data: DataCache) -> PreparedCell:
+def prepare_cell(
+    cell: Cell, device: torch.device, data: DataCache, dist: Dist | None = None
+) -> PreparedCell:
     """Build a cell's model (seeded), method and data on ``device``; shared by the timed run and
-    the profiling pass, so both run exactly the same thing."""
+    the profiling pass, so both run exactly the same thing. In a data-parallel run the model is
+    wrapped in DistributedDataParallel (every rank built the same seeded model)."""
     settings = cell.settings
     if settings.amp == "fp16":
         raise KfacbenchError(
@@ -122,11 +129,16 @@ def prepare_cell(cell: Cell, device: torch.device, data: DataCache) -> PreparedC
     splits = data.get(cell.workload, settings.data, device)
     torch.manual_seed(cell.seed)
     model = workload.build_model(torch.Generator().manual_seed(cell.seed)).to(device)
-    problem = Problem(model, workload.distribution, settings.amp)  # type: ignore[arg-type]
+    wrapped = None
+    if dist is not None:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    problem = Problem(model, workload.distribution, settings.amp, wrapped)  # type: ignore[arg-type]
     hparams: dict[str, Any] = dict(cell.hparams)
     if spec.uses_inv_interval:
         hparams["inv_interval"] = cell.inv_interval
-    method = spec.build(problem, hparams, MethodContext(settings.max_steps, cell.seed, device))
+    context = MethodContext(settings.max_steps, cell.seed, device, dist)
+    method = spec.build(problem, hparams, context)
     config = LoopConfig(
         batch_size=cell.batch_size,
         seed=cell.seed,
@@ -145,9 +157,10 @@ def run_cell(
     device: torch.device,
     data: DataCache,
     on_progress: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> tuple[TrainResult, str, dict[str, Any]]:
     """Build and train one cell; return its result, the data source and the method's info."""
-    p = prepare_cell(cell, device, data)
+    p = prepare_cell(cell, device, data, dist)
     real = cell.settings.data == "real"
     result = train(
         p.problem,
@@ -158,6 +171,7 @@ def run_cell(
         # Targets are values on the real data; synthetic data has no time-to-target.
         reached=p.workload.reached if real else (lambda value: False),
         on_progress=on_progress,
+        dist=dist,
     )
     info = p.method.info() if hasattr(p.method, "info") else {}
     return result, p.splits.source, info
@@ -212,6 +226,8 @@ def cell_row(
         "peak_mem_mb": result.peak_mem_mb if result else math.nan,
         "device_kind": env["device_kind"],
         "device_name": env["device_name"],
+        "world_size": env.get("world_size", 1),
+        "backend": env.get("backend"),
         "tf32": cell.settings.tf32,
         "amp": cell.settings.amp,
         "torch_version": env["torch_version"],
@@ -234,6 +250,13 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+def dist_device(device: torch.device, dist: Dist) -> torch.device:
+    """This rank's device: ``cuda:<local rank>`` for a CUDA cell (one GPU per process)."""
+    if device.type == "cuda":
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
 def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line (the ``error`` column)."""
     text = " ".join(str(exc).split())
@@ -245,22 +268,35 @@ def run_cells(
     store: RunStore,
     options: RunOptions,
     console: Console | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell not yet finished in ``store``; return the rows of the cells run now.
+
+    In a data-parallel run (``dist``) every rank calls this with the same cells: they train each
+    cell together, rank 0 decides which cells are left, shows progress and writes the results.
+    A cell that raises on a rank is reported in ``dist/failure.rank<R>.json`` and the exception
+    ends the worker (torchrun then stops the others, and the launcher records the cell).
 
     Raises:
         KfacbenchError: a run-wide problem (e.g. CUDA requested but absent).
     """
-    console = console or Console(stderr=True)
-    done = store.finished_ids()
+    main = dist is None or dist.is_main
+    console = console or Console(stderr=True, quiet=not main)
+    done = store.finished_ids() if main else set()
+    if dist is not None:
+        done = broadcast_object(done, dist)
     todo = [c for c in cells if c.id not in done]
     if len(todo) < len(cells):
         console.print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already done")
     devices = {c.id: resolve_device(options.device or c.settings.device) for c in todo}
+    if dist is not None:
+        devices = {i: dist_device(d, dist) for i, d in devices.items()}
     envs: dict[str, dict[str, Any]] = {}
     for dev in {str(d) for d in devices.values()}:
         envs[dev] = environment(torch.device(dev))
-    if envs:
+        if dist is not None:
+            envs[dev].update(world_size=dist.world, backend=dist.backend)
+    if envs and main:
         store.write_text("env.json", json.dumps(next(iter(envs.values())), indent=2) + "\n")
     data = DataCache(options)
     rows: list[dict[str, Any]] = []
@@ -272,7 +308,7 @@ def run_cells(
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
         overall = progress.add_task("cells", total=len(cells), completed=len(cells) - len(todo))
         for cell in todo:
             device = devices[cell.id]
@@ -283,8 +319,15 @@ def run_cells(
             def show_steps(step: int, task: TaskID = steps_task) -> None:
                 progress.update(task, completed=step)
 
+            if dist is not None and main:
+                write_json(
+                    store.run_dir / DIST_DIR / "current.json",
+                    {"cell_id": cell.id, "started_at": started},
+                )
             try:
-                result, source, info = run_cell(cell, device, data, on_progress=show_steps)
+                result, source, info = run_cell(
+                    cell, device, data, on_progress=show_steps, dist=dist
+                )
                 row = cell_row(
                     cell, env, started, result=result, data_source=source, method_info=info
                 )
@@ -293,16 +336,22 @@ def run_cells(
                 raise
             except Exception as exc:  # one cell's failure must not end the suite
                 status = "oom" if _is_oom(exc) else "error"
+                if dist is not None:  # the other ranks cannot go on without this one
+                    report = {"cell_id": cell.id, "rank": dist.rank, "status": status}
+                    report["error"] = one_line(exc)
+                    write_json(store.run_dir / DIST_DIR / f"failure.rank{dist.rank}.json", report)
+                    raise
                 row = cell_row(cell, env, started, status=status, error=one_line(exc))
                 curves, phases = [], []
                 if status == "error" and not isinstance(exc, KfacbenchError):
                     store.write_text(f"errors/{cell.id}.txt", traceback.format_exc())
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            store.write_cell(row, curves, phases)
+            if main:
+                store.write_cell(row, curves, phases)
             rows.append(row)
             progress.remove_task(steps_task)
             progress.advance(overall)
             if row["status"] != "ok":
-                console.print(f"[yellow]{cell.label}: {row['status']}[/] {row['error']}")
+                console.print(f"[yellow]{cell.label}: {row['status']}[/] {escape(row['error'])}")
     return rows

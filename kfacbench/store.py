@@ -39,8 +39,8 @@ CELL_COLUMNS = (
     "hparams", "config", "method_info", "data_mode", "data_source", "status", "error", "steps",
     "train_time_s", "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
     "final_eval_metric", "median_step_ms", "timer_overhead_ms", "timer_overhead_ratio",
-    "peak_mem_mb", "device_kind", "device_name", "tf32", "amp", "torch_version",
-    "kfacbench_version", "git_commit", "host", "started_at", "finished_at",
+    "peak_mem_mb", "device_kind", "device_name", "world_size", "backend", "tf32", "amp",
+    "torch_version", "kfacbench_version", "git_commit", "host", "started_at", "finished_at",
 )  # fmt: skip
 """Columns of the ``cells`` table, in order."""
 
@@ -76,7 +76,7 @@ def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
 def cells_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Rows of the ``cells`` table with its column order and nullable integer columns."""
     frame = pd.DataFrame(list(rows), columns=list(CELL_COLUMNS))
-    return frame.astype({"inv_interval": "Int64", "steps": "Int64"})
+    return frame.astype({"inv_interval": "Int64", "steps": "Int64", "world_size": "Int64"})
 
 
 def fresh_dir(parent: Path) -> Path:

@@ -107,13 +107,13 @@ def test_an_injected_delay_fails_the_check(
         )
         == 0
     )
-    real = SKFAC._precondition
+    real = SKFAC._natural
 
-    def slowed(self: SKFAC) -> list:  # type: ignore[type-arg]
+    def slowed(self: SKFAC, grads: list) -> list:  # type: ignore[type-arg]
         time.sleep(0.02)
-        return real(self)
+        return real(self, grads)
 
-    monkeypatch.setattr(SKFAC, "_precondition", slowed)
+    monkeypatch.setattr(SKFAC, "_natural", slowed)
     out = tmp_path / "o"
     code = cli.main(["regress", str(suite), "--baseline", str(base), "--out", str(out)])
     assert code == 1

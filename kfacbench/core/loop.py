@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 
 from kfacbench.core.problem import Problem, per_example_loss, prediction
-from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead
+from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead, summarise
 from kfacbench.data import Splits
+from kfacbench.distributed import Dist, any_rank, mean_losses, shard, slowest
 from kfacbench.optim.base import Method
 
 EVAL_CHUNK = 1024
@@ -148,6 +149,7 @@ def train(
     reached: Callable[[float], bool],
     on_progress: Callable[[int], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Train one cell and return its curves, phase times and summary.
 
@@ -161,6 +163,10 @@ def train(
         on_progress: called with the step count at each read-back point (progress bars).
         on_step: called with the step count after every step, inside the timed segment (the
             profiler's ``step()``: keep it cheap).
+        dist: the process group of a data-parallel run. Every rank draws the same global
+            minibatch indices and trains on its own shard; losses are averaged over ranks at the
+            read-back points (so divergence is decided alike everywhere), a time budget is
+            checked collectively, and phase times are the slowest rank's.
     """
     if config.max_steps is None and config.max_seconds is None:
         raise ValueError("a cell needs max_steps or max_seconds")
@@ -187,7 +193,9 @@ def train(
     def record(step: int, *, with_eval: bool) -> bool:
         """Read back losses (and eval); return False when the loss has gone non-finite."""
         nonlocal time_to_target, last_eval
-        losses = torch.stack(pending_losses).double().cpu() if pending_losses else None
+        losses = torch.stack(pending_losses).double() if pending_losses else None
+        if losses is not None:
+            losses = (mean_losses(losses, dist) if dist is not None else losses).cpu()
         pending_losses.clear()
         finite = losses is None or bool(torch.isfinite(losses).all())
         row: dict[str, Any] = {
@@ -225,23 +233,27 @@ def train(
         if batch_size_at is not None:
             size = batch_size_at(step, config.batch_size, sampler.n)
         idx = sampler.next(size)
+        examples += idx.shape[0]
+        if dist is not None:
+            idx = shard(idx, dist)
         with timer.step():
             loss = method.step(data.train_x[idx], data.train_y[idx], timer)
         pending_losses.append(loss)
         step += 1
-        examples += idx.shape[0]
         if on_step is not None:
             on_step(step)
         elapsed = train_time + time.perf_counter() - segment_start
-        done = (config.max_steps is not None and step >= config.max_steps) or (
-            config.max_seconds is not None and elapsed >= config.max_seconds
-        )
+        out_of_time = config.max_seconds is not None and elapsed >= config.max_seconds
+        if dist is not None and config.max_seconds is not None:
+            out_of_time = any_rank(out_of_time, device)  # every rank stops at the same step
+        done = (config.max_steps is not None and step >= config.max_steps) or out_of_time
         if not (done or step % config.eval_every == 0 or step % config.log_every == 0):
             continue
         synchronize(device)
         train_time += time.perf_counter() - segment_start
         timer.flush()
-        done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
+        if dist is None:
+            done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
         finite = record(step, with_eval=done or step % config.eval_every == 0)
         if on_progress is not None:
             on_progress(step)
@@ -252,7 +264,11 @@ def train(
             break
         segment_start = time.perf_counter()
 
-    phases = timer.stats()
+    durations = timer.all_durations()
+    if dist is not None:
+        durations = slowest({**durations, "(train time)": [train_time]}, dist)
+        train_time = durations.pop("(train time)")[0]
+    phases = [summarise(name, ms) for name, ms in durations.items()]
     per_step_calls = sum(s.calls for s in phases) / max(step, 1)
     overhead = measure_overhead(device, calls=500) * per_step_calls
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan

@@ -38,18 +38,23 @@ class Problem:
         model: the network; its outputs are the distribution's natural parameters (logits or mean).
         distribution: see :data:`Distribution`.
         amp: autocast mode of the forward pass (``off`` keeps float32).
+        wrapped: the module training-mode forward passes go through when it is not ``model``
+            itself: DistributedDataParallel around ``model`` in a data-parallel run, so the
+            backward pass all-reduces the gradient. Eval-mode passes (no backward) use ``model``.
     """
 
     model: nn.Module
     distribution: Distribution
     amp: AmpMode = "off"
+    wrapped: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Model outputs in float32 (autocast only around the model call when ``amp`` is on)."""
+        module = self.wrapped if self.wrapped is not None and self.model.training else self.model
         if self.amp == "off":
-            return self.model(x)
+            return module(x)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            out = self.model(x)
+            out = module(x)
         return out.float()
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,11 @@ class PhaseTimer:
         """Per-call durations of phase ``name`` in ms (after :meth:`flush`)."""
         return list(self._durations.get(name, []))
 
+    def all_durations(self) -> dict[str, list[float]]:
+        """Per phase, its per-call durations in ms (flushes first)."""
+        self.flush()
+        return {name: list(ms) for name, ms in self._durations.items()}
+
     def phases(self) -> list[str]:
         """Phase names seen so far, in first-seen order."""
         return list(self._durations)

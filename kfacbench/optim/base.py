@@ -18,6 +18,7 @@ import torch
 if TYPE_CHECKING:
     from kfacbench.core.problem import Problem
     from kfacbench.core.timing import PhaseTimer
+    from kfacbench.distributed import Dist
 
 HParamValue = float | int | str | bool
 
@@ -87,11 +88,14 @@ class MethodContext:
             is set, in which case schedules that need a horizon raise.
         seed: the cell's seed, for any randomness the method draws (sampled Fisher targets, ...).
         device: the device the model lives on.
+        dist: the process group of a data-parallel run (``None``: one process). Methods with
+            curvature share it over the ranks (:mod:`kfacbench.distributed`).
     """
 
     total_steps: int | None
     seed: int
     device: torch.device
+    dist: Dist | None = None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,14 @@ from torch.func import functional_call, jvp
 
 from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
+from kfacbench.distributed import (
+    STRATEGIES,
+    Dist,
+    PendingMean,
+    assign_owners,
+    broadcast_from_owners,
+    mean_over_ranks,
+)
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, IterateAverage, MethodContext, MethodSpec, gradients
 from kfacbench.optim.curvature import (
@@ -196,6 +204,15 @@ class KFAC:
         polyak: decay of the Polyak average of the iterates used for evaluation (§13 (?):
             0.99); 0 evaluates the current iterate.
         seed: seed of the generator used to sample Fisher targets.
+        dist: the process group of a data-parallel run, or ``None``. Factors are all-reduced
+            (bucketed, asynchronously: launched after the curvature pass, awaited when next
+            needed), each layer's inversion is done by one owner rank (balanced by d_A³ + d_G³),
+            and the exact-Fisher quadratic model's batch means are averaged over ranks, so every
+            rank takes the update of the global batch.
+        dist_strategy: ``comm-opt`` (owners broadcast inverses at each refresh, every rank
+            preconditions every layer) or ``mem-opt`` (only the owner keeps a layer's inverses;
+            it broadcasts the preconditioned gradient every step). The block-tridiagonal inverse
+            couples all layers and is computed on every rank.
     """
 
     def __init__(
@@ -224,6 +241,8 @@ class KFAC:
         growing_batch: int = 0,
         polyak: float = 0.0,
         seed: int = 0,
+        dist: Dist | None = None,
+        dist_strategy: str = "comm-opt",
     ) -> None:
         if inverse_method not in INVERSE_METHODS:
             raise KfacbenchError(
@@ -241,6 +260,10 @@ class KFAC:
             )
         if fisher not in FISHERS:
             raise KfacbenchError(f"unknown fisher {fisher!r}; known: {', '.join(FISHERS)}")
+        if dist_strategy not in STRATEGIES:
+            raise KfacbenchError(
+                f"unknown dist_strategy {dist_strategy!r}; known: {', '.join(STRATEGIES)}"
+            )
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
@@ -303,6 +326,13 @@ class KFAC:
         self.average = IterateAverage(self.params, polyak) if polyak > 0 else None
         self.last_alpha = torch.zeros((), device=device)
         self.last_mu = torch.zeros((), device=device)
+        self.dist = dist
+        self.strategy = dist_strategy
+        self.pending: PendingMean | None = None
+        # Inversions split over ranks by owner (block-diagonal only: tridiag couples the layers).
+        self.split = dist is not None and dist.world > 1 and structure == "blockdiag"
+        costs = [float(c.layer.in_dim**3 + c.layer.out_dim**3) for c in self.curv]
+        self.owners = assign_owners(costs, dist.world) if self.split and dist else [0] * len(costs)
 
     # ---------------------------------------------------------------- the step
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -318,16 +348,29 @@ class KFAC:
                 p.grad = None
             loss.backward(retain_graph=update_cov)
         if update_cov:
+            self._land_factors(timer)  # the EMA below must start from the all-reduced factors
             with timer.phase("curvature"):
                 self._update_factors(output, y, x.shape[0])
+            if self.dist is not None:
+                # Launched now, awaited at the next refresh or factor update: between refreshes
+                # the all-reduce overlaps the rest of the step and the next ones.
+                self.pending = PendingMean(self._factor_tensors(), self.dist.world)
         self.capture.clear()
         if k < 3 or k % self.inv_interval == 0:
+            self._land_factors(timer)
             with timer.phase("inverse"):
                 self._refresh_inverses()
+            if self.split and self.strategy == "comm-opt":
+                with timer.phase("comm"):
+                    self._share_inverses()
         with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
             with timer.phase("precondition"):
                 grads = self._gradient()
-                direction = self._precondition(grads, self.gamma)
+                nat = self._natural(grads, self.gamma)
+            if self.split and self.strategy == "mem-opt":
+                with timer.phase("comm"):
+                    nat = self._share_directions(nat)
+            direction = self._assemble(nat, grads)
             if self.rescale:
                 with timer.phase("rescale"):
                     update = self._rescaled_update(x, y, output, grads, direction)
@@ -362,11 +405,64 @@ class KFAC:
         return self.average.swapped() if self.average is not None else nullcontext()
 
     def info(self) -> dict[str, Any]:
-        """Which layers are preconditioned (recorded in the cells table)."""
-        return {
+        """Which layers are preconditioned (and, distributed, which rank inverts each)."""
+        info: dict[str, Any] = {
             "preconditioned": [c.layer.name for c in self.curv],
             "identity_preconditioner": self.uncovered,
         }
+        if self.split:
+            info["owners"] = dict(zip((c.layer.name for c in self.curv), self.owners, strict=True))
+            info["dist_strategy"] = self.strategy
+        return info
+
+    # ---------------------------------------------------------------- distribution
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        tensors = [t for c in self.curv for t in (c.a, c.g) if t is not None]
+        return tensors + [t for pair in self.cross for t in pair]
+
+    def _land_factors(self, timer: PhaseTimer) -> None:
+        """Wait for the factors' pending all-reduce (timed as ``comm``: the part not hidden)."""
+        if self.pending is not None:
+            with timer.phase("comm"):
+                self.pending.wait()
+            self.pending = None
+
+    def _mine(self, i: int) -> bool:
+        """Whether this rank inverts layer ``i``."""
+        return not self.split or self.dist is None or self.owners[i] == self.dist.rank
+
+    def _inverse_fields(self) -> tuple[str, ...]:
+        """What preconditioning reads of a layer: damped inverses, or the eigendecomposition."""
+        if self.inverse_method == "eigh" and not self.fixed_damping:
+            return ("qa", "da", "qg", "dg")
+        return ("a_inv", "g_inv")
+
+    def _share_inverses(self) -> None:
+        """comm-opt: every owner broadcasts its layers' inverses to all ranks."""
+        assert self.dist is not None
+        fields = self._inverse_fields()
+        items = [
+            [getattr(c, f) for f in fields] if self._mine(i) else []
+            for i, c in enumerate(self.curv)
+        ]
+        shared = broadcast_from_owners(items, self.owners, self.dist, self.device)
+        for c, tensors in zip(self.curv, shared, strict=True):
+            for f, t in zip(fields, tensors, strict=True):
+                setattr(c, f, t)
+
+    def _share_directions(self, nat: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
+        assert self.dist is not None
+        items = [[v] if v is not None else [] for v in nat]
+        return [t[0] for t in broadcast_from_owners(items, self.owners, self.dist, self.device)]
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A minibatch mean over this rank's shard turned into the global batch's mean."""
+        if self.dist is None:
+            return value
+        value = value.clone()
+        mean_over_ranks([value], self.dist)
+        return value
 
     # ---------------------------------------------------------------- curvature
     def _update_factors(self, output: torch.Tensor, y: torch.Tensor, m: int) -> None:
@@ -424,7 +520,7 @@ class KFAC:
         elif self.inverse_method == "eigh":
             self._batched_eigh()
         else:
-            for c in self.curv:
+            for c in self._owned():
                 assert c.a is not None and c.g is not None and c.pi is not None
                 name, method = c.layer.name, self.inverse_method
                 c.a_inv = damped_inverse(c.a, c.pi * self.gamma, method, f"A of {name}")
@@ -434,7 +530,7 @@ class KFAC:
         """Eigendecompose all factors, one batched call per distinct size (fewer launches on a
         GPU when layers share shapes, e.g. an autoencoder's mirrored encoder and decoder)."""
         groups: dict[int, list[tuple[LayerCurvature, str]]] = {}
-        for c in self.curv:
+        for c in self._owned():
             assert c.a is not None and c.g is not None
             groups.setdefault(c.a.shape[0], []).append((c, "a"))
             groups.setdefault(c.g.shape[0], []).append((c, "g"))
@@ -447,7 +543,7 @@ class KFAC:
         if self.fixed_damping:
             # γ cannot change before the next refresh: form the damped inverses once, so
             # preconditioning is two matmuls per layer instead of four.
-            for c in self.curv:
+            for c in self._owned():
                 assert c.qa is not None and c.da is not None and c.qg is not None
                 assert c.dg is not None and c.pi is not None
                 c.a_inv = (c.qa / (c.da + c.pi * self.gamma)) @ c.qa.T
@@ -468,9 +564,19 @@ class KFAC:
         """∇h = ∇(mean loss) + η θ, per parameter in ``self.params`` order."""
         return gradients(self.params, self.eta)
 
+    def _owned(self) -> list[LayerCurvature]:
+        return [c for i, c in enumerate(self.curv) if self._mine(i)]
+
     def _precondition(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor]:
         """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others."""
-        out: list[torch.Tensor] = []
+        nat = self._natural(grads, gamma)
+        if self.split and self.strategy == "mem-opt":
+            nat = self._share_directions(nat)
+        return self._assemble(nat, grads)
+
+    def _natural(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor | None]:
+        """F̆⁻¹∇h as gradient matrices per covered layer (``None`` for a layer another rank
+        preconditions under mem-opt)."""
         i = 0
         mats: list[torch.Tensor] = []
         for c in self.curv:
@@ -480,13 +586,23 @@ class KFAC:
         if self.structure == "tridiag":
             tri = self.tridiag if gamma is self.gamma else self._tridiag_pieces(gamma)
             assert tri is not None
-            nat = tridiag_apply(tri, mats)
-        else:
-            nat = [self._apply_block(c, v, gamma) for c, v in zip(self.curv, mats, strict=True)]
+            return list(tridiag_apply(tri, mats))
+        local = not (self.split and self.strategy == "mem-opt")
+        return [
+            self._apply_block(c, v, gamma) if local or self._mine(i) else None
+            for i, (c, v) in enumerate(zip(self.curv, mats, strict=True))
+        ]
+
+    def _assemble(
+        self, nat: list[torch.Tensor | None], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """−(natural gradient) per parameter in ``self.params`` order, −∇h for the others."""
+        out: list[torch.Tensor] = []
         for c, v in zip(self.curv, nat, strict=True):
+            assert v is not None
             out += [-t for t in split_matrix(c.layer, v)]
-        out += [-g for g in grads[i:]]
-        return out
+        covered = sum(len(c.layer.params()) for c in self.curv)
+        return out + [-g for g in grads[covered:]]
 
     def _apply_block(self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ applied to the (out, in) gradient matrix: G⁻¹ V Ā⁻¹."""
@@ -549,14 +665,15 @@ class KFAC:
         if j_prev is None or self.prev_update is None:
             f2 = torch.stack([torch.stack([fdd, zero]), torch.stack([zero, zero])])
             n2 = torch.stack([torch.stack([ndd, zero]), torch.stack([zero, zero])])
-            return f2, n2, torch.stack([bd, zero]), jd
+            return self._global_mean(f2), n2, torch.stack([bd, zero]), jd
         prev = self.prev_update
         fdp = fisher_quadratic(dist, output, jd, j_prev)
         fpp = fisher_quadratic(dist, output, j_prev, j_prev)
         ndp, npp = _dot(direction, prev), _dot(prev, prev)
         f2 = torch.stack([torch.stack([fdd, fdp]), torch.stack([fdp, fpp])])
         n2 = torch.stack([torch.stack([ndd, ndp]), torch.stack([ndp, npp])])
-        return f2, n2, torch.stack([bd, _dot(grads, prev)]), jd
+        # F2 is a mean over the shard's examples; ∇h and the directions are already global.
+        return self._global_mean(f2), n2, torch.stack([bd, _dot(grads, prev)]), jd
 
     def _solve(
         self, f2: torch.Tensor, n2: torch.Tensor, b: torch.Tensor, has_prev: bool
@@ -630,7 +747,7 @@ class KFAC:
         """h on the minibatch (ℓ2 cost included) with ``self.params`` set to ``values``, without
         touching θ or BatchNorm statistics."""
         params = self._by_name(values, fill=torch.Tensor.detach)
-        loss = self.problem.loss(self._functional_forward(params, x), y)
+        loss = self._global_mean(self.problem.loss(self._functional_forward(params, x), y))
         return loss + 0.5 * self.eta * _dot(values, values)
 
     def _levenberg_marquardt(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
@@ -641,7 +758,8 @@ class KFAC:
         """
         assert self.prev_update is not None
         old = torch._foreach_sub(self.params, self.prev_update)
-        actual = self._objective(self.params, x, y) - (loss + 0.5 * self.eta * _dot(old, old))
+        before = self._global_mean(loss) + 0.5 * self.eta * _dot(old, old)
+        actual = self._objective(self.params, x, y) - before
         rho = actual / self._model_change
         lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
         lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
@@ -689,13 +807,16 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
             0, "iteration from which the batch is the full set (0: off)", minimum=0
         ),
         "polyak": HParam(0.0, "Polyak-average decay of evaluated iterates (0: off)", minimum=0.0),
+        "dist_strategy": HParam(
+            "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
+        ),
     }
     base.update(overrides)
     return base
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
-    return KFAC(problem, **hp, seed=ctx.seed)
+    return KFAC(problem, **hp, seed=ctx.seed, dist=ctx.dist)
 
 
 def _spec(name: str, summary: str, hparams: dict[str, HParam]) -> MethodSpec:

@@ -59,6 +59,13 @@ from torch import Tensor, nn
 
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
+from kfacbench.distributed import (
+    STRATEGIES,
+    Dist,
+    assign_owners,
+    broadcast_from_owners,
+    gather_rows,
+)
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
 from kfacbench.optim.curvature import (
@@ -252,6 +259,12 @@ class SKFAC:
         factor_decay: ε of the moving average of the factors (0: per-batch factors).
         factor_window: batches averaged when ``factor_decay`` > 0.
         seed: seed of the Fisher targets and the subsampled positions.
+        dist: the process group of a data-parallel run, or ``None``. Each rank's factor rows are
+            all-gathered after the curvature pass (the global roots are the shards' rows
+            stacked, scaled by 1/√world: the factors and rank r of the global batch), each
+            layer's two inverses are formed by one owner rank (balanced by their cost), and
+            ``dist_strategy`` decides who preconditions, as for K-FAC.
+        dist_strategy: ``comm-opt`` or ``mem-opt`` (see :class:`~kfacbench.optim.kfac.KFAC`).
     """
 
     def __init__(
@@ -274,11 +287,14 @@ class SKFAC:
         factor_decay: float = 0.0,
         factor_window: int = 4,
         seed: int = 0,
+        dist: Dist | None = None,
+        dist_strategy: str = "comm-opt",
     ) -> None:
         for key, value, known in (
             ("reduction", reduction, REDUCTIONS),
             ("damping_split", damping_split, DAMPING_SPLITS),
             ("fisher", fisher, FISHERS),
+            ("dist_strategy", dist_strategy, STRATEGIES),
         ):
             if value not in known:
                 raise KfacbenchError(f"unknown {key} {value!r}; known: {', '.join(known)}")
@@ -325,6 +341,12 @@ class SKFAC:
         )
         self.float64_systems = False
         self.steps = 0
+        self.device = device
+        self.dist = dist
+        self.strategy = dist_strategy
+        self.split = dist is not None and dist.world > 1
+        costs = [float(_dense_cost(c.layer)) for c in self.roots]
+        self.owners = assign_owners(costs, dist.world) if self.split and dist else [0] * len(costs)
 
     def step(self, x: Tensor, y: Tensor, timer: PhaseTimer) -> Tensor:
         """Forward, backward, curvature and inverse (when due), precondition, momentum update."""
@@ -343,13 +365,24 @@ class SKFAC:
         if measure:
             with timer.phase("curvature"):
                 self._measure(output, y)
+            if self.dist is not None:
+                with timer.phase("comm"):
+                    self._gather_latest()
         self.capture.clear()
         if refresh:
             with timer.phase("inverse"):
                 self._refresh()
+            if self.split and self.strategy == "comm-opt":
+                with timer.phase("comm"):
+                    self._share_inverses()
         with torch.no_grad():
             with timer.phase("precondition"):
-                direction = self._precondition()
+                grads = gradients(self.params, self.eta)
+                nat = self._natural(grads)
+            if self.split and self.strategy == "mem-opt":
+                with timer.phase("comm"):
+                    nat = self._share_directions(nat)
+            direction = self._assemble(nat, grads)
             with timer.phase("update"):
                 self.sgd.lr = self.sgd.lr_at(k)
                 self.sgd.apply(direction, self.sgd.lr)
@@ -366,7 +399,7 @@ class SKFAC:
         forms = {}
         for c in self.roots:
             if c.a_inv is None or c.g_inv is None:
-                continue
+                continue  # not yet refreshed, or held by another rank (mem-opt)
             forms[c.layer.name] = {
                 "rank": c.rank,
                 "A": "woodbury" if c.a_inv.low_rank else "dense",
@@ -421,12 +454,48 @@ class SKFAC:
         )
         return ra, rg
 
+    def _mine(self, i: int) -> bool:
+        """Whether this rank forms layer ``i``'s inverses."""
+        return not self.split or self.dist is None or self.owners[i] == self.dist.rank
+
+    def _gather_latest(self) -> None:
+        """Replace each layer's newest roots by the global batch's: every rank's rows stacked,
+        scaled by 1/√world (a mean of equal shards' factors)."""
+        assert self.dist is not None
+        local = [t for c in self.roots for t in c.history[-1]]
+        stacked = gather_rows(local, self.dist)
+        scale = 1.0 / math.sqrt(self.dist.world)
+        for i, c in enumerate(self.roots):
+            c.history[-1] = (stacked[2 * i] * scale, stacked[2 * i + 1] * scale)
+
+    def _share_inverses(self) -> None:
+        """comm-opt: every owner broadcasts its layers' damped inverses to all ranks."""
+        assert self.dist is not None
+        items = [
+            _pack(c.a_inv) + _pack(c.g_inv) if self._mine(i) else []
+            for i, c in enumerate(self.roots)
+        ]
+        shared = broadcast_from_owners(items, self.owners, self.dist, self.device)
+        for c, tensors in zip(self.roots, shared, strict=True):
+            split = 4 if float(tensors[1]) >= 2 else 3  # A's form tag (a sync, at refresh)
+            c.a_inv, c.g_inv = _unpack(tensors[:split]), _unpack(tensors[split:])
+
+    def _share_directions(self, nat: list[Tensor | None]) -> list[Tensor | None]:
+        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
+        assert self.dist is not None
+        items = [[v] if v is not None else [] for v in nat]
+        return [t[0] for t in broadcast_from_owners(items, self.owners, self.dist, self.device)]
+
     def _refresh(self) -> None:
-        """Damped inverses of every factor from its roots (Woodbury or dense, batched)."""
+        """Damped inverses of every factor (of this rank's layers, when distributed) from its
+        roots (Woodbury or dense, batched)."""
         rows: list[Tensor] = []
         dampings: list[Tensor] = []
         root = torch.sqrt(self.lam)
+        owned = [c for i, c in enumerate(self.roots) if self._mine(i)]
         for c in self.roots:
+            c.rank = sum(ra.shape[0] for ra, _ in c.history)
+        for c in owned:
             ra, rg = self._averaged_rows(c)
             if self.damping_split == "pi":
                 pi = torch.sqrt(
@@ -437,25 +506,66 @@ class SKFAC:
             else:
                 dampings += [root, root]
             rows += [ra, rg]
-            c.rank = ra.shape[0]
         inverses = damped_inverses(rows, dampings, float64=self.float64_systems)
         # Once float32 has failed, later refreshes go straight to float64 (no failing attempt).
-        self.float64_systems = any(inv.float64 for inv in inverses)
-        for i, c in enumerate(self.roots):
+        self.float64_systems = self.float64_systems or any(inv.float64 for inv in inverses)
+        for i, c in enumerate(owned):
             c.a_inv, c.g_inv = inverses[2 * i], inverses[2 * i + 1]
 
-    def _precondition(self) -> list[Tensor]:
-        """G_δ⁻¹ ∇h Ā_δ⁻¹ per layer, ∇h for the other parameters, in ``self.params`` order."""
-        grads = gradients(self.params, self.eta)
-        out: list[Tensor] = []
+    def _natural(self, grads: list[Tensor]) -> list[Tensor | None]:
+        """G_δ⁻¹ ∇h Ā_δ⁻¹ as a gradient matrix per layer (``None`` for a layer another rank
+        preconditions under mem-opt)."""
+        local = not (self.split and self.strategy == "mem-opt")
+        out: list[Tensor | None] = []
         i = 0
-        for c in self.roots:
+        for k, c in enumerate(self.roots):
             n = len(c.layer.params())
-            assert c.a_inv is not None and c.g_inv is not None
-            v = grad_matrix(c.layer, grads[i : i + n])
-            out += split_matrix(c.layer, kronecker_apply(c.g_inv, c.a_inv, v))
+            if local or self._mine(k):
+                assert c.a_inv is not None and c.g_inv is not None
+                v = grad_matrix(c.layer, grads[i : i + n])
+                out.append(kronecker_apply(c.g_inv, c.a_inv, v))
+            else:
+                out.append(None)
             i += n
-        return out + grads[i:]
+        return out
+
+    def _assemble(self, nat: list[Tensor | None], grads: list[Tensor]) -> list[Tensor]:
+        """The preconditioned gradient per parameter in ``self.params`` order (∇h for the
+        parameters of uncovered modules)."""
+        out: list[Tensor] = []
+        for c, v in zip(self.roots, nat, strict=True):
+            assert v is not None
+            out += split_matrix(c.layer, v)
+        covered = sum(len(c.layer.params()) for c in self.roots)
+        return out + grads[covered:]
+
+
+def _dense_cost(layer: Layer) -> int:
+    """What a layer's two inverses cost at most (d³ each): the owners' balance. The Woodbury
+    form is cheaper, by a factor that depends on the batch, not on the layer."""
+    return layer.in_dim**3 + layer.out_dim**3
+
+
+def _pack(inv: DampedInverse | None) -> list[Tensor]:
+    """A damped inverse as tensors for a broadcast: δ, a form tag (2 Woodbury, 1 dense; +0.5
+    when float64), then R and W, or the dense inverse."""
+    assert inv is not None
+    tag = (2.0 if inv.low_rank else 1.0) + (0.5 if inv.float64 else 0.0)
+    head = [inv.damping.reshape(()), torch.tensor(tag, device=inv.damping.device)]
+    if inv.low_rank:
+        assert inv.rows is not None and inv.solved is not None
+        return [*head, inv.rows, inv.solved]
+    assert inv.dense is not None
+    return [*head, inv.dense]
+
+
+def _unpack(tensors: list[Tensor]) -> DampedInverse:
+    """The inverse :func:`_pack` sent."""
+    damping, tag = tensors[0], float(tensors[1])
+    wide = tag % 1 != 0
+    if tag >= 2:
+        return DampedInverse(damping, rows=tensors[2], solved=tensors[3], float64=wide)
+    return DampedInverse(damping, dense=tensors[2], float64=wide)
 
 
 def _hparams(**overrides: HParam) -> dict[str, HParam]:
@@ -474,13 +584,16 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "samples": HParam(4, "positions per example kept by subsample", minimum=1),
         "factor_decay": HParam(0.0, "moving-average ε of the factors (0: per batch)", minimum=0),
         "factor_window": HParam(4, "batches in the moving average", minimum=1),
+        "dist_strategy": HParam(
+            "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
+        ),
     }
     base.update(overrides)
     return base
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SKFAC:
-    return SKFAC(problem, **hp, total_steps=ctx.total_steps, seed=ctx.seed)
+    return SKFAC(problem, **hp, total_steps=ctx.total_steps, seed=ctx.seed, dist=ctx.dist)
 
 
 SPECS = (
