@@ -34,9 +34,10 @@ from kfacbench.store import atomic_write_parquet, load_tables, settings_of
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
 
-FAIL_ABOVE = 35.0
+FAIL_ABOVE = 50.0
 """Default threshold in percent, above the noise measured on unchanged code: on a 2-core VM,
-10 runs of 3 passes against a 5-pass baseline moved gated lines by 0.85-1.31x (README)."""
+21 runs of 3 passes against two 5-pass baselines recorded an hour apart moved gated lines by up
+to 1.37x (README). A quieter machine (a dedicated GPU) can use a lower ``--fail-above``."""
 
 MIN_SHARE = 5.0
 """Default share of its step (percent) below which a phase does not gate the check."""
