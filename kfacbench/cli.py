@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kfacbench.cluster import EXECUTORS, ClusterOptions, submit_cells
 from kfacbench.compare import METRICS, compare_runs
 from kfacbench.distributed import init, launched_by_torchrun
 from kfacbench.errors import KfacbenchError, SuiteError
@@ -123,6 +124,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(table)
         return 0
     options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    if args.nproc is not None and args.submitit is not None:
+        raise KfacbenchError("--nproc and --submitit do not combine: choose one way to run cells")
     if launched_by_torchrun():
         return run_worker(args, suite, cells, options)
     if args.resume is not None:
@@ -140,6 +143,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             code = run_distributed(args, suite, cells, store, console)
             if code:
                 return code
+        elif args.submitit is not None:
+            cluster = ClusterOptions(
+                executor=args.submitit,
+                partition=args.slurm_partition,
+                timeout_min=args.job_minutes,
+                gpus_per_node=args.gpus_per_job,
+                cpus_per_task=args.cpus_per_job,
+            )
+            submit_cells(cells, store, options, cluster, console)
         else:
             run_cells(cells, store, options, console)
     except KeyboardInterrupt:
@@ -541,6 +553,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="rendezvous of a multi-node run (c10d; run the same command on every node, with"
         " the same --resume RUN_DIR on a shared filesystem)",
+    )
+    run.add_argument(
+        "--submitit",
+        choices=EXECUTORS,
+        help="run every cell as a job through submitit: slurm (a job array; the run directory"
+        " must be on a shared filesystem) or local (processes on this machine, for trying it)",
+    )
+    run.add_argument("--slurm-partition", metavar="P", help="SLURM partition for --submitit")
+    run.add_argument(
+        "--job-minutes", type=int, default=60, metavar="M", help="time limit per job (%(default)s)"
+    )
+    run.add_argument(
+        "--gpus-per-job", type=int, default=0, metavar="G", help="GPUs per job (%(default)s)"
+    )
+    run.add_argument(
+        "--cpus-per-job", type=int, default=4, metavar="C", help="CPU cores per job (%(default)s)"
     )
     run.add_argument(
         "--dist-timeout",

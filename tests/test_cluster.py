@@ -1,0 +1,91 @@
+"""Cells as submitit jobs (`kfacbench run --submitit`): the local executor end to end, and a
+job that dies before writing its cell."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from kfacbench import cli, cluster
+
+pytest.importorskip("submitit", reason="needs the cluster extra (pip install 'kfacbench[cluster]')")
+
+SUITE = """
+name = "jobs"
+[defaults]
+device = "cpu"
+data = "synthetic"
+max_steps = 4
+eval_every = 4
+log_every = 2
+train_eval_size = 64
+eval_size = 64
+[sweep]
+workload = ["curves_ae"]
+batch_size = [32]
+inv_interval = [2]
+[optimizers.sgd]
+lr = 0.01
+[optimizers.skfac]
+lr = 0.01
+damping = 1.0
+"""
+
+
+def test_local_executor_runs_every_cell_into_one_run_directory(tmp_path: Path) -> None:
+    suite = tmp_path / "jobs.toml"
+    suite.write_text(SUITE)
+    out = tmp_path / "runs"
+    assert cli.main(["run", str(suite), "--submitit", "local", "--out", str(out)]) == 0
+    (run_dir,) = (out / "jobs").iterdir()
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    assert sorted(cells["optimizer"]) == ["sgd", "skfac"]
+    assert set(cells["status"]) == {"ok"}
+    assert not pd.read_parquet(run_dir / "phases.parquet").empty
+    assert list((run_dir / "jobs").glob("*_log.out"))  # submitit's per-job logs
+    # Resuming submits nothing: every cell has its parts.
+    assert cli.main(["run", str(suite), "--resume", str(run_dir), "--submitit", "local"]) == 0
+
+
+class _DeadJob:
+    job_id = "4242_0"
+
+    def done(self) -> bool:
+        return True
+
+    def exception(self) -> Exception:
+        return RuntimeError("Job 4242_0 (task: 0) with path ... has timed out (DUE TO TIME LIMIT)")
+
+
+class _DeadExecutor:
+    def batch(self) -> Any:
+        return nullcontext()
+
+    def submit(self, *args: Any) -> _DeadJob:
+        return _DeadJob()
+
+
+def test_a_job_that_died_is_recorded_as_an_error_cell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster, "_executor", lambda folder, options: _DeadExecutor())
+    suite = tmp_path / "jobs.toml"
+    suite.write_text(SUITE)
+    out = tmp_path / "runs"
+    assert cli.main(["run", str(suite), "--submitit", "slurm", "--out", str(out)]) == 0
+    (run_dir,) = (out / "jobs").iterdir()
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    assert set(cells["status"]) == {"error"}
+    assert all(e.startswith("job 4242_0: RuntimeError") for e in cells["error"])
+    assert all("TIME LIMIT" in e for e in cells["error"])
+
+
+def test_submitit_and_nproc_do_not_combine(tmp_path: Path) -> None:
+    suite = tmp_path / "jobs.toml"
+    suite.write_text(SUITE)
+    argv = ["run", str(suite), "--submitit", "local", "--nproc", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
