@@ -97,6 +97,11 @@ def shard(indices: Tensor, dist: Dist) -> Tensor:
     return indices[dist.rank * m : (dist.rank + 1) * m]
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated since) to all_gather_single; older
+# torch builds on users' GPU machines have only the former.
+_all_gather = getattr(td, "all_gather_single", None) or td.all_gather_into_tensor
+
+
 def _buckets(tensors: Sequence[Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped into buckets of about :data:`BUCKET_BYTES` (same dtype)."""
     buckets: list[list[int]] = []
@@ -154,7 +159,7 @@ def gather_rows(tensors: Sequence[Tensor], dist: Dist) -> list[Tensor]:
     """
     flat = torch.cat([t.reshape(-1) for t in tensors])
     out = torch.empty(dist.world * flat.numel(), dtype=flat.dtype, device=flat.device)
-    td.all_gather_into_tensor(out, flat)
+    _all_gather(out, flat)
     per_rank = out.view(dist.world, -1)
     gathered: list[Tensor] = []
     offset = 0

@@ -140,8 +140,8 @@ def profile_cell(
         traces: the run's ``traces`` directory; the cell writes ``traces/<cell-id>/``.
         window: the schedule.
         dist: the process group of a data-parallel run: every rank writes its own trace, worker
-            ``<cell-id>.rank<R>`` (one TensorBoard worker per rank), with the rank in the
-            trace's metadata.
+            ``<cell-id>.rank<R>`` (one TensorBoard worker per rank); Kineto records the rank,
+            world size and backend in the trace's ``distributedInfo``.
 
     Returns:
         The Chrome-trace JSON file written for the cell.
@@ -168,8 +168,6 @@ def profile_cell(
         schedule=schedule(wait=window.wait, warmup=window.warmup, active=window.active, repeat=1),
         on_trace_ready=tensorboard_trace_handler(str(out), worker_name=worker),
     ) as prof:
-        if dist is not None:
-            prof.add_metadata_json("kfacbench_rank", str(dist.rank))
         train(
             p.problem,
             p.method,

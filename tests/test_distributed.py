@@ -28,6 +28,7 @@ from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import Dist, assign_owners, shard
 from kfacbench.errors import KfacbenchError
+from kfacbench.launch import LaunchOptions, torchrun_args
 from kfacbench.optim import MethodContext, get_method
 
 CPU = torch.device("cpu")
@@ -273,9 +274,23 @@ def test_a_killed_rank_ends_the_cell_with_an_error_and_the_suite_goes_on(
     cells = pd.read_parquet(run_dir / "cells.parquet").set_index("workload")
     assert cells.loc["mnist_ae", "status"] == "error"
     assert "rank 1 was killed by SIGKILL" in cells.loc["mnist_ae", "error"]
+    print(f"cell recorded {recorded_after:.1f} s after the kill")
     assert recorded_after < 30  # torchrun's teardown, far below the timeouts
     assert cells.loc["mnist_ae", "started_at"] < cells.loc["mnist_ae", "finished_at"]
     assert cells.loc["curves_ae", "status"] == "ok"  # the suite went on
+
+
+def test_torchrun_arguments_for_one_node_and_several() -> None:
+    one = torchrun_args("s.toml", Path("runs/s/x"), ["--only", "sgd"], LaunchOptions(2))
+    assert one[:4] == ["--nproc-per-node=2", "--nnodes=1", "--max-restarts=0", "--standalone"]
+    assert one[4:] == ["-m", "kfacbench", "run", "s.toml", "--resume", "runs/s/x", "--only", "sgd"]
+    many = torchrun_args("s.toml", Path("/shared/x"), [], LaunchOptions(8, 4, "head:29400"))
+    assert "--rdzv-backend=c10d" in many and "--rdzv-endpoint=head:29400" in many
+    assert "--rdzv-id=kfacbench-x" in many and "--standalone" not in many
+    with pytest.raises(KfacbenchError, match="--rdzv-endpoint"):
+        torchrun_args("s.toml", Path("x"), [], LaunchOptions(2, 2))
+    with pytest.raises(KfacbenchError, match="at least 1"):
+        torchrun_args("s.toml", Path("x"), [], LaunchOptions(0))
 
 
 def test_kfacbench_run_nproc_errors_are_one_line(tmp_path: Path) -> None:
@@ -283,3 +298,62 @@ def test_kfacbench_run_nproc_errors_are_one_line(tmp_path: Path) -> None:
     done = kfacbench("run", "dd.toml", "--nproc", "2", "--nnodes", "2", "--out", "r", cwd=tmp_path)
     assert done.returncode == 2
     assert "--rdzv-endpoint" in done.stderr
+
+
+PROFILED = """
+name = "prof"
+[defaults]
+device = "cpu"
+data = "synthetic"
+max_steps = 4
+eval_every = 4
+log_every = 2
+train_eval_size = 64
+eval_size = 64
+[profile]
+wait = 1
+warmup = 1
+active = 2
+[sweep]
+workload = ["curves_ae"]
+batch_size = [64]
+inv_interval = [2]
+[optimizers.skfac]
+lr = 0.01
+damping = 1.0
+"""
+
+
+def test_each_rank_writes_its_own_trace(tmp_path: Path) -> None:
+    (tmp_path / "prof.toml").write_text(PROFILED)
+    done = kfacbench("run", "prof.toml", "--nproc", "2", "--out", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "prof").iterdir()
+    cell_id = pd.read_parquet(run_dir / "cells.parquet")["cell_id"].iloc[0]
+    for rank in (0, 1):
+        (trace,) = (run_dir / "traces" / cell_id).glob(f"{cell_id}.rank{rank}.*.pt.trace.json")
+        meta = json.loads(trace.read_text())
+        assert meta["distributedInfo"]["rank"] == rank
+        names = {e.get("name") for e in meta["traceEvents"]}
+        assert {"kfacbench/comm", "kfacbench/inverse"} <= names
+    kernels = pd.read_parquet(run_dir / "kernels.parquet")
+    assert "comm" in set(kernels["phase"])
+
+
+def test_an_exception_on_the_ranks_is_the_cells_error_and_the_suite_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A global batch of 63 cannot be split over 2 ranks: the ranks raise, the cell is recorded
+    with the message of the first failing rank, and the next cell (batch 64) runs."""
+    suite = SUITE.replace("batch_size = [64]", "batch_size = [63, 64]").replace(
+        'name = "dd"', 'name = "odd"'
+    )
+    (tmp_path / "odd.toml").write_text(suite)
+    done = kfacbench("run", "odd.toml", "--nproc", "2", "--only", "sgd", "--out", "r", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "r" / "odd").iterdir()
+    cells = pd.read_parquet(run_dir / "cells.parquet").set_index("batch_size")
+    assert cells.loc[63, "status"] == "error"
+    assert cells.loc[63, "error"].startswith("rank ")
+    assert "batch size 63 does not split evenly over 2 processes" in cells.loc[63, "error"]
+    assert cells.loc[64, "status"] == "ok"
