@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -13,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-import torch
 import torch.distributed as td
 from rich.console import Console
 from rich.markup import escape
@@ -35,8 +33,8 @@ from kfacbench.regress import (
     read_baseline,
     write_baseline,
 )
-from kfacbench.runner import RunOptions, cell_row, now, resolve_device, run_cells
-from kfacbench.store import RunStore, environment, fresh_dir, load_tables
+from kfacbench.runner import RunOptions, record_failure, resolve_device, run_cells
+from kfacbench.store import RunStore, fresh_dir, load_tables
 from kfacbench.suite import Cell, ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary
 from kfacbench.workloads import WORKLOADS
@@ -44,7 +42,6 @@ from kfacbench.workloads import WORKLOADS
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
 BASELINES = Path("results/baselines")
-CPU = torch.device("cpu")
 EXAMPLES = """examples:
   kfacbench run                          the quick suite (CURVES, CPU-friendly) on auto device
   kfacbench run sgd_steps --device cuda  SGD step time on every workload, synthetic data
@@ -215,11 +212,7 @@ def run_distributed(
         cell = by_id.get(failure.cell_id or "")
         if cell is None or cell.id in store.finished_ids():
             raise KfacbenchError(f"the distributed job failed outside a cell: {failure.message}")
-        env_file = store.run_dir / "env.json"
-        env = json.loads(env_file.read_text()) if env_file.exists() else environment(CPU)
-        started = failure.started_at or now()
-        row = cell_row(cell, env, started, status=failure.status, error=failure.message)
-        store.write_cell(row, [], [])
+        record_failure(cell, store, failure.status, failure.message, failure.started_at)
         console.print(f"[yellow]{cell.label}: {failure.status}[/] {escape(failure.message)}")
         if opts.nnodes > 1:  # the other nodes' launchers stopped too: resume all of them
             console.print(f"resume with: kfacbench run {args.suite} ... --resume {store.run_dir}")

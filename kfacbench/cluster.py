@@ -12,22 +12,20 @@ interrupted launcher loses nothing: ``--resume`` submits only the cells without 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.runner import RunOptions, cell_row, now, one_line, run_cells
-from kfacbench.store import RunStore, environment
+from kfacbench.runner import RunOptions, one_line, record_failure, run_cells
+from kfacbench.store import RunStore
 from kfacbench.suite import Cell, load_suite
 from kfacbench.workloads import WORKLOADS
 
@@ -117,18 +115,9 @@ def submit_cells(
                 progress.advance(task)
                 error = job.exception()
                 if error is not None and cell.id not in store.finished_ids():
-                    _record_lost(cell, store, f"job {job.job_id}: {one_line(error)}")
+                    record_failure(cell, store, "error", f"job {job.job_id}: {one_line(error)}")
                     console.print(f"[yellow]{cell.label}: error[/] {escape(one_line(error))}")
             pending = still
             if pending:
                 time.sleep(1.0)
     store.consolidate()
-
-
-def _record_lost(cell: Cell, store: RunStore, message: str) -> None:
-    """A cell whose job died before writing its result: an ``error`` row with the reason."""
-    env_file = store.run_dir / "env.json"
-    env = (
-        json.loads(env_file.read_text()) if env_file.exists() else environment(torch.device("cpu"))
-    )
-    store.write_cell(cell_row(cell, env, now(), status="error", error=message), [], [])

@@ -42,6 +42,8 @@ from kfacbench.store import RunStore, dumps, environment
 from kfacbench.suite import Cell
 from kfacbench.workloads import Workload, get_workload
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -237,6 +239,16 @@ def cell_row(
         "started_at": started,
         "finished_at": now(),
     }
+
+
+def record_failure(
+    cell: Cell, store: RunStore, status: str, message: str, started: str | None = None
+) -> None:
+    """Write the row of a cell that failed outside this process (a distributed job that a rank
+    took down, a cluster job that died) with the run's environment from ``env.json``."""
+    env_file = store.run_dir / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else environment(CPU)
+    store.write_cell(cell_row(cell, env, started or now(), status=status, error=message), [], [])
 
 
 def now() -> str:
