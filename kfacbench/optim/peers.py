@@ -1,0 +1,279 @@
+"""Other implementations measured on the same training core: ASDL's K-FAC and "swift" K-FAC
+(SKFAC), and torch's AdamW.
+
+A peer runs its own code; the adapter only drives it through the core's step and names its
+phases where the peer's structure allows. Settings are matched to kfacbench's presets where the
+peer has the same knob; what cannot be matched is said in each class's docstring.
+
+ASDL (Osawa et al., PyPI ``asdfghjkl``, imported as ``asdl``) ships as the ``peers`` extra. Its
+``PreconditionedGradientMaker.forward_and_backward`` is, in order: forward and backward (skipped
+on a curvature step, whose pass computes the loss gradient too), the curvature update, the
+preconditioner (inverse) update, preconditioning of ``.grad``. The adapter calls those stages
+itself so that each is timed as the phase of the same name (``curvature`` then covers ASDL's
+fused forward + backward + statistics pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from collections.abc import Callable, Iterator, Mapping
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+
+FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
+"""kfacbench's Fisher estimates and ASDL's names for them."""
+
+
+class _NoNvtx:
+    """ASDL's accumulate path opens ``torch.cuda.nvtx.range`` unconditionally, which raises on a
+    CPU-only torch build; on such builds the adapter gives ASDL this no-op instead."""
+
+    @staticmethod
+    @contextlib.contextmanager
+    def range(*args: Any, **kwargs: Any) -> Iterator[None]:
+        yield
+
+
+def _asdl() -> ModuleType:
+    """The ``asdl`` package, or a one-line error naming the extra."""
+    try:
+        import asdl
+        import asdl.precondition.natural_gradient as natural_gradient
+    except ImportError:
+        raise KfacbenchError(
+            "the ASDL peers need the asdfghjkl package: pip install 'kfacbench[peers]'"
+        ) from None
+    if not torch.cuda.is_available():
+        natural_gradient.nvtx = _NoNvtx
+    return asdl
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class AsdlKfac:
+    """ASDL's ``KfacGradientMaker`` (``swift=False``: K-FAC; ``True``: SKFAC) with SGD momentum.
+
+    What maps to what (kfacbench's ``kfac-fast`` / ``skfac`` presets):
+
+    - ``damping`` λ: ASDL damps both factors with the π split of √λ, (A + π√λ I) and
+      (B + √λ/π I), as ``kfac-fast`` does with γ = √λ (η = 0), and as SKFAC with
+      ``damping_split = "pi"`` (SKFAC's official √λ split has no ASDL equivalent).
+    - ``inv_interval`` → ``preconditioner_upd_interval``; ``cov_interval`` →
+      ``curvature_upd_interval`` (for swift, the curvature is measured at refreshes only, as
+      SKFAC does).
+    - ``fisher``: ``sampled`` → ``fisher_mc`` (one sample; categorical and Gaussian outputs only:
+      ASDL has no Bernoulli likelihood, so the autoencoders need ``empirical`` → ``fisher_emp``).
+    - ``ema_decay``: ASDL's weight of the newest batch (0: per-batch factors). kfacbench's K-FAC
+      weights it max(1/k, 1 − ema_max); ASDL has no 1/k start, so its first factors are scaled by
+      ``ema_decay`` and the damping weighs more early on — not matchable.
+    - Biases: ASDL preconditions a Linear/Conv bias with the output-side factor alone; kfacbench
+      folds it into Ā as the homogeneous coordinate (Martens & Grosse §3). Not matchable.
+    - The update: torch.optim.SGD with momentum on the preconditioned gradient, as kfac-fast and
+      SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        swift: bool,
+        lr: float,
+        momentum: float,
+        damping: float,
+        fisher: str,
+        inv_interval: int,
+        cov_interval: int,
+        ema_decay: float,
+        seed: int,
+    ) -> None:
+        asdl = _asdl()
+        if fisher == "sampled" and problem.distribution == "bernoulli":
+            raise KfacbenchError(
+                "ASDL has no Bernoulli likelihood for a sampled Fisher; set fisher = 'empirical'"
+                " for the autoencoders"
+            )
+        self.problem = problem
+        config = asdl.PreconditioningConfig(
+            damping=damping,
+            preconditioner_upd_interval=inv_interval,
+            curvature_upd_interval=inv_interval if swift else cov_interval,
+            ema_decay=ema_decay if ema_decay > 0 else -1,
+        )
+        loss_type = "mse" if problem.distribution == "gaussian" else "cross_entropy"
+        self.maker = asdl.KfacGradientMaker(
+            problem.model,
+            config,
+            fisher_type=FISHERS[fisher],
+            loss_type=loss_type,
+            seed=seed,
+            swift=swift,
+        )
+        self.opt = torch.optim.SGD(problem.model.parameters(), lr=lr, momentum=momentum)
+        self.lr = lr
+        self.swift = swift
+        self._loss = _reducible_loss(problem)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
+        """One step through ASDL's stages, each timed (see the module docstring)."""
+        gm = self.maker
+        k = gm.state["step"]
+        self.opt.zero_grad(set_to_none=True)
+        gm.config.data_size = x.shape[0]  # ASDL averages the statistics over it
+        output = gm.setup_model_call(self.problem.forward, x)
+        gm.setup_loss_call(self._loss, output, y)
+        if gm.do_update_curvature(k):
+            with timer.phase("curvature"):
+                gm.update_curvature()
+        else:
+            with timer.phase("forward"):
+                gm.forward()
+            with timer.phase("backward"):
+                gm.backward()
+        if gm.do_update_preconditioner(k):
+            with timer.phase("inverse"):
+                gm.update_preconditioner()
+        with timer.phase("precondition"):
+            gm.precondition()
+        gm.state["step"] = k + 1
+        with timer.phase("update"):
+            self.opt.step()
+        return gm.loss.detach()
+
+    def log_values(self) -> dict[str, float]:
+        """The learning rate."""
+        return {"lr": self.lr}
+
+    def info(self) -> dict[str, Any]:
+        """The peer and its version (the cells table's ``method_info``)."""
+        return {
+            "peer": "asdl.KfacGradientMaker",
+            "swift": self.swift,
+            "version": _version("asdfghjkl"),
+        }
+
+
+def _reducible_loss(problem: Problem) -> Callable[..., torch.Tensor]:
+    """The problem's loss as a plain function with the ``reduction`` argument ASDL calls it with
+    (``sum`` for its per-example statistics; ASDL accepts only a function or a loss module)."""
+    distribution = problem.distribution
+
+    def loss(output: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per_example = per_example_loss(distribution, output, target)
+        if reduction == "none":
+            return per_example
+        return per_example.sum() if reduction == "sum" else per_example.mean()
+
+    return loss
+
+
+class AdamW:
+    """torch.optim.AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in the core."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+    ) -> None:
+        self.problem = problem
+        self.lr = lr
+        self.opt = torch.optim.AdamW(
+            problem.model.parameters(),
+            lr=lr,
+            betas=(beta1, beta2),
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
+        """Forward, backward, AdamW update."""
+        with timer.phase("forward"):
+            loss = self.problem.loss(self.problem.forward(x), y)
+        with timer.phase("backward"):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer.phase("update"):
+            self.opt.step()
+        return loss.detach()
+
+    def log_values(self) -> dict[str, float]:
+        """The learning rate."""
+        return {"lr": self.lr}
+
+    def info(self) -> dict[str, Any]:
+        """The peer and its version."""
+        return {"peer": "torch.optim.AdamW", "version": torch.__version__}
+
+
+def _asdl_build(swift: bool) -> Any:
+    def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AsdlKfac:
+        if ctx.dist is not None:
+            raise KfacbenchError("the ASDL peers run on one process (no --nproc)")
+        return AsdlKfac(problem, swift=swift, seed=ctx.seed, **hp)
+
+    return build
+
+
+def _adamw_build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AdamW:
+    return AdamW(problem, **hp)
+
+
+def _asdl_hparams(swift: bool) -> dict[str, HParam]:
+    return {
+        "lr": HParam(0.1, "learning rate of the SGD-momentum update", minimum=0.0),
+        "momentum": HParam(0.9, "momentum of that update", minimum=0.0),
+        "damping": HParam(1.0 if not swift else 0.03, "λ (π split of √λ)", minimum=0.0),
+        "fisher": HParam("empirical", "sampled (fisher_mc) or empirical", choices=tuple(FISHERS)),
+        "cov_interval": HParam(1, "steps between curvature updates (K-FAC only)", minimum=1),
+        "ema_decay": HParam(
+            0.05 if not swift else 0.0, "weight of the newest batch's factors (0: per batch)"
+        ),
+    }
+
+
+SPECS = (
+    MethodSpec(
+        "asdl-kfac",
+        "ASDL's K-FAC (KfacGradientMaker) with SGD momentum [peers extra]",
+        _asdl_hparams(swift=False),
+        uses_inv_interval=True,
+        build=_asdl_build(swift=False),
+    ),
+    MethodSpec(
+        "asdl-skfac",
+        "ASDL's swift K-FAC (SKFAC, KfacGradientMaker swift=True) with SGD momentum [peers]",
+        _asdl_hparams(swift=True),
+        uses_inv_interval=True,
+        build=_asdl_build(swift=True),
+    ),
+    MethodSpec(
+        "adamw",
+        "torch.optim.AdamW (decoupled weight decay)",
+        {
+            "lr": HParam(1e-3, "learning rate", minimum=0.0),
+            "beta1": HParam(0.9, "β₁", minimum=0.0),
+            "beta2": HParam(0.999, "β₂", minimum=0.0),
+            "eps": HParam(1e-8, "ε", minimum=0.0),
+            "weight_decay": HParam(0.01, "decoupled weight decay", minimum=0.0),
+        },
+        uses_inv_interval=False,
+        build=_adamw_build,
+    ),
+)
