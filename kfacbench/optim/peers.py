@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -53,6 +54,10 @@ def _asdl() -> ModuleType:
         ) from None
     if not torch.cuda.is_available():
         natural_gradient.nvtx = _NoNvtx
+    # ASDL's module backward hooks make torch warn on every backward pass (not actionable here).
+    warnings.filterwarnings(
+        "ignore", message="Using a non-full backward hook", category=FutureWarning
+    )
     return asdl
 
 
