@@ -46,6 +46,7 @@ from matplotlib.ticker import NullLocator, PercentFormatter
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
+from kfacbench.optim.peers import COUNTERPARTS
 from kfacbench.store import load_tables, settings_of
 
 TAU_MAX = 4.0
@@ -430,6 +431,36 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
     return table
 
 
+def peer_table(data: ReportData) -> pd.DataFrame:
+    """kfacbench's presets against the peers that implement the same method, per workload and
+    batch size: median step (non-refresh steps dominate) and mean step (training time / steps,
+    refreshes included), and their ratios kfacbench / peer. Empty without such pairs."""
+    ok = data.cells[data.cells["status"] == "ok"].copy()
+    ok["mean_step_ms"] = ok["train_time_s"] / ok["steps"].astype(float) * 1e3
+    per = ok.groupby(["workload", "batch_size", "optimizer"])[
+        ["median_step_ms", "mean_step_ms"]
+    ].median()
+    rows = []
+    for (workload, batch), group in per.groupby(level=[0, 1]):
+        have = group.droplevel([0, 1])
+        for peer, ours in COUNTERPARTS.items():
+            if peer in have.index and ours in have.index:
+                a, b = have.loc[ours], have.loc[peer]
+                rows.append(
+                    {
+                        "workload": workload,
+                        "batch_size": batch,
+                        "kfacbench": ours,
+                        "peer": peer,
+                        "median_step_ms": f"{a['median_step_ms']:.4g} / {b['median_step_ms']:.4g}",
+                        "median_ratio": a["median_step_ms"] / b["median_step_ms"],
+                        "mean_step_ms": f"{a['mean_step_ms']:.4g} / {b['mean_step_ms']:.4g}",
+                        "mean_ratio": a["mean_step_ms"] / b["mean_step_ms"],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(none)\n"
@@ -461,6 +492,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         *performance_profile_figure(ttt, out, colors),
     ]
     steps = step_time_table(data)
+    peers = peer_table(data)
     env = _environment_lines(data)
     suites = ", ".join(sorted(data.cells["suite"].unique()))
     md = [
@@ -475,6 +507,15 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         "## Step time (median; ratio to the best SGD step of the same workload)",
         "",
         _markdown_table(steps),
+        *(
+            [
+                "## kfacbench vs peers (step ms: kfacbench / peer; ratio kfacbench / peer)",
+                "",
+                _markdown_table(peers),
+            ]
+            if not peers.empty
+            else []
+        ),
         "## Figures",
         "",
         *(f"![{name}]({name}.png)" for name in figures),
@@ -492,6 +533,13 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         f"<pre>{html.escape(text)}</pre></details>"
         for path, text in data.suites
     )
+    peers_html = (
+        "<h2>kfacbench vs peers</h2>\n"
+        + peers.to_html(index=False, float_format=lambda v: f"{v:.3g}")
+        + "\n"
+        if not peers.empty
+        else ""
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kfacbench report: {html.escape(suites)}</title>
 <style>
@@ -508,7 +556,7 @@ figcaption {{ color: #666; font-size: 0.8em; }} pre {{ background: #f7f7f7; padd
 {ttt.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="not reached")}
 <h2>Step time</h2>
 {steps.to_html(index=False, float_format=lambda v: f"{v:.4g}")}
-<h2>Figures</h2>
+{peers_html}<h2>Figures</h2>
 {images}
 </body></html>
 """

@@ -12,7 +12,13 @@ import pytest
 from PIL import Image
 
 from kfacbench import cli
-from kfacbench.report import optimizer_colors, performance_profile, time_to_target_table
+from kfacbench.report import (
+    ReportData,
+    optimizer_colors,
+    peer_table,
+    performance_profile,
+    time_to_target_table,
+)
 
 SUITE = """
 name = "r"
@@ -170,3 +176,38 @@ def image_colorful_fraction(path: Path) -> float:
         1 for i in range(0, len(data), 3) if max(data[i : i + 3]) - min(data[i : i + 3]) > 60
     )
     return colorful / n
+
+
+def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
+    def cell(optimizer: str, median: float, train_s: float, workload: str = "mnist_ae") -> dict:  # type: ignore[type-arg]
+        return {
+            "workload": workload,
+            "batch_size": 1000,
+            "optimizer": optimizer,
+            "status": "ok",
+            "median_step_ms": median,
+            "train_time_s": train_s,
+            "steps": 10,
+        }
+
+    cells = pd.DataFrame(
+        [
+            cell("kfac-fast", 300.0, 4.0),
+            cell("asdl-kfac", 200.0, 2.0),
+            cell("skfac", 100.0, 1.0),  # no asdl-skfac on this workload: no row
+            cell("sgd", 50.0, 0.5),
+            cell("asdl-skfac", 80.0, 1.0, workload="faces_ae"),  # no skfac there: no row
+        ]
+    )
+    data = ReportData(cells, pd.DataFrame(), pd.DataFrame(), None, [], [])
+    table = peer_table(data)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["kfacbench"], row["peer"]) == ("kfac-fast", "asdl-kfac")
+    assert row["median_ratio"] == pytest.approx(1.5)
+    assert row["mean_ratio"] == pytest.approx(400.0 / 200.0)
+    assert row["median_step_ms"] == "300 / 200"
+    no_peers = ReportData(
+        cells[cells["optimizer"] == "sgd"], pd.DataFrame(), pd.DataFrame(), None, [], []
+    )
+    assert peer_table(no_peers).empty

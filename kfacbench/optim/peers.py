@@ -32,6 +32,9 @@ from kfacbench.optim.base import HParam, MethodContext, MethodSpec
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 """kfacbench's Fisher estimates and ASDL's names for them."""
 
+COUNTERPARTS = {"asdl-kfac": "kfac-fast", "asdl-skfac": "skfac"}
+"""Each peer and the kfacbench preset it is measured against (the report's ratio table)."""
+
 
 class _NoNvtx:
     """ASDL's accumulate path opens ``torch.cuda.nvtx.range`` unconditionally, which raises on a
