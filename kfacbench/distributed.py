@@ -259,3 +259,51 @@ def slowest(values: dict[str, list[float]], dist: Dist) -> dict[str, list[float]
         n = min(len(v) for v in lists)
         out[key] = [max(v[i] for v in lists) for i in range(n)]
     return out
+
+
+class LayerOwners:
+    """Which rank inverts each layer, and the broadcasts that follow (KAISA's strategies).
+
+    Args:
+        costs: per layer, the cost of its inversions (owners balance their sum).
+        dist: the process group, or ``None`` (one process: this rank owns every layer).
+        strategy: ``comm-opt`` or ``mem-opt`` (:data:`STRATEGIES`).
+        split: whether to split at all (``False``: every rank inverts every layer).
+    """
+
+    def __init__(
+        self, costs: Sequence[float], dist: Dist | None, strategy: str, split: bool = True
+    ) -> None:
+        self.dist = dist
+        self.strategy = strategy
+        self.split = split and dist is not None and dist.world > 1
+        self.owners = assign_owners(costs, dist.world) if self.split and dist else [0] * len(costs)
+        self.shares_inverses = self.split and strategy == "comm-opt"
+        self.shares_directions = self.split and strategy == "mem-opt"
+
+    def mine(self, i: int) -> bool:
+        """Whether this rank inverts layer ``i``."""
+        return not self.split or self.dist is None or self.owners[i] == self.dist.rank
+
+    def preconditions(self, i: int) -> bool:
+        """Whether this rank preconditions layer ``i`` (every layer, unless mem-opt)."""
+        return not self.shares_directions or self.mine(i)
+
+    def broadcast(self, items: list[list[Tensor]], device: torch.device) -> list[list[Tensor]]:
+        """Every layer's tensors from its owner (``items[i]`` is read on the owner only)."""
+        assert self.dist is not None
+        return broadcast_from_owners(items, self.owners, self.dist, device)
+
+    def share_directions(
+        self, nat: list[Tensor | None], device: torch.device
+    ) -> list[Tensor | None]:
+        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
+        items = [[v] if v is not None else [] for v in nat]
+        return [t[0] for t in self.broadcast(items, device)]
+
+    def info(self, names: Sequence[str]) -> dict[str, Any]:
+        """The owners per layer name, for ``method_info`` (empty when not split)."""
+        if not self.split:
+            return {}
+        owners = dict(zip(names, self.owners, strict=True))
+        return {"owners": owners, "dist_strategy": self.strategy}

@@ -28,6 +28,7 @@ from torch.distributed.run import get_args_parser
 from torch.distributed.run import run as torchrun
 
 from kfacbench.errors import KfacbenchError
+from kfacbench.store import atomic_write_bytes
 
 TIMEOUT_ENV = "KFACBENCH_DIST_TIMEOUT"
 """Environment variable carrying ``--dist-timeout`` (seconds) to the workers."""
@@ -139,7 +140,4 @@ def failure_of(bookkeeping: Path, rank: int, fallback: str) -> Failure:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """A small bookkeeping file, replaced atomically (read by the launcher after a failure)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    atomic_write_bytes(path, json.dumps(data).encode())

@@ -44,9 +44,8 @@ from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
     STRATEGIES,
     Dist,
+    LayerOwners,
     PendingMean,
-    assign_owners,
-    broadcast_from_owners,
     mean_over_ranks,
 )
 from kfacbench.errors import KfacbenchError
@@ -327,12 +326,14 @@ class KFAC:
         self.last_alpha = torch.zeros((), device=device)
         self.last_mu = torch.zeros((), device=device)
         self.dist = dist
-        self.strategy = dist_strategy
         self.pending: PendingMean | None = None
         # Inversions split over ranks by owner (block-diagonal only: tridiag couples the layers).
-        self.split = dist is not None and dist.world > 1 and structure == "blockdiag"
-        costs = [float(c.layer.in_dim**3 + c.layer.out_dim**3) for c in self.curv]
-        self.owners = assign_owners(costs, dist.world) if self.split and dist else [0] * len(costs)
+        self.owners = LayerOwners(
+            [float(c.layer.in_dim**3 + c.layer.out_dim**3) for c in self.curv],
+            dist,
+            dist_strategy,
+            split=structure == "blockdiag",
+        )
 
     # ---------------------------------------------------------------- the step
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -360,16 +361,16 @@ class KFAC:
             self._land_factors(timer)
             with timer.phase("inverse"):
                 self._refresh_inverses()
-            if self.split and self.strategy == "comm-opt":
+            if self.owners.shares_inverses:
                 with timer.phase("comm"):
                     self._share_inverses()
         with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
             with timer.phase("precondition"):
                 grads = self._gradient()
                 nat = self._natural(grads, self.gamma)
-            if self.split and self.strategy == "mem-opt":
+            if self.owners.shares_directions:
                 with timer.phase("comm"):
-                    nat = self._share_directions(nat)
+                    nat = self.owners.share_directions(nat, self.device)
             direction = self._assemble(nat, grads)
             if self.rescale:
                 with timer.phase("rescale"):
@@ -410,10 +411,7 @@ class KFAC:
             "preconditioned": [c.layer.name for c in self.curv],
             "identity_preconditioner": self.uncovered,
         }
-        if self.split:
-            info["owners"] = dict(zip((c.layer.name for c in self.curv), self.owners, strict=True))
-            info["dist_strategy"] = self.strategy
-        return info
+        return info | self.owners.info([c.layer.name for c in self.curv])
 
     # ---------------------------------------------------------------- distribution
     def _factor_tensors(self) -> list[torch.Tensor]:
@@ -427,10 +425,6 @@ class KFAC:
                 self.pending.wait()
             self.pending = None
 
-    def _mine(self, i: int) -> bool:
-        """Whether this rank inverts layer ``i``."""
-        return not self.split or self.dist is None or self.owners[i] == self.dist.rank
-
     def _inverse_fields(self) -> tuple[str, ...]:
         """What preconditioning reads of a layer: damped inverses, or the eigendecomposition."""
         if self.inverse_method == "eigh" and not self.fixed_damping:
@@ -439,22 +433,15 @@ class KFAC:
 
     def _share_inverses(self) -> None:
         """comm-opt: every owner broadcasts its layers' inverses to all ranks."""
-        assert self.dist is not None
         fields = self._inverse_fields()
         items = [
-            [getattr(c, f) for f in fields] if self._mine(i) else []
+            [getattr(c, f) for f in fields] if self.owners.mine(i) else []
             for i, c in enumerate(self.curv)
         ]
-        shared = broadcast_from_owners(items, self.owners, self.dist, self.device)
+        shared = self.owners.broadcast(items, self.device)
         for c, tensors in zip(self.curv, shared, strict=True):
             for f, t in zip(fields, tensors, strict=True):
                 setattr(c, f, t)
-
-    def _share_directions(self, nat: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
-        assert self.dist is not None
-        items = [[v] if v is not None else [] for v in nat]
-        return [t[0] for t in broadcast_from_owners(items, self.owners, self.dist, self.device)]
 
     def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
         """A minibatch mean over this rank's shard turned into the global batch's mean."""
@@ -565,13 +552,13 @@ class KFAC:
         return gradients(self.params, self.eta)
 
     def _owned(self) -> list[LayerCurvature]:
-        return [c for i, c in enumerate(self.curv) if self._mine(i)]
+        return [c for i, c in enumerate(self.curv) if self.owners.mine(i)]
 
     def _precondition(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor]:
         """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others."""
         nat = self._natural(grads, gamma)
-        if self.split and self.strategy == "mem-opt":
-            nat = self._share_directions(nat)
+        if self.owners.shares_directions:
+            nat = self.owners.share_directions(nat, self.device)
         return self._assemble(nat, grads)
 
     def _natural(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor | None]:
@@ -587,9 +574,8 @@ class KFAC:
             tri = self.tridiag if gamma is self.gamma else self._tridiag_pieces(gamma)
             assert tri is not None
             return list(tridiag_apply(tri, mats))
-        local = not (self.split and self.strategy == "mem-opt")
         return [
-            self._apply_block(c, v, gamma) if local or self._mine(i) else None
+            self._apply_block(c, v, gamma) if self.owners.preconditions(i) else None
             for i, (c, v) in enumerate(zip(self.curv, mats, strict=True))
         ]
 

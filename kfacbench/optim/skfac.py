@@ -62,8 +62,7 @@ from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
     STRATEGIES,
     Dist,
-    assign_owners,
-    broadcast_from_owners,
+    LayerOwners,
     gather_rows,
 )
 from kfacbench.errors import KfacbenchError
@@ -343,10 +342,9 @@ class SKFAC:
         self.steps = 0
         self.device = device
         self.dist = dist
-        self.strategy = dist_strategy
-        self.split = dist is not None and dist.world > 1
-        costs = [float(_dense_cost(c.layer)) for c in self.roots]
-        self.owners = assign_owners(costs, dist.world) if self.split and dist else [0] * len(costs)
+        self.owners = LayerOwners(
+            [float(_dense_cost(c.layer)) for c in self.roots], dist, dist_strategy
+        )
 
     def step(self, x: Tensor, y: Tensor, timer: PhaseTimer) -> Tensor:
         """Forward, backward, curvature and inverse (when due), precondition, momentum update."""
@@ -372,16 +370,16 @@ class SKFAC:
         if refresh:
             with timer.phase("inverse"):
                 self._refresh()
-            if self.split and self.strategy == "comm-opt":
+            if self.owners.shares_inverses:
                 with timer.phase("comm"):
                     self._share_inverses()
         with torch.no_grad():
             with timer.phase("precondition"):
                 grads = gradients(self.params, self.eta)
                 nat = self._natural(grads)
-            if self.split and self.strategy == "mem-opt":
+            if self.owners.shares_directions:
                 with timer.phase("comm"):
-                    nat = self._share_directions(nat)
+                    nat = self.owners.share_directions(nat, self.device)
             direction = self._assemble(nat, grads)
             with timer.phase("update"):
                 self.sgd.lr = self.sgd.lr_at(k)
@@ -454,10 +452,6 @@ class SKFAC:
         )
         return ra, rg
 
-    def _mine(self, i: int) -> bool:
-        """Whether this rank forms layer ``i``'s inverses."""
-        return not self.split or self.dist is None or self.owners[i] == self.dist.rank
-
     def _gather_latest(self) -> None:
         """Replace each layer's newest roots by the global batch's: every rank's rows stacked,
         scaled by 1/√world (a mean of equal shards' factors)."""
@@ -470,21 +464,14 @@ class SKFAC:
 
     def _share_inverses(self) -> None:
         """comm-opt: every owner broadcasts its layers' damped inverses to all ranks."""
-        assert self.dist is not None
         items = [
-            _pack(c.a_inv) + _pack(c.g_inv) if self._mine(i) else []
+            _pack(c.a_inv) + _pack(c.g_inv) if self.owners.mine(i) else []
             for i, c in enumerate(self.roots)
         ]
-        shared = broadcast_from_owners(items, self.owners, self.dist, self.device)
+        shared = self.owners.broadcast(items, self.device)
         for c, tensors in zip(self.roots, shared, strict=True):
             split = 4 if float(tensors[1]) >= 2 else 3  # A's form tag (a sync, at refresh)
             c.a_inv, c.g_inv = _unpack(tensors[:split]), _unpack(tensors[split:])
-
-    def _share_directions(self, nat: list[Tensor | None]) -> list[Tensor | None]:
-        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
-        assert self.dist is not None
-        items = [[v] if v is not None else [] for v in nat]
-        return [t[0] for t in broadcast_from_owners(items, self.owners, self.dist, self.device)]
 
     def _refresh(self) -> None:
         """Damped inverses of every factor (of this rank's layers, when distributed) from its
@@ -492,7 +479,7 @@ class SKFAC:
         rows: list[Tensor] = []
         dampings: list[Tensor] = []
         root = torch.sqrt(self.lam)
-        owned = [c for i, c in enumerate(self.roots) if self._mine(i)]
+        owned = [c for i, c in enumerate(self.roots) if self.owners.mine(i)]
         for c in self.roots:
             c.rank = sum(ra.shape[0] for ra, _ in c.history)
         for c in owned:
@@ -515,12 +502,11 @@ class SKFAC:
     def _natural(self, grads: list[Tensor]) -> list[Tensor | None]:
         """G_δ⁻¹ ∇h Ā_δ⁻¹ as a gradient matrix per layer (``None`` for a layer another rank
         preconditions under mem-opt)."""
-        local = not (self.split and self.strategy == "mem-opt")
         out: list[Tensor | None] = []
         i = 0
         for k, c in enumerate(self.roots):
             n = len(c.layer.params())
-            if local or self._mine(k):
+            if self.owners.preconditions(k):
                 assert c.a_inv is not None and c.g_inv is not None
                 v = grad_matrix(c.layer, grads[i : i + n])
                 out.append(kronecker_apply(c.g_inv, c.a_inv, v))
