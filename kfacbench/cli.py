@@ -52,6 +52,10 @@ EXAMPLES = """examples:
   kfacbench show RUN_DIR --kernels      the top kernels per optimizer and phase
   kfacbench report RUN_DIR -o reports/quick/   figures, self-contained HTML, Markdown
   kfacbench compare BASE_RUN NEW_RUN    ratios per cell; exit 1 above +10%
+  kfacbench regress --device cpu        the CI speed check against results/baselines/cpu.parquet
+  kfacbench run dist --nproc 2          data-parallel through torchrun (gloo on CPU, nccl on GPUs)
+  kfacbench run quick --submitit slurm  every cell a SLURM job (needs the cluster extra)
+  kfacbench run peers                   kfacbench's K-FAC/SKFAC vs ASDL's (needs the peers extra)
   kfacbench list workloads
 """
 
