@@ -38,7 +38,11 @@ extra leading dimensions (sequences) is treated the same way, the extra dimensio
 
 All of it is batched: one forward with hooks, one extra ``torch.autograd.grad`` call w.r.t. the
 layer outputs (not the parameters, so no weight gradients are formed), one matmul per factor, and
-no host synchronisation. Activations are constants (``detach``), as in every K-FAC implementation.
+no host synchronisation. The empirical Fisher needs no extra pass at all: its g are the loss
+gradient's own output gradients, m·∂L/∂s for the mean loss L, kept by tensor hooks during the
+ordinary backward pass (``Capture.recording(keep_grads=True)``, :meth:`Capture.loss_grads`), as
+ASDL's fused statistics pass does. Activations are constants (``detach``), as in every K-FAC
+implementation.
 
 Caveat: the rows are per-example only when examples do not interact in the network. BatchNorm in
 training mode couples them; like all K-FAC implementations this module ignores that coupling.
@@ -257,6 +261,10 @@ class Capture:
         stats = [factors(l, capture.inputs(l), g, len(x)) for l, g in zip(layers, gs)]
         capture.clear()                      # the outputs hold the forward graph alive
 
+    With ``recording(keep_grads=True)`` the gradients reaching each output during the loss's own
+    backward pass are kept as well (:meth:`loss_grads`): the empirical Fisher's g at no extra
+    pass.
+
     Each layer must be called exactly once per recorded forward pass (no weight sharing), and its
     output must not be modified in place afterwards (``nn.ReLU(inplace=True)`` right after it):
     g would then be the gradient w.r.t. the modified tensor. Both are detected and raise.
@@ -278,17 +286,27 @@ class Capture:
             self._inputs[i] = args[0].detach()  # ā is a constant of the Fisher (no graph)
             self._outputs[i] = output  # kept in the graph: g is taken w.r.t. it
             self._versions[i] = output._version
+            if self._keep_grads and output.requires_grad:
+                output.register_hook(self._make_grad_hook(i))
 
         return hook
 
+    def _make_grad_hook(self, i: int) -> Callable[[Tensor], None]:
+        def keep(grad: Tensor) -> None:
+            self._grads[i] = grad
+
+        return keep
+
     @contextmanager
-    def recording(self, enabled: bool = True) -> Iterator[None]:
+    def recording(self, enabled: bool = True, *, keep_grads: bool = False) -> Iterator[None]:
         """Record the layers during the forward passes run inside the block.
 
         Entering drops any previous record. With ``enabled=False`` no hook is registered and the
-        block runs exactly as without this context.
+        block runs exactly as without this context. With ``keep_grads`` the first backward pass
+        through each recorded output leaves its gradient for :meth:`loss_grads`.
         """
         self.clear()
+        self._keep_grads = enabled and keep_grads
         pairs = zip(self.layers, self._hooks, strict=True) if enabled else ()
         handles = [layer.module.register_forward_hook(hook) for layer, hook in pairs]
         try:
@@ -348,12 +366,44 @@ class Capture:
             result.append(output)
         return result
 
+    def loss_grads(
+        self, layers: Sequence[Layer], per_example: int, *, as_rows: bool = True
+    ) -> list[Tensor]:
+        """The empirical Fisher's output-gradient rows, from the loss's own backward pass.
+
+        The loss is the *mean* over ``per_example`` examples, so ∂L/∂s_i = ∂ℓ_i/∂s_i / m and the
+        kept gradients times m are the per-example rows :func:`output_grads` returns for
+        ``fisher="empirical"`` (equal up to rounding), without its second backward pass.
+
+        Args:
+            layers: the layers wanted, in the order returned.
+            per_example: m, the number of examples the loss averaged over.
+            as_rows: as in :func:`output_grads`.
+
+        Raises:
+            KfacbenchError: the forward pass was not recorded with ``keep_grads``, or no backward
+                pass has run since (a layer that does not reach the loss gets zeros).
+        """
+        if not self._keep_grads:
+            raise KfacbenchError("loss_grads needs a forward pass recorded with keep_grads=True")
+        outputs = self.outputs(layers)
+        if all(self._grads[self._index(layer)] is None for layer in layers):
+            raise KfacbenchError("loss_grads: no backward pass reached the recorded outputs")
+        result = []
+        for layer, output in zip(layers, outputs, strict=True):
+            grad = self._grads[self._index(layer)]
+            g = torch.zeros_like(output) if grad is None else as_float(grad) * per_example
+            result.append(_grad_rows(layer, g) if as_rows else as_float(g))
+        return result
+
     def clear(self) -> None:
         """Drop every recorded tensor, so no memory (nor graph) is kept between steps."""
         n = len(self.layers)
         self._inputs: list[Tensor | None] = [None] * n
         self._outputs: list[Tensor | None] = [None] * n
+        self._grads: list[Tensor | None] = [None] * n
         self._versions: list[int] = [0] * n
+        self._keep_grads = False
 
 
 def output_grads(

@@ -340,18 +340,20 @@ class KFAC:
         """One K-FAC step: forward, backward, curvature, inverse, precondition, rescale, update."""
         k = self.steps
         update_cov = k % self.cov_interval == 0
+        # The empirical Fisher's g come with the loss gradient; the others need the graph again.
+        keep = self.fisher == "empirical"
         with timer.phase("forward"):
-            with self.capture.recording(update_cov):
+            with self.capture.recording(update_cov, keep_grads=keep):
                 output = self.problem.forward(x)
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:
                 p.grad = None
-            loss.backward(retain_graph=update_cov)
+            loss.backward(retain_graph=update_cov and not keep)
         if update_cov:
             self._land_factors(timer)  # the EMA below must start from the all-reduced factors
             with timer.phase("curvature"):
-                self._update_factors(output, y, x.shape[0])
+                self._update_factors(output, x.shape[0])
             if self.dist is not None:
                 # Launched now, awaited at the next refresh or factor update: between refreshes
                 # the all-reduce overlaps the rest of the step and the next ones.
@@ -452,19 +454,20 @@ class KFAC:
         return value
 
     # ---------------------------------------------------------------- curvature
-    def _update_factors(self, output: torch.Tensor, y: torch.Tensor, m: int) -> None:
-        """EMA of Ā and G (§5) from the captured inputs and sampled-target output gradients."""
+    def _update_factors(self, output: torch.Tensor, m: int) -> None:
+        """EMA of Ā and G (§5) from the captured inputs and the Fisher's output gradients."""
         layers = [c.layer for c in self.curv]
         if self.fisher == "exact":
             gs = exact_output_grads(self.capture, layers, self.problem, output, retain_graph=False)
+        elif self.fisher == "empirical":
+            gs = self.capture.loss_grads(layers, m)
         else:
             gs = output_grads(
                 self.capture,
                 layers,
                 self.problem,
                 output,
-                y,
-                fisher=self.fisher,  # type: ignore[arg-type]
+                fisher="sampled",
                 generator=self.generator,
                 retain_graph=False,
             )

@@ -352,17 +352,18 @@ class SKFAC:
         refresh = k % self.inv_interval == 0
         # With the moving average, the batches just before each refresh are measured too.
         measure = refresh or (-k) % self.inv_interval < self.window
+        keep = self.fisher == "empirical"  # its g come with the loss gradient (curvature.py)
         with timer.phase("forward"):
-            with self.capture.recording(measure):
+            with self.capture.recording(measure, keep_grads=keep):
                 output = self.problem.forward(x)
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:
                 p.grad = None
-            loss.backward(retain_graph=measure)
+            loss.backward(retain_graph=measure and not keep)
         if measure:
             with timer.phase("curvature"):
-                self._measure(output, y)
+                self._measure(output)
             if self.dist is not None:
                 with timer.phase("comm"):
                     self._gather_latest()
@@ -410,21 +411,23 @@ class SKFAC:
             "float64_systems": self.float64_systems,
         }
 
-    def _measure(self, output: Tensor, y: Tensor) -> None:
-        """Per-batch factor roots of every layer (one extra backward pass w.r.t. the layer
-        outputs, with sampled targets for the true Fisher)."""
+    def _measure(self, output: Tensor) -> None:
+        """Per-batch factor roots of every layer (the sampled Fisher: one extra backward pass
+        w.r.t. the layer outputs; the empirical one: the loss gradient's output gradients)."""
         layers = [c.layer for c in self.roots]
-        grads = output_grads(
-            self.capture,
-            layers,
-            self.problem,
-            output,
-            y,
-            fisher=self.fisher,  # type: ignore[arg-type]
-            generator=self.generator,
-            retain_graph=False,
-            as_rows=False,
-        )
+        if self.fisher == "empirical":
+            grads = self.capture.loss_grads(layers, output.shape[0], as_rows=False)
+        else:
+            grads = output_grads(
+                self.capture,
+                layers,
+                self.problem,
+                output,
+                fisher="sampled",
+                generator=self.generator,
+                retain_graph=False,
+                as_rows=False,
+            )
         for c, g in zip(self.roots, grads, strict=True):
             c.history.append(
                 factor_rows(

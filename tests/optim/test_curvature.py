@@ -506,6 +506,55 @@ def test_capture_detects_inplace_outputs_and_repeated_calls() -> None:
     assert not shared._forward_hooks
 
 
+class Branch(nn.Module):
+    """A conv net with a Linear layer whose output never reaches the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = conv_net(kernel_size=3, stride=2, padding=1)
+        self.dead = nn.Linear(2, 2).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.dead(x[:, 0, 0, :2])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_loss_grads_are_the_empirical_output_grads_without_a_second_pass(
+    distribution: Distribution,
+) -> None:
+    """m·∂L/∂s kept from the loss's own backward = the per-example rows of an explicit pass."""
+    model = Branch()
+    problem = Problem(model, distribution)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 2, 7, 7, generator=gen, dtype=torch.float64)
+    y = {
+        "categorical": torch.randint(0, 3, (5,), generator=gen),
+        "bernoulli": torch.randint(0, 2, (5, 3), generator=gen).double(),
+        "gaussian": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+    }[distribution]
+    layers, _ = find_layers(model)
+    capture = Capture(layers)
+    with capture.recording(keep_grads=True):
+        out = problem.forward(x)
+    with pytest.raises(KfacbenchError, match="no backward pass"):
+        capture.loss_grads(layers, 5)
+    want = output_grads(capture, layers, problem, out, y, fisher="empirical")
+    want_maps = output_grads(capture, layers, problem, out, y, fisher="empirical", as_rows=False)
+    problem.loss(out, y).backward()
+    got = capture.loss_grads(layers, 5)
+    got_maps = capture.loss_grads(layers, 5, as_rows=False)
+    assert [layer.name for layer in layers] == ["net.0", "net.3", "dead"]
+    assert not got[2].any()  # the dead layer: zeros, like output_grads
+    for g, w in zip(got + got_maps, want + want_maps, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w)
+    with capture.recording():
+        problem.forward(x)
+    with pytest.raises(KfacbenchError, match="keep_grads"):
+        capture.loss_grads(layers, 5)
+
+
 def test_bf16_autocast_gives_float32_rows_close_to_float32() -> None:
     model = mlp((4, 3, 2)).float()
     x = torch.randn(8, 4)

@@ -272,7 +272,7 @@ def test_no_host_sync_outside_the_inverse_phase() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fisher", "fraction"), [("exact", 1.0), ("exact", 0.5), ("empirical", 0.5)]
+    ("fisher", "fraction"), [("exact", 1.0), ("exact", 0.5), ("empirical", 1.0), ("empirical", 0.5)]
 )
 def test_first_factors_are_the_batch_factors(fisher: str, fraction: float) -> None:
     """ε₁ = 0: after one step the EMA holds exactly the factors of the (fractional) batch."""

@@ -149,17 +149,30 @@ def test_linear_layer_on_sequences_reduces_positions() -> None:
     torch.testing.assert_close(rg * 2, g.sum(1))
 
 
-@pytest.mark.parametrize("inverse_method", ["eigh", "cholesky"])
-def test_fc_update_equals_kfac_from_the_same_batch_factors(inverse_method: str) -> None:
+@pytest.mark.parametrize(
+    ("inverse_method", "fisher"),
+    [("eigh", "sampled"), ("cholesky", "sampled"), ("eigh", "empirical")],
+)
+def test_fc_update_equals_kfac_from_the_same_batch_factors(
+    inverse_method: str, fisher: str
+) -> None:
     """No moving average: SKFAC's Woodbury step equals K-FAC's first (ε₁ = 0) step with the same
-    π-split damping γ = √λ, the same sampled targets and SGD momentum."""
+    π-split damping γ = √λ, the same (sampled or data) targets and SGD momentum."""
     net = mlp(0).double()
     x, y = batch(m=8)
     x = x.double()
     n_sk, n_kf = copy.deepcopy(net), copy.deepcopy(net)
-    sk = SKFAC(Problem(n_sk, "categorical"), lr=0.3, damping=0.05, damping_split="pi", seed=3)
+    sk = SKFAC(
+        Problem(n_sk, "categorical"),
+        lr=0.3,
+        damping=0.05,
+        damping_split="pi",
+        fisher=fisher,
+        seed=3,
+    )
     kf = KFAC(
         Problem(n_kf, "categorical"),
+        fisher=fisher,
         lr=0.3,
         damping=0.05,
         weight_decay=0.0,
@@ -221,9 +234,9 @@ def test_moving_average_weights_the_last_batches() -> None:
     calls = []
     real = opt._measure
 
-    def counting(output: torch.Tensor, y: torch.Tensor) -> None:
+    def counting(output: torch.Tensor) -> None:
         calls.append(opt.steps)
-        real(output, y)
+        real(output)
 
     opt._measure = counting  # type: ignore[method-assign]
     xs = [batch(m=4, seed=s) for s in range(4)]
