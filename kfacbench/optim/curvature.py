@@ -227,12 +227,28 @@ def pad_conv_input(module: nn.Conv2d, x: Tensor) -> Tensor:
     return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
-def _patches(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """im2col patches ``(..., T, C_in·kh·kw)`` of the conv's input ``(..., C_in, H, W)``, columns
-    in the weight's ``(C_in, kh, kw)`` order and positions T row-major over the output map."""
+def _patch_columns(module: nn.Conv2d, x: Tensor, bias: bool) -> Tensor:
+    """im2col of the conv's input ``(m, C_in, H, W)`` laid out as columns: ``(C_in·kh·kw [+1],
+    m·T)``, rows in the weight's ``(C_in, kh, kw)`` order, then a row of ones if ``bias``, and
+    columns example-major with positions row-major over the output map.
+
+    Written in one strided copy from ``Tensor.unfold`` views (and float32 at once), where
+    ``F.unfold`` + transpose + reshape + the ones column cost three: on CPU the factor's
+    ``cols @ cols.T`` with this layout is about 2× faster for ResNet-20's first stage.
+    """
     x = pad_conv_input(module, x)
-    unfolded = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
-    return unfolded.transpose(-1, -2)
+    for dim, k, d, s in zip(
+        (2, 3), module.kernel_size, module.dilation, module.stride, strict=True
+    ):
+        x = x.unfold(dim, d * (k - 1) + 1, s)[..., ::d]  # (m, C, H', [W',] [kh,] k) views
+    m, c, h, w, kh, kw = x.shape
+    n_in = c * kh * kw
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cols = torch.empty(n_in + bias, m * h * w, dtype=dtype, device=x.device)
+    cols[:n_in].view(c, kh, kw, m, h, w).copy_(x.permute(1, 4, 5, 0, 2, 3))
+    if bias:
+        cols[n_in].fill_(1.0)
+    return cols
 
 
 def _grad_rows(layer: Layer, grad: Tensor) -> Tensor:
@@ -332,11 +348,14 @@ class Capture:
         example and position). Conv2d: one im2col patch per example and output position,
         ``(m·T, C_in·kh·kw)`` with the rows example-major and positions row-major over the
         output map, extracted with the layer's own kernel size, stride, padding and dilation.
-        A ones column is appended when the layer has a bias. Computed on each call.
+        A ones column is appended when the layer has a bias. Computed on each call; conv rows
+        are the transpose of a contiguous ``(in_dim, m·T)`` matrix (:func:`_patch_columns`).
         """
         x = cast(Tensor, self._inputs[self._index(layer)])
-        rows = x if layer.kind == "linear" else _patches(cast(nn.Conv2d, layer.module), x)
-        rows = as_float(rows)
+        if layer.kind == "conv2d":
+            module = cast(nn.Conv2d, layer.module)
+            return _patch_columns(module, x, layer.has_bias).T  # a view; mm reads it as is
+        rows = as_float(x)
         if layer.has_bias:
             rows = F.pad(rows, (0, 1), value=1.0)
         return rows.reshape(-1, layer.in_dim)
