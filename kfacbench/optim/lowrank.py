@@ -14,6 +14,12 @@ W = K⁻¹R stored at the refresh, two thin matmuls of cost O(out·d·r). When r
 saves nothing, and the ordinary damped inverse (RᵀR + δI)⁻¹ is formed instead (the automatic
 fall-back).
 
+Between the two lies a third form: the inverse *formed* by Woodbury (cheap, r < d) and then
+*stored* dense, (I_d − RᵀW)/δ, one more d×d×r matmul at the refresh. Applying the thin form
+costs 4·k·d·r flops per step against 2·k·d² dense (k the other side's dimension), so when r is
+near d and the refresh is amortised over many steps the dense apply wins: :func:`dense_pays`
+is that cost rule (ASDL's swift K-FAC always stores its Woodbury inverses dense).
+
 All factors of a refresh are factorised together: the r×r systems of every low-rank factor share
 r (the batch size), so they go to one batched Cholesky; dense fall-backs are batched per size.
 """
@@ -37,8 +43,9 @@ class DampedInverse:
         damping: δ (a 0-dim tensor, kept on the device).
         rows: R, ``(r, d)``, for the Woodbury form; ``None`` for the dense form.
         solved: W = (δI_r + RRᵀ)⁻¹ R, ``(r, d)``, for the Woodbury form.
-        dense: the ``(d, d)`` damped inverse, for the dense form (r ≥ d).
+        dense: the ``(d, d)`` damped inverse, for the dense forms.
         float64: whether its system had to be formed and factorised in float64.
+        woodbury_formed: the dense inverse was formed by Woodbury (r < d; :func:`dense_pays`).
     """
 
     damping: Tensor
@@ -46,6 +53,15 @@ class DampedInverse:
     solved: Tensor | None = None
     dense: Tensor | None = None
     float64: bool = False
+    woodbury_formed: bool = False
+
+    @property
+    def form(self) -> str:
+        """``woodbury`` (thin, applied through R and W), ``woodbury-dense`` (formed by Woodbury,
+        stored dense) or ``dense`` (formed from RᵀR)."""
+        if self.low_rank:
+            return "woodbury"
+        return "woodbury-dense" if self.woodbury_formed else "dense"
 
     @property
     def low_rank(self) -> bool:
@@ -101,6 +117,22 @@ def kronecker_apply(g_inv: DampedInverse, a_inv: DampedInverse, v: Tensor) -> Te
     return out * (g_inv.scale() * a_inv.scale())
 
 
+def dense_pays(dim: int, rank: int, other: int, applications: int) -> bool:
+    """Whether a Woodbury inverse (rank < dim) is cheaper stored dense, over one refresh period.
+
+    Per application to a ``(other, dim)`` matrix the thin form costs two thin matmuls, 4·k·d·r
+    flops, the dense one 2·k·d²; storing it dense costs 2·d²·r once. Dense wins when
+    2d²r + T·2kd² < T·4kdr, i.e. d·(r + T·k) < 2·T·k·r.
+
+    Args:
+        dim: d, the factor's dimension.
+        rank: r, the rank of its rows (only r < d reaches Woodbury).
+        other: k, the dimension of the other side of the gradient matrix.
+        applications: T, the steps the inverse is used for (the refresh interval).
+    """
+    return rank < dim and dim * (rank + applications * other) < 2 * applications * other * rank
+
+
 def _cholesky_inverses(
     grams: Callable[[torch.dtype], Tensor], dtype: torch.dtype, what: str
 ) -> tuple[Tensor, bool]:
@@ -126,7 +158,11 @@ def _cholesky_inverses(
 
 
 def damped_inverses(
-    rows: Sequence[Tensor], dampings: Sequence[Tensor], *, float64: bool = False
+    rows: Sequence[Tensor],
+    dampings: Sequence[Tensor],
+    *,
+    float64: bool = False,
+    store_dense: Sequence[bool] | None = None,
 ) -> list[DampedInverse]:
     """(RᵢᵀRᵢ + δᵢI)⁻¹ for every factor, Woodbury where rank < dimension, dense otherwise.
 
@@ -135,6 +171,8 @@ def damped_inverses(
         dampings: per factor, δ > 0 as a 0-dim tensor.
         float64: form and factorise every system in float64 from the start (for callers that
             saw a float32 failure before: it saves the failing attempt).
+        store_dense: per factor, whether a Woodbury inverse is to be stored dense (the
+            ``woodbury-dense`` form; see :func:`dense_pays`). Default: none is.
 
     Returns:
         One :class:`DampedInverse` per factor, in order, in the rows' dtype. The Woodbury systems
@@ -169,6 +207,8 @@ def damped_inverses(
             if woodbury:
                 solved = (inv[k] @ rows[i].to(inv.dtype)).to(dtype)
                 out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved, float64=wide)
+                if store_dense is not None and store_dense[i]:
+                    out[i] = _stored_dense(rows[i], solved, dampings[i], wide)
             else:
                 out[i] = DampedInverse(dampings[i], dense=inv[k].to(dtype), float64=wide)
     return [d for d in out if d is not None]
@@ -183,3 +223,10 @@ def _damped(
     delta = torch.stack(list(dampings)).to(dtype)
     stack.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])  # in place: no n×d×d identity
     return stack
+
+
+def _stored_dense(rows: Tensor, solved: Tensor, damping: Tensor, wide: bool) -> DampedInverse:
+    """The Woodbury inverse (I − RᵀW)/δ as a dense matrix: one d×d×r matmul."""
+    eye = torch.eye(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    dense = torch.addmm(eye, rows.T, solved, alpha=-1).div_(damping)
+    return DampedInverse(damping, dense=dense, float64=wide, woodbury_formed=True)

@@ -6,7 +6,9 @@ cost of inverting it:
 - **Low-rank factors.** Each factor comes from one minibatch, Ā = R_AᵀR_A and G = R_GᵀR_G with one
   scaled row per example, so its rank r is at most the batch size m. When r < d the damped inverse
   is applied through Sherman–Morrison–Woodbury with an r×r Cholesky (:mod:`.lowrank`), and falls
-  back to the ordinary damped inverse when r ≥ d.
+  back to the ordinary damped inverse when r ≥ d. A Woodbury inverse is stored as a dense d×d
+  matrix when that is cheaper over the ``inv_interval`` steps it is applied
+  (:func:`~kfacbench.optim.lowrank.dense_pays`: r close to d, long intervals).
 - **Conv dimension reduction.** A conv layer has one patch row per example *and output position*,
   m·|T| rows, which destroys the low rank. ``reduction`` brings it back to m or m·s rows:
 
@@ -78,7 +80,7 @@ from kfacbench.optim.curvature import (
     pad_conv_input,
     split_matrix,
 )
-from kfacbench.optim.lowrank import DampedInverse, damped_inverses, kronecker_apply
+from kfacbench.optim.lowrank import DampedInverse, damped_inverses, dense_pays, kronecker_apply
 from kfacbench.optim.schedules import SCHEDULES
 from kfacbench.optim.sgd import SGD
 
@@ -394,15 +396,16 @@ class SKFAC:
 
     def info(self) -> dict[str, Any]:
         """Which layers are preconditioned, and per layer the rank of the last factors and the
-        form (``woodbury`` or ``dense``) each inverse took: where SMW applied."""
+        form each inverse took (``woodbury``, ``woodbury-dense``: formed by SMW and stored dense
+        because the refresh interval pays for it, or ``dense``): where SMW applied."""
         forms = {}
         for c in self.roots:
             if c.a_inv is None or c.g_inv is None:
                 continue  # not yet refreshed, or held by another rank (mem-opt)
             forms[c.layer.name] = {
                 "rank": c.rank,
-                "A": "woodbury" if c.a_inv.low_rank else "dense",
-                "G": "woodbury" if c.g_inv.low_rank else "dense",
+                "A": c.a_inv.form,
+                "G": c.g_inv.form,
             }
         return {
             "preconditioned": [c.layer.name for c in self.roots],
@@ -473,7 +476,8 @@ class SKFAC:
         ]
         shared = self.owners.broadcast(items, self.device)
         for c, tensors in zip(self.roots, shared, strict=True):
-            split = 4 if float(tensors[1]) >= 2 else 3  # A's form tag (a sync, at refresh)
+            # A's form tag (a sync, at refresh): the Woodbury form sends R and W, the others one.
+            split = 4 if math.floor(float(tensors[1])) == FORM_TAGS["woodbury"] else 3
             c.a_inv, c.g_inv = _unpack(tensors[:split]), _unpack(tensors[split:])
 
     def _refresh(self) -> None:
@@ -481,6 +485,7 @@ class SKFAC:
         roots (Woodbury or dense, batched)."""
         rows: list[Tensor] = []
         dampings: list[Tensor] = []
+        store_dense: list[bool] = []
         root = torch.sqrt(self.lam)
         owned = [c for i, c in enumerate(self.roots) if self.owners.mine(i)]
         for c in self.roots:
@@ -496,7 +501,15 @@ class SKFAC:
             else:
                 dampings += [root, root]
             rows += [ra, rg]
-        inverses = damped_inverses(rows, dampings, float64=self.float64_systems)
+            # Each side is applied to the (out, in) gradient matrix, the other side's dimension.
+            d_a, d_g = c.layer.in_dim, c.layer.out_dim
+            store_dense += [
+                dense_pays(d_a, ra.shape[0], d_g, self.inv_interval),
+                dense_pays(d_g, rg.shape[0], d_a, self.inv_interval),
+            ]
+        inverses = damped_inverses(
+            rows, dampings, float64=self.float64_systems, store_dense=store_dense
+        )
         # Once float32 has failed, later refreshes go straight to float64 (no failing attempt).
         self.float64_systems = self.float64_systems or any(inv.float64 for inv in inverses)
         for i, c in enumerate(owned):
@@ -535,11 +548,14 @@ def _dense_cost(layer: Layer) -> int:
     return layer.in_dim**3 + layer.out_dim**3
 
 
+FORM_TAGS = {"dense": 1.0, "woodbury": 2.0, "woodbury-dense": 3.0}
+
+
 def _pack(inv: DampedInverse | None) -> list[Tensor]:
-    """A damped inverse as tensors for a broadcast: δ, a form tag (2 Woodbury, 1 dense; +0.5
-    when float64), then R and W, or the dense inverse."""
+    """A damped inverse as tensors for a broadcast: δ, a form tag (1 dense, 2 Woodbury,
+    3 Woodbury stored dense; +0.5 when float64), then R and W, or the dense inverse."""
     assert inv is not None
-    tag = (2.0 if inv.low_rank else 1.0) + (0.5 if inv.float64 else 0.0)
+    tag = FORM_TAGS[inv.form] + (0.5 if inv.float64 else 0.0)
     head = [inv.damping.reshape(()), torch.tensor(tag, device=inv.damping.device)]
     if inv.low_rank:
         assert inv.rows is not None and inv.solved is not None
@@ -552,9 +568,10 @@ def _unpack(tensors: list[Tensor]) -> DampedInverse:
     """The inverse :func:`_pack` sent."""
     damping, tag = tensors[0], float(tensors[1])
     wide = tag % 1 != 0
-    if tag >= 2:
+    if math.floor(tag) == FORM_TAGS["woodbury"]:
         return DampedInverse(damping, rows=tensors[2], solved=tensors[3], float64=wide)
-    return DampedInverse(damping, dense=tensors[2], float64=wide)
+    formed = math.floor(tag) == FORM_TAGS["woodbury-dense"]
+    return DampedInverse(damping, dense=tensors[2], float64=wide, woodbury_formed=formed)
 
 
 def _hparams(**overrides: HParam) -> dict[str, HParam]:

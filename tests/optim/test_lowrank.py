@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kfacbench.optim import lowrank
-from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
+from kfacbench.optim.lowrank import damped_inverses, dense_pays, kronecker_apply
 
 
 def dense_inverse(rows: torch.Tensor, delta: float) -> torch.Tensor:
@@ -46,6 +46,32 @@ def test_mixed_sizes_are_batched_and_each_matches() -> None:
     assert [inv.low_rank for inv in invs] == [True, True, True, False, False, True]
     for inv, r, delta in zip(invs, rows, deltas, strict=True):
         torch.testing.assert_close(inv.matrix(), dense_inverse(r, delta))
+
+
+def test_woodbury_inverses_stored_dense_equal_the_explicit_inverse() -> None:
+    gen = torch.Generator().manual_seed(4)
+    rows = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(4, 12), (4, 9), (6, 5)]]
+    deltas = [torch.tensor(x, dtype=torch.float64) for x in (0.1, 0.2, 0.3)]
+    invs = damped_inverses(rows, deltas, store_dense=[True, False, True])
+    assert [inv.form for inv in invs] == ["woodbury-dense", "woodbury", "dense"]
+    assert invs[0].dense is not None and invs[0].rows is None  # no thin pieces kept
+    for inv, r, delta in zip(invs, rows, deltas, strict=True):
+        torch.testing.assert_close(inv.matrix(), dense_inverse(r, float(delta)))
+
+
+@pytest.mark.parametrize(
+    ("dim", "rank", "other", "applications"),
+    [(1001, 1000, 500, 10), (1001, 256, 500, 5), (13, 8, 20, 1), (13, 8, 20, 20), (40, 8, 3, 50)],
+)
+def test_dense_pays_when_its_flops_over_the_interval_are_fewer(
+    dim: int, rank: int, other: int, applications: int
+) -> None:
+    """The rule against the flop counts written out: thin 2 matmuls per step (4kdr) vs one
+    dense (2kd²) plus the d×d×r materialisation once."""
+    thin = applications * 4 * other * dim * rank
+    dense = 2 * dim * dim * rank + applications * 2 * other * dim * dim
+    assert dense_pays(dim, rank, other, applications) == (dense < thin)
+    assert not dense_pays(dim, dim, other, applications)  # r = d is never Woodbury
 
 
 def test_kronecker_apply_equals_the_dense_kronecker_solve() -> None:
