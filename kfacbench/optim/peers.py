@@ -32,6 +32,9 @@ from kfacbench.optim.base import HParam, MethodContext, MethodSpec
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 """kfacbench's Fisher estimates and ASDL's names for them."""
 
+EMA_STARTS = ("zero", "one-over-k")
+"""How the factors' moving average starts (see :class:`AsdlKfac`)."""
+
 COUNTERPARTS = {"asdl-kfac": "kfac-fast", "asdl-skfac": "skfac"}
 """Each peer and the kfacbench preset it is measured against (the report's ratio table)."""
 
@@ -84,11 +87,20 @@ class AsdlKfac:
       SKFAC does).
     - ``fisher``: ``sampled`` → ``fisher_mc`` (one sample; categorical and Gaussian outputs only:
       ASDL has no Bernoulli likelihood, so the autoencoders need ``empirical`` → ``fisher_emp``).
-    - ``ema_decay``: ASDL's weight of the newest batch (0: per-batch factors). kfacbench's K-FAC
-      weights it max(1/k, 1 − ema_max); ASDL has no 1/k start, so its first factors are scaled by
-      ``ema_decay`` and the damping weighs more early on — not matchable.
+    - ``ema_decay``: ASDL's weight of the newest batch (0: per-batch factors) ↔ 1 − ``ema_max``.
+      ASDL's average starts from zero, so its first factors are scaled by ``ema_decay`` and the
+      damping weighs more early on; kfacbench's K-FAC weights the k-th batch max(1/k,
+      1 − ema_max) (the first factors are the first batch's). ``ema_start = "one-over-k"`` makes
+      the adapter set ASDL's weight to that before each curvature update, so the two averages
+      are the same; ``"zero"`` (default) is ASDL as shipped.
     - Biases: ASDL preconditions a Linear/Conv bias with the output-side factor alone; kfacbench
       folds it into Ā as the homogeneous coordinate (Martens & Grosse §3). Not matchable.
+    - Conv layers under swift: ASDL reduces a conv factor over positions only when the batch is
+      smaller than the factor's dimension and keeps K-FAC's full factor otherwise; SKFAC always
+      reduces (Tang et al. §3.2, ``reduction = "sum"``). Not matchable.
+
+    Where the algorithms agree (no biases; for swift, Linear layers), the steps are the same to
+    rounding: tests/optim/test_peers.py trains both side by side and compares the parameters.
     - The update: torch.optim.SGD with momentum on the preconditioned gradient, as kfac-fast and
       SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
     """
@@ -105,6 +117,7 @@ class AsdlKfac:
         inv_interval: int,
         cov_interval: int,
         ema_decay: float,
+        ema_start: str,
         seed: int,
     ) -> None:
         asdl = _asdl()
@@ -132,6 +145,9 @@ class AsdlKfac:
         self.opt = torch.optim.SGD(problem.model.parameters(), lr=lr, momentum=momentum)
         self.lr = lr
         self.swift = swift
+        self.ema_decay = ema_decay
+        self.one_over_k = ema_start == "one-over-k" and ema_decay > 0
+        self.curvature_updates = 0
         self._loss = _reducible_loss(problem)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -143,6 +159,9 @@ class AsdlKfac:
         output = gm.setup_model_call(self.problem.forward, x)
         gm.setup_loss_call(self._loss, output, y)
         if gm.do_update_curvature(k):
+            self.curvature_updates += 1
+            if self.one_over_k:
+                gm.config.ema_decay = max(1 / self.curvature_updates, self.ema_decay)
             with timer.phase("curvature"):
                 gm.update_curvature()
         else:
@@ -252,6 +271,9 @@ def _asdl_hparams(swift: bool) -> dict[str, HParam]:
         "cov_interval": HParam(1, "steps between curvature updates (K-FAC only)", minimum=1),
         "ema_decay": HParam(
             0.05 if not swift else 0.0, "weight of the newest batch's factors (0: per batch)"
+        ),
+        "ema_start": HParam(
+            "zero", "zero (ASDL) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS
         ),
     }
 

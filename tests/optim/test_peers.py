@@ -3,6 +3,7 @@ steps through the core and reduce the loss; a missing peer is a one-line error n
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -11,9 +12,10 @@ from torch import nn
 
 from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
+from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import MethodContext, get_method, peers
+from kfacbench.optim import Method, MethodContext, get_method, peers
 
 CPU = torch.device("cpu")
 HAS_ASDL = importlib.util.find_spec("asdl") is not None
@@ -69,6 +71,75 @@ def test_asdl_peers_reduce_the_loss_with_named_phases(name: str, fisher: str) ->
     info = phases["info"]
     assert info["peer"] == "asdl.KfacGradientMaker" and info["version"].startswith("0.1")
     assert info["swift"] == (name == "asdl-skfac")
+
+
+def built(name: str, model: nn.Module, **hp: object) -> Method:
+    spec = get_method(name)
+    params = {k: v.default for k, v in spec.hparams.items()} | hp | {"inv_interval": 1}
+    return spec.build(Problem(model, "categorical"), params, MethodContext(10, 0, CPU))
+
+
+def largest_gap(ours: str, peer: str, model: nn.Module, m: int, **hp: object) -> float:
+    """Trains float64 copies of ``model`` with kfacbench's method and the peer on the same five
+    batches; the largest parameter difference relative to the largest parameter change."""
+    start = model.double()
+    a, b = copy.deepcopy(start), copy.deepcopy(start)
+    shared = {"lr": 0.1, "damping": 0.1, "fisher": "empirical"}
+    mine = built(ours, a, **shared, **hp)
+    theirs = built(
+        peer,
+        b,
+        **shared,
+        **({"ema_decay": 0.05, "ema_start": "one-over-k"} if ours != "skfac" else {}),
+    )
+    gen = torch.Generator().manual_seed(1)
+    timer = PhaseTimer(CPU)
+    for _ in range(5):
+        x = torch.randn(m, 2, 6, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (m,), generator=gen)
+        mine.step(x, y, timer)
+        theirs.step(x, y, timer)
+    return largest_change(a, b) / largest_change(a, start)
+
+
+def largest_change(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return max(float((p - q).detach().abs().max()) for p, q in pairs)
+
+
+def bias_free(conv: bool, bias: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    first = nn.Conv2d(2, 4, 3, padding=1, bias=bias) if conv else nn.Linear(72, 4 * 36, bias=bias)
+    return nn.Sequential(
+        *([first] if conv else [nn.Flatten(), first]),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 16, bias=bias),
+        nn.Tanh(),
+        nn.Linear(16, 3, bias=bias),
+    )
+
+
+@needs_asdl
+def test_asdl_kfac_takes_kfacbench_kfac_steps_where_their_algorithms_agree() -> None:
+    """Conv and Linear layers without biases, the empirical Fisher, π-split damping, Cholesky
+    inverses, the EMA with the 1/k start: ASDL's K-FAC and kfac-fast are one algorithm, and five
+    steps of each land on the same parameters. With biases they part (ASDL preconditions a bias
+    with G⁻¹ alone), which the same measure sees."""
+    hp = {"ema_max": 0.95, "inverse_method": "cholesky"}
+    assert largest_gap("kfac-fast", "asdl-kfac", bias_free(conv=True), 32, **hp) < 1e-6
+    assert largest_gap("kfac-fast", "asdl-kfac", bias_free(conv=True, bias=True), 32, **hp) > 0.1
+
+
+@needs_asdl
+def test_asdl_swift_kfac_takes_skfac_steps_on_linear_layers() -> None:
+    """Per-batch factors inverted by Woodbury (rank 8 < widths): the same steps on bias-free
+    Linear layers. On a conv layer they part: ASDL's swift reduces a conv factor over positions
+    only when the batch is smaller than its dimension and keeps K-FAC's factor otherwise, where
+    SKFAC always reduces (Tang et al. §3.2)."""
+    hp = {"damping_split": "pi"}
+    assert largest_gap("skfac", "asdl-skfac", bias_free(conv=False), 8, **hp) < 1e-6
+    assert largest_gap("skfac", "asdl-skfac", bias_free(conv=True), 8, **hp) > 0.1
 
 
 def test_adamw_reduces_the_loss() -> None:
