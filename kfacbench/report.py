@@ -134,9 +134,11 @@ def _styles(cells: pd.DataFrame) -> dict[str, Any]:
 def _median_band(
     runs: list[pd.DataFrame], x: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Median, min and max of the seeds' loss curves on a common grid of ``x``."""
+    """Median, min and max of the seeds' loss curves on a common grid of ``x``, over the range
+    every seed has logged (no flat extrapolation before the first logged point)."""
+    start = max(float(r[x].min()) for r in runs)
     end = min(float(r[x].max()) for r in runs)
-    grid = np.linspace(0.0, end, 120) if end > 0 else np.array([0.0])
+    grid = np.linspace(start, end, 120) if end > start else np.array([start])
     values = np.stack([np.interp(grid, r[x], r["train_loss"]) for r in runs])
     return grid, np.median(values, 0), values.min(0), values.max(0)
 

@@ -14,6 +14,7 @@ from PIL import Image
 from kfacbench import cli
 from kfacbench.report import (
     ReportData,
+    _median_band,
     optimizer_colors,
     peer_table,
     performance_profile,
@@ -211,3 +212,14 @@ def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
         cells[cells["optimizer"] == "sgd"], pd.DataFrame(), pd.DataFrame(), None, [], []
     )
     assert peer_table(no_peers).empty
+
+
+def test_loss_bands_cover_only_the_logged_range() -> None:
+    runs = [
+        pd.DataFrame({"step": [20, 40, 60], "train_loss": [3.0, 2.0, 1.0]}),
+        pd.DataFrame({"step": [10, 30, 50], "train_loss": [4.0, 2.0, 0.0]}),
+    ]
+    grid, med, low, high = _median_band(runs, "step")
+    assert grid[0] == 20 and grid[-1] == 50  # where both seeds have points
+    assert low[0] == pytest.approx(3.0) and high[0] == pytest.approx(3.0)  # 4 - 2·(10/20)
+    assert med[-1] == pytest.approx(0.75)  # the median of 1.5 and 0
