@@ -480,6 +480,39 @@ def output_grads(
     return [_grad_rows(layer, g) for layer, g in zip(layers, grads, strict=True)]
 
 
+def fisher_output_grads(
+    capture: Capture,
+    layers: Sequence[Layer],
+    problem: Problem,
+    output: Tensor,
+    fisher: Fisher,
+    generator: torch.Generator | None = None,
+    *,
+    as_rows: bool = True,
+) -> list[Tensor]:
+    """The output-gradient rows of ``fisher`` for an optimizer's step, after the loss's own
+    backward pass: ``empirical`` from that pass (:meth:`Capture.loss_grads`; the forward pass
+    recorded with ``keep_grads``), ``sampled`` by one more pass and ``exact`` by K more (both need
+    the graph retained). The graph is released afterwards. ``as_rows=False`` (gradient maps, as
+    :func:`output_grads`) is for ``sampled`` and ``empirical``."""
+    if fisher == "empirical":
+        return capture.loss_grads(layers, output.shape[0], as_rows=as_rows)
+    if fisher == "exact":
+        if not as_rows:
+            raise ValueError("the exact Fisher's output gradients come as rows only")
+        return exact_output_grads(capture, layers, problem, output, retain_graph=False)
+    return output_grads(
+        capture,
+        layers,
+        problem,
+        output,
+        fisher="sampled",
+        generator=generator,
+        retain_graph=False,
+        as_rows=as_rows,
+    )
+
+
 def _loss_hessian_sqrt(problem: Problem, output: Tensor) -> Tensor:
     """Columns of L with L Lᵀ = H, the Hessian of the per-example loss w.r.t. the output, as a
     batch ``(K, m, K)``: entry ``[k, i]`` is column k of example i's L.

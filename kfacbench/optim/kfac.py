@@ -54,12 +54,11 @@ from kfacbench.optim.curvature import (
     Capture,
     Layer,
     cross_factors,
-    exact_output_grads,
     factors,
     find_layers,
+    fisher_output_grads,
     grad_matrix,
     other_params,
-    output_grads,
     split_matrix,
 )
 from kfacbench.optim.schedules import growing_batch_size
@@ -457,20 +456,14 @@ class KFAC:
     def _update_factors(self, output: torch.Tensor, m: int) -> None:
         """EMA of Ā and G (§5) from the captured inputs and the Fisher's output gradients."""
         layers = [c.layer for c in self.curv]
-        if self.fisher == "exact":
-            gs = exact_output_grads(self.capture, layers, self.problem, output, retain_graph=False)
-        elif self.fisher == "empirical":
-            gs = self.capture.loss_grads(layers, m)
-        else:
-            gs = output_grads(
-                self.capture,
-                layers,
-                self.problem,
-                output,
-                fisher="sampled",
-                generator=self.generator,
-                retain_graph=False,
-            )
+        gs = fisher_output_grads(
+            self.capture,
+            layers,
+            self.problem,
+            output,
+            self.fisher,  # type: ignore[arg-type]
+            self.generator,
+        )
         n = max(1, math.ceil(self.cov_fraction * m))
         self.factor_updates += 1
         eps = min(1 - 1 / self.factor_updates, self.ema_max)

@@ -74,9 +74,9 @@ from kfacbench.optim.curvature import (
     Layer,
     as_float,
     find_layers,
+    fisher_output_grads,
     grad_matrix,
     other_params,
-    output_grads,
     pad_conv_input,
     split_matrix,
 )
@@ -418,19 +418,15 @@ class SKFAC:
         """Per-batch factor roots of every layer (the sampled Fisher: one extra backward pass
         w.r.t. the layer outputs; the empirical one: the loss gradient's output gradients)."""
         layers = [c.layer for c in self.roots]
-        if self.fisher == "empirical":
-            grads = self.capture.loss_grads(layers, output.shape[0], as_rows=False)
-        else:
-            grads = output_grads(
-                self.capture,
-                layers,
-                self.problem,
-                output,
-                fisher="sampled",
-                generator=self.generator,
-                retain_graph=False,
-                as_rows=False,
-            )
+        grads = fisher_output_grads(
+            self.capture,
+            layers,
+            self.problem,
+            output,
+            self.fisher,  # type: ignore[arg-type]
+            self.generator,
+            as_rows=False,
+        )
         for c, g in zip(self.roots, grads, strict=True):
             c.history.append(
                 factor_rows(
