@@ -9,31 +9,13 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from shared_suites import PROFILED
 
 from kfacbench import cli, cluster
 
 pytest.importorskip("submitit", reason="needs the cluster extra (pip install 'kfacbench[cluster]')")
 
-SUITE = """
-name = "jobs"
-[defaults]
-device = "cpu"
-data = "synthetic"
-max_steps = 4
-eval_every = 4
-log_every = 2
-train_eval_size = 64
-eval_size = 64
-[sweep]
-workload = ["curves_ae"]
-batch_size = [32]
-inv_interval = [2]
-[optimizers.sgd]
-lr = 0.01
-[optimizers.skfac]
-lr = 0.01
-damping = 1.0
-"""
+SUITE = PROFILED.format(name="jobs")
 
 
 def test_local_executor_runs_every_cell_into_one_run_directory(tmp_path: Path) -> None:

@@ -237,10 +237,9 @@ def _patch_columns(module: nn.Conv2d, x: Tensor, bias: bool) -> Tensor:
     ``cols @ cols.T`` with this layout is about 2× faster for ResNet-20's first stage.
     """
     x = pad_conv_input(module, x)
-    for dim, k, d, s in zip(
-        (2, 3), module.kernel_size, module.dilation, module.stride, strict=True
-    ):
-        x = x.unfold(dim, d * (k - 1) + 1, s)[..., ::d]  # (m, C, H', [W',] [kh,] k) views
+    geometry = zip(module.kernel_size, module.dilation, module.stride, strict=True)
+    for dim, (k, d, s) in zip((2, 3), geometry, strict=True):
+        x = x.unfold(dim, d * (k - 1) + 1, s)[..., ::d]  # views, ending (m, C, H', W', kh, kw)
     m, c, h, w, kh, kw = x.shape
     n_in = c * kh * kw
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -406,13 +405,13 @@ class Capture:
         if not self._keep_grads:
             raise KfacbenchError("loss_grads needs a forward pass recorded with keep_grads=True")
         outputs = self.outputs(layers)
-        if all(self._grads[self._index(layer)] is None for layer in layers):
+        grads = [self._grads[self._index(layer)] for layer in layers]
+        if all(grad is None for grad in grads):
             raise KfacbenchError("loss_grads: no backward pass reached the recorded outputs")
         result = []
-        for layer, output in zip(layers, outputs, strict=True):
-            grad = self._grads[self._index(layer)]
-            g = torch.zeros_like(output) if grad is None else as_float(grad) * per_example
-            result.append(_grad_rows(layer, g) if as_rows else as_float(g))
+        for layer, output, grad in zip(layers, outputs, grads, strict=True):
+            g = as_float(torch.zeros_like(output) if grad is None else grad * per_example)
+            result.append(_grad_rows(layer, g) if as_rows else g)
         return result
 
     def clear(self) -> None:

@@ -206,9 +206,10 @@ def damped_inverses(
             dtype = rows[i].dtype
             if woodbury:
                 solved = (inv[k] @ rows[i].to(inv.dtype)).to(dtype)
-                out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved, float64=wide)
                 if store_dense is not None and store_dense[i]:
                     out[i] = _stored_dense(rows[i], solved, dampings[i], wide)
+                else:
+                    out[i] = DampedInverse(dampings[i], rows=rows[i], solved=solved, float64=wide)
             else:
                 out[i] = DampedInverse(dampings[i], dense=inv[k].to(dtype), float64=wide)
     return [d for d in out if d is not None]

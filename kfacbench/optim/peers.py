@@ -98,11 +98,11 @@ class AsdlKfac:
     - Conv layers under swift: ASDL reduces a conv factor over positions only when the batch is
       smaller than the factor's dimension and keeps K-FAC's full factor otherwise; SKFAC always
       reduces (Tang et al. §3.2, ``reduction = "sum"``). Not matchable.
+    - The update: torch.optim.SGD with momentum on the preconditioned gradient, as kfac-fast and
+      SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
 
     Where the algorithms agree (no biases; for swift, Linear layers), the steps are the same to
     rounding: tests/optim/test_peers.py trains both side by side and compares the parameters.
-    - The update: torch.optim.SGD with momentum on the preconditioned gradient, as kfac-fast and
-      SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
     """
 
     def __init__(
@@ -249,7 +249,7 @@ class AdamW:
         return {"peer": "torch.optim.AdamW", "version": torch.__version__}
 
 
-def _asdl_build(swift: bool) -> Any:
+def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodContext], AsdlKfac]:
     def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AsdlKfac:
         if ctx.dist is not None:
             raise KfacbenchError("the ASDL peers run on one process (no --nproc)")
