@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from kfacbench.errors import SuiteError
-from kfacbench.optim.base import HParam, HParamValue, MethodSpec
+from kfacbench.optim.base import Bounds, HParam, HParamValue, MethodSpec
 
 T = TypeVar("T")
 
@@ -68,8 +68,18 @@ _TOP_KEYS = (
 )
 _PROFILE_KEYS = ("wait", "warmup", "active")
 _SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval")
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names a results directory
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The device specs a suite and ``--device`` take."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # names a results directory
+MAX_SUITE_BYTES = 1 << 20
+"""Largest suite file read (1 MiB; real suites are a few KiB)."""
+MAX_PROFILE_STEPS = 100_000
+"""Most steps of each part of a ``[profile]`` window (real windows are a few steps)."""
+MAX_CELLS = 100_000
+"""Most cells a suite may expand to (checked before expanding: a few long lists would otherwise
+build billions of cells). Real suites have up to a few hundred."""
+MAX_SECONDS = 30 * 24 * 3600
+"""The longest time budget a cell may have (30 days): a budget must be able to end."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,10 @@ class Settings:
         tf32: allow TF32 matmuls and convolutions on CUDA.
         amp: autocast mode of the forward pass: ``off`` or ``bf16`` (fp16 would need loss
             scaling, which the core does not do, so it is not offered).
+        diverge_factor: a read-back loss above this many times the cell's initial loss ends the
+            cell as ``diverged`` (as a non-finite loss does). Bounded losses (a Bernoulli
+            autoencoder's cross-entropy) never overflow, so without this bound a blown-up run
+            would finish ``ok`` with a loss of 1e9 and corrupt every table built on it.
     """
 
     device: str = "auto"
@@ -102,6 +116,11 @@ class Settings:
     eval_size: int | None = None
     tf32: bool = False
     amp: str = "off"
+    diverge_factor: float = 10.0
+
+
+LATER_SETTINGS = {"diverge_factor": Settings.diverge_factor}
+"""Settings that cell ids include only when not at their default (see :attr:`Cell.id`)."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +215,17 @@ class Cell:
 
     @property
     def id(self) -> str:
-        """First 12 hex digits of the SHA-256 of the canonical JSON of :meth:`config`."""
-        text = json.dumps(self.config(), sort_keys=True, separators=(",", ":"))
+        """First 12 hex digits of the SHA-256 of the canonical JSON of :meth:`config`.
+
+        Settings added after ids were first published (:data:`LATER_SETTINGS`) are hashed only
+        when they differ from their default, so a cell keeps its id across kfacbench versions and
+        ``compare`` and ``--resume`` still match runs recorded before the setting existed.
+        """
+        config = self.config()
+        for key, default in LATER_SETTINGS.items():
+            if config["settings"][key] == default:
+                del config["settings"][key]
+        text = json.dumps(config, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -259,6 +287,13 @@ def load_suite(
     """
     source = str(path)
     try:
+        # A FIFO or a device would block the read (or never end): only regular files are read.
+        if path.exists() and not path.is_file():
+            raise SuiteError(_line(f"{source}: not a regular file (a directory, FIFO or device?)"))
+        if path.exists() and path.stat().st_size > MAX_SUITE_BYTES:
+            raise SuiteError(
+                _line(f"{source}: {path.stat().st_size} bytes; a suite is at most 1 MiB of TOML")
+            )
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SuiteError(_line(f"{source}: no such file")) from None
@@ -266,11 +301,16 @@ def load_suite(
         raise SuiteError(_line(f"{source}: cannot read: {exc.strerror}")) from None
     except UnicodeDecodeError as exc:
         raise SuiteError(_line(f"{source}: not UTF-8 text (byte {exc.start})")) from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4,300 digits
         raise SuiteError(_line(f"{source}: invalid TOML: {exc}")) from None
-    suite = parse_suite(
-        data, source=source, workloads=workloads, methods=methods, name_default=path.stem
-    )
+    except RecursionError:
+        raise SuiteError(_line(f"{source}: invalid TOML: nested too deeply")) from None
+    try:
+        suite = parse_suite(
+            data, source=source, workloads=workloads, methods=methods, name_default=path.stem
+        )
+    except RecursionError:  # comparing or printing a value nested hundreds of levels deep
+        raise SuiteError(_line(f"{source}: a value is nested too deeply")) from None
     return replace(suite, path=path)
 
 
@@ -295,10 +335,11 @@ def parse_suite(
         SuiteError: any invalid content; the message names ``source``, the key path and the value.
     """
     r = _Reader(source)
+    _check_magnitudes(r, data, "")
     r.check_keys(data, "", _TOP_KEYS)
     name = data.get("name", name_default)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        r.fail("name", f"expected letters, digits, '_', '-' or '.', got {name!r}")
+        r.fail("name", f"expected up to 100 letters, digits, '_', '-' or '.', got {_show(name)}")
     description = r.string(data.get("description", ""), "description")
 
     if "sweep" not in data:
@@ -308,10 +349,14 @@ def parse_suite(
         if key not in sweep:
             r.fail(f"sweep.{key}", "missing (required)")
     names = r.values(sweep["workload"], "sweep.workload", lambda v, p: r.workload(v, p, workloads))
-    batch_sizes = r.values(sweep["batch_size"], "sweep.batch_size", lambda v, p: r.integer(v, p, 1))
-    seeds = r.values(sweep.get("seed", [0]), "sweep.seed", lambda v, p: r.integer(v, p, 0))
+    batch_sizes = r.values(
+        sweep["batch_size"], "sweep.batch_size", lambda v, p: r.integer(v, p, "[1, inf)")
+    )
+    seeds = r.values(sweep.get("seed", [0]), "sweep.seed", lambda v, p: r.integer(v, p, "[0, inf)"))
     inv_intervals = r.values(
-        sweep.get("inv_interval", [20]), "sweep.inv_interval", lambda v, p: r.integer(v, p, 1)
+        sweep.get("inv_interval", [20]),
+        "sweep.inv_interval",
+        lambda v, p: r.integer(v, p, "[1, inf)"),
     )
 
     settings = _resolve_settings(r, names, data)
@@ -319,12 +364,24 @@ def parse_suite(
     profile = None
     if "profile" in data:
         table = r.table(data["profile"], "profile", _PROFILE_KEYS)
-        counts = {key: r.integer(value, f"profile.{key}", 0) for key, value in table.items()}
+        counts = {
+            key: r.integer(value, f"profile.{key}", f"[0, {MAX_PROFILE_STEPS}]")
+            for key, value in table.items()
+        }
         try:
             profile = ProfileWindow(**counts)
         except SuiteError as exc:
             r.fail("profile", str(exc))
 
+    per_workload = sum(
+        len(combos)
+        * len(batch_sizes)
+        * (len(inv_intervals) if methods[optimizer].uses_inv_interval else 1)
+        * len(seeds)
+        for optimizer, combos in grids.items()
+    )
+    if len(names) * per_workload > MAX_CELLS:
+        r.fail("sweep", f"{len(names) * per_workload} cells; a suite has at most {MAX_CELLS}")
     cells: list[Cell] = []
     for workload, (optimizer, combos) in itertools.product(names, grids.items()):
         invs: list[int | None] = (
@@ -399,6 +456,11 @@ def _grids(
             else [specs[key].default]
             for key in keys
         ]
+        size = math.prod(len(values) for values in lists)
+        if size > MAX_CELLS:
+            r.fail(
+                path, f"{size} hyperparameter combinations; a suite has at most {MAX_CELLS} cells"
+            )
         grids[optimizer] = [
             dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)
         ]
@@ -414,7 +476,7 @@ def _exclude(
     or a leftover from an edited sweep, and ignoring it would run cells the author meant to drop.
     """
     if not isinstance(rules, list) or not all(isinstance(rule, dict) for rule in rules):
-        r.fail("exclude", f"expected [[exclude]] tables, got {rules!r}")
+        r.fail("exclude", f"expected [[exclude]] tables, got {_show(rules)}")
     known = [*AXES, *sorted({key for spec in specs for key in spec.hparams} - set(AXES))]
     for i, rule in enumerate(rules):
         path = f"exclude[{i}]"
@@ -430,7 +492,7 @@ def _exclude(
                     listed = ", ".join(repr(v) for v in present)
                     r.fail(
                         f"{path}.{key}",
-                        f"no cell has {key}={one!r}; values in this suite: {listed}",
+                        f"no cell has {key}={_show(one)}; values in this suite: {listed}",
                     )
         if not any(_excluded(c, rule) for c in cells):
             r.fail(path, "matches no cell: each value occurs in the sweep, but never together")
@@ -471,8 +533,24 @@ def _line(message: str) -> str:
     return " ".join(message.splitlines())
 
 
-def _bound(minimum: float | None, strict: bool = False) -> str:
-    return "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+def _show(value: object) -> str:
+    """A value for an error message, shortened (a fuzzed suite can hold a megabyte string)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _check_magnitudes(r: _Reader, value: object, path: str) -> None:
+    """Reject integers far outside int64 wherever they are, before anything prints or hashes
+    them: TOML's hex literals have no length limit, and Python refuses to turn an integer of
+    more than 4,300 digits into text (so even the error message about it would fail)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_magnitudes(r, item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_magnitudes(r, item, f"{path}[{i}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**64:
+        r.fail(path, f"an integer of {value.bit_length()} bits is out of range (int64)")
 
 
 class _Reader:
@@ -487,7 +565,7 @@ class _Reader:
     def unknown(self, path: str, what: str, name: str, known: Sequence[str]) -> NoReturn:
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        self.fail(path, f"unknown {what} {name!r}{hint}; known: {', '.join(known)}")
+        self.fail(path, f"unknown {what} {_show(name)}{hint}; known: {', '.join(known)}")
 
     def check_keys(
         self, table: Mapping[str, Any], path: str, known: Sequence[str], what: str = "key"
@@ -500,7 +578,7 @@ class _Reader:
         self, value: object, path: str, known: Sequence[str] | None = None, what: str = "key"
     ) -> dict[str, Any]:
         if not isinstance(value, dict):
-            self.fail(path, f"expected a table, got {value!r}")
+            self.fail(path, f"expected a table, got {_show(value)}")
         if known is not None:
             self.check_keys(value, path, known, what)
         return value
@@ -511,42 +589,48 @@ class _Reader:
             return [convert(value, path)]
         if not value:
             self.fail(path, "expected a value or a non-empty list, got []")
+        if len(value) > MAX_CELLS:
+            self.fail(path, f"{len(value)} values; a suite has at most {MAX_CELLS} cells")
         out: list[T] = []
+        seen: set[T] = set()  # converted values are scalars of one type: hashable
         for i, item in enumerate(value):
             converted = convert(item, f"{path}[{i}]")
-            if converted in out:
-                self.fail(f"{path}[{i}]", f"repeats the value {item!r} (it would duplicate cells)")
+            if converted in seen:
+                self.fail(
+                    f"{path}[{i}]", f"repeats the value {_show(item)} (it would duplicate cells)"
+                )
+            seen.add(converted)
             out.append(converted)
         return out
 
-    def integer(self, value: object, path: str, minimum: float | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"expected an integer{_bound(minimum)}, got {value!r}")
-        if minimum is not None and value < minimum:
-            self.fail(path, f"expected an integer{_bound(minimum)}, got {value!r}")
+    def integer(self, value: object, path: str, bounds: str = "(-inf, inf)") -> int:
+        """An integer in ``bounds`` (:class:`~kfacbench.optim.base.Bounds` notation), which is
+        always capped to int64: a larger seed or size passes a plain ``>= 1`` check and then
+        fails inside torch, outside the cell's failure isolation."""
+        interval = Bounds.parse(bounds).integral()
+        if isinstance(value, bool) or not isinstance(value, int) or value not in interval:
+            self.fail(path, f"expected an integer in {interval}, got {_show(value)}")
         return value
 
-    def number(
-        self, value: object, path: str, minimum: float | None = None, strict: bool = False
-    ) -> float:
-        """A float; an integer is accepted and converted (``lr = 1`` means ``1.0``)."""
-        message = f"expected a number{_bound(minimum, strict)}, got {value!r}"
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            self.fail(path, message)
-        if minimum is not None and (value <= minimum if strict else value < minimum):
-            self.fail(path, message)
-        return float(value)
+    def number(self, value: object, path: str, bounds: str = "(-inf, inf)") -> float:
+        """A finite float in ``bounds``; an integer is accepted and converted (``lr = 1`` means
+        ``1.0``). ``inf`` and ``nan`` never are: an infinite damping or learning rate would run
+        and train nothing, an infinite time budget would never end."""
+        interval = Bounds.parse(bounds)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value not in interval:
+            self.fail(path, f"expected a finite number in {interval}, got {_show(value)}")
+        return float(value)  # an integer beyond float's range was refused by _check_magnitudes
 
     def boolean(self, value: object, path: str) -> bool:
         if not isinstance(value, bool):
-            self.fail(path, f"expected true or false, got {value!r}")
+            self.fail(path, f"expected true or false, got {_show(value)}")
         return value
 
     def string(self, value: object, path: str, choices: Sequence[str] | None = None) -> str:
         if choices is not None and value not in choices:
-            self.fail(path, f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+            self.fail(path, f"expected one of {', '.join(map(repr, choices))}, got {_show(value)}")
         if not isinstance(value, str):
-            self.fail(path, f"expected a string, got {value!r}")
+            self.fail(path, f"expected a string, got {_show(value)}")
         return value
 
     def workload(self, value: object, path: str, known: Collection[str]) -> str:
@@ -556,13 +640,13 @@ class _Reader:
         return name
 
     def hparam(self, value: object, path: str, spec: HParam) -> HParamValue:
-        """``value`` checked against the type of ``spec.default``, its choices and minimum."""
+        """``value`` checked against the type of ``spec.default``, its choices and bounds."""
         if spec.kind is bool:
             return self.boolean(value, path)
         if spec.kind is int:
-            return self.integer(value, path, spec.minimum)
+            return self.integer(value, path, spec.bounds)
         if spec.kind is float:
-            return self.number(value, path, spec.minimum)
+            return self.number(value, path, spec.bounds)
         return self.string(value, path, spec.choices)
 
     def settings(self, value: object, path: str, base: Settings) -> Settings:
@@ -571,20 +655,21 @@ class _Reader:
         return replace(base, **{k: _SETTINGS[k](self, v, f"{path}.{k}") for k, v in table.items()})
 
     def device(self, value: object, path: str) -> str:
-        if not isinstance(value, str) or not _DEVICE.fullmatch(value):
-            self.fail(path, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        if not isinstance(value, str) or not DEVICE.fullmatch(value):
+            self.fail(path, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {_show(value)}")
         return value
 
 
 _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "device": _Reader.device,
     "data": lambda r, v, p: r.string(v, p, ("real", "synthetic")),
-    "max_steps": lambda r, v, p: r.integer(v, p, 1),
-    "max_seconds": lambda r, v, p: r.number(v, p, 0.0, strict=True),
-    "eval_every": lambda r, v, p: r.integer(v, p, 1),
-    "log_every": lambda r, v, p: r.integer(v, p, 1),
-    "train_eval_size": lambda r, v, p: r.integer(v, p, 1),
-    "eval_size": lambda r, v, p: r.integer(v, p, 1),
+    "max_steps": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "max_seconds": lambda r, v, p: r.number(v, p, f"(0, {MAX_SECONDS}]"),
+    "eval_every": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "log_every": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "train_eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "diverge_factor": lambda r, v, p: r.number(v, p, "(1, inf)"),
     "tf32": _Reader.boolean,
     "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
 }

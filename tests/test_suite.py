@@ -25,11 +25,11 @@ SGD = MethodSpec(
     name="sgd",
     summary="fake SGD",
     hparams={
-        "lr": HParam(0.01, "learning rate", minimum=0.0),
-        "momentum": HParam(0.9, "momentum", minimum=0.0),
+        "lr": HParam(0.01, "learning rate", bounds="[0, inf)"),
+        "momentum": HParam(0.9, "momentum", bounds="[0, 1)"),
         "nesterov": HParam(False, "Nesterov momentum"),
         "form": HParam("pytorch", "momentum form", choices=("pytorch", "sutskever")),
-        "warmup_steps": HParam(0, "warm-up steps", minimum=0),
+        "warmup_steps": HParam(0, "warm-up steps", bounds="[0, inf)"),
     },
     uses_inv_interval=False,
     build=_never_built,
@@ -38,8 +38,8 @@ KFAC = MethodSpec(
     name="kfac",
     summary="fake K-FAC",
     hparams={
-        "lr": HParam(0.1, "learning rate", minimum=0.0),
-        "damping": HParam(1e-3, "damping", minimum=0.0),
+        "lr": HParam(0.1, "learning rate", bounds="[0, inf)"),
+        "damping": HParam(1e-3, "damping", bounds="(0, inf)"),
     },
     uses_inv_interval=True,
     build=_never_built,
@@ -170,6 +170,7 @@ def test_every_setting_is_read() -> None:
         "eval_size": 50,
         "tf32": True,
         "amp": "bf16",
+        "diverge_factor": 100.0,
     }
     assert set(values) == {f.name for f in fields(Settings)}
     defaults = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -273,6 +274,8 @@ def test_id_is_the_hash_of_the_config() -> None:
         "hparams",
         "settings",
     ]
+    # A setting added later is hashed only when set, so ids of earlier runs stay valid.
+    assert config["settings"].pop("diverge_factor") == 10.0
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     assert cell.id == hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -303,6 +306,7 @@ def test_key_order_and_int_spelling_do_not_change_ids() -> None:
         ("max_steps = 10", "max_steps = 10\nmax_seconds = 60"),
         ("max_steps = 10", 'max_steps = 10\ndevice = "cpu"'),
         ("max_steps = 10", "max_steps = 10\ntf32 = true"),
+        ("max_steps = 10", "max_steps = 10\ndiverge_factor = 100"),
     ],
 )
 def test_any_config_change_changes_the_id(old: str, new: str) -> None:
@@ -437,10 +441,10 @@ ERRORS = [
     (
         BASE.replace("[100]", "[100, 'abc']"),
         "sweep.batch_size[1]",
-        ["expected an integer >= 1, got 'abc'"],
+        ["expected an integer in [1, 2**63-1], got 'abc'"],
     ),
     (BASE.replace("[100]", "[0]"), "sweep.batch_size[0]", ["got 0"]),
-    (BASE.replace("[100]", "[100]\nseed = -1"), "sweep.seed", [">= 0, got -1"]),
+    (BASE.replace("[100]", "[100]\nseed = -1"), "sweep.seed", ["in [0, 2**63-1], got -1"]),
     (BASE.replace("[100]", "[100]\ninv_interval = [0]"), "sweep.inv_interval[0]", ["got 0"]),
     (BASE.replace("[100]", "[100]\nseed = [1, 1]"), "sweep.seed[1]", ["repeats the value 1"]),
     (BASE.replace("[100]", "[]"), "sweep.batch_size", ["non-empty list, got []"]),
@@ -455,11 +459,15 @@ ERRORS = [
     ),
     ("[optimizers.sgd]\n[defaults]\nmax_steps = 1", "sweep", ["missing"]),
     (BASE.replace("max_steps = 10", "max_steps = true"), "defaults.max_steps", ["got True"]),
-    (BASE.replace("max_steps = 10", "max_steps = 0"), "defaults.max_steps", [">= 1, got 0"]),
+    (
+        BASE.replace("max_steps = 10", "max_steps = 0"),
+        "defaults.max_steps",
+        ["in [1, 2**63-1], got 0"],
+    ),
     (
         BASE.replace("max_steps = 10", "max_steps = 10\nmax_seconds = 0"),
         "defaults.max_seconds",
-        ["> 0, got 0"],
+        ["in (0, 2592000], got 0"],
     ),
     (
         BASE.replace("max_steps = 10", "max_steps = 10\nmax_seconds = '60'"),
@@ -522,14 +530,18 @@ ERRORS = [
         "workloads.curves_ae.max_steps",
         ["got 'x'"],
     ),
-    (BASE + "lr = -0.1\n", "optimizers.sgd.lr", ["expected a number >= 0, got -0.1"]),
+    (BASE + "lr = -0.1\n", "optimizers.sgd.lr", ["expected a finite number in [0, inf), got -0.1"]),
     (BASE + "lr = true\n", "optimizers.sgd.lr", ["got True"]),
     (BASE + "lr = '0.1'\n", "optimizers.sgd.lr", ["got '0.1'"]),
     (BASE + "lr = [0.1, [0.2]]\n", "optimizers.sgd.lr[1]", ["got [0.2]"]),
     (BASE + "lr = [1, 1.0]\n", "optimizers.sgd.lr[1]", ["repeats the value 1.0"]),
     (BASE + "lr = []\n", "optimizers.sgd.lr", ["got []"]),
     (BASE + "momentum = nan\n", "optimizers.sgd.momentum", ["got nan"]),
-    (BASE + "warmup_steps = 1.5\n", "optimizers.sgd.warmup_steps", ["integer >= 0, got 1.5"]),
+    (
+        BASE + "warmup_steps = 1.5\n",
+        "optimizers.sgd.warmup_steps",
+        ["integer in [0, 2**63-1], got 1.5"],
+    ),
     (BASE + "warmup_steps = -1\n", "optimizers.sgd.warmup_steps", ["got -1"]),
     (BASE + "warmup_steps = false\n", "optimizers.sgd.warmup_steps", ["got False"]),
     (BASE + "nesterov = 1\n", "optimizers.sgd.nesterov", ["true or false, got 1"]),
@@ -576,5 +588,107 @@ def test_errors_name_file_key_and_value(text: str, path: str, fragments: list[st
 def test_example_error_message_in_full() -> None:
     with pytest.raises(SuiteError) as info:
         parse(BASE.replace("[100]", "[100, 'abc']"))
-    expected = "suites/t.toml: sweep.batch_size[1]: expected an integer >= 1, got 'abc'"
+    expected = "suites/t.toml: sweep.batch_size[1]: expected an integer in [1, 2**63-1], got 'abc'"
     assert str(info.value) == expected
+
+
+# --- ranges of the registered methods' hyperparameters ----------------------------------------
+
+REAL = """
+[defaults]
+{defaults}
+[sweep]
+workload = ["curves_ae"]
+batch_size = [{batch}]
+seed = [{seed}]
+[optimizers.{optimizer}]
+{hparams}
+"""
+
+
+def parse_real(
+    optimizer: str,
+    hparams: str = "",
+    *,
+    defaults: str = "max_steps = 10",
+    batch: str = "100",
+    seed: str = "0",
+) -> Suite:
+    from kfacbench.optim import METHODS as REGISTERED
+    from kfacbench.workloads import WORKLOADS as REGISTERED_WORKLOADS
+
+    text = REAL.format(
+        defaults=defaults, batch=batch, seed=seed, optimizer=optimizer, hparams=hparams
+    )
+    return parse_suite(
+        tomllib.loads(text),
+        source=SOURCE,
+        workloads=REGISTERED_WORKLOADS,
+        methods=REGISTERED,
+        name_default="t",
+    )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "line", "path"),
+    [
+        ("sgd", "lr = inf", "optimizers.sgd.lr"),
+        ("sgd", "momentum = 1.5", "optimizers.sgd.momentum"),
+        ("sgd", "momentum = 1.0", "optimizers.sgd.momentum"),
+        ("sgd", "weight_decay = inf", "optimizers.sgd.weight_decay"),
+        ("sgd", "lr_decay = 0", "optimizers.sgd.lr_decay"),
+        ("kfac", "damping = inf", "optimizers.kfac.damping"),
+        ("kfac", "damping = 0", "optimizers.kfac.damping"),
+        ("kfac-fast", "damping = 0.0", "optimizers.kfac-fast.damping"),
+        ("kfac", "cov_fraction = 1.5", "optimizers.kfac.cov_fraction"),
+        ("kfac", "cov_fraction = 0", "optimizers.kfac.cov_fraction"),
+        ("kfac", "ema_max = 1.0", "optimizers.kfac.ema_max"),
+        ("kfac", "polyak = 1", "optimizers.kfac.polyak"),
+        ("kfac", "momentum = -inf", "optimizers.kfac.momentum"),
+        ("kfac", "lm_interval = 9223372036854775808", "optimizers.kfac.lm_interval"),
+        ("skfac", "factor_decay = 1.0", "optimizers.skfac.factor_decay"),
+        ("skfac", "damping = 0", "optimizers.skfac.damping"),
+        ("skfac", "lr = nan", "optimizers.skfac.lr"),
+        ("adamw", "beta2 = 1.0", "optimizers.adamw.beta2"),
+    ],
+)
+def test_values_that_cannot_run_are_rejected(optimizer: str, line: str, path: str) -> None:
+    with pytest.raises(SuiteError, match=rf"^{SOURCE}: {path}: expected .* got "):
+        parse_real(optimizer, line)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "path"),
+    [
+        ({"defaults": "max_seconds = inf"}, "defaults.max_seconds"),
+        ({"defaults": "max_seconds = 1e308"}, "defaults.max_seconds"),
+        ({"defaults": "max_steps = 10\ndiverge_factor = 1"}, "defaults.diverge_factor"),
+        ({"seed": "9223372036854775808"}, r"sweep.seed\[0\]"),
+        ({"batch": "18446744073709551616"}, r"sweep.batch_size\[0\]"),
+        ({"defaults": "max_steps = 9223372036854775808"}, "defaults.max_steps"),
+        ({"defaults": "max_steps = 10\nmax_seconds = 1" + "0" * 400}, "defaults.max_seconds"),
+    ],
+)
+def test_budgets_and_integers_must_be_able_to_run(kwargs: dict[str, str], path: str) -> None:
+    with pytest.raises(SuiteError, match=rf"^{SOURCE}: {path}: (expected|an integer of \d+ bits)"):
+        parse_real("sgd", **kwargs)
+
+
+def test_an_integer_too_long_to_print_is_one_line(tmp_path: Path) -> None:
+    """Python cannot print an integer of more than 4,300 digits; TOML's hex has no limit."""
+    path = tmp_path / "t.toml"
+    path.write_text(
+        REAL.format(
+            defaults="max_steps = 1", batch="0x" + "f" * 3600, seed="0", optimizer="sgd", hparams=""
+        )
+    )
+    with pytest.raises(SuiteError, match=r"sweep.batch_size\[0\]: an integer of 14400 bits"):
+        load_suite(path, workloads={"curves_ae"}, methods=METHODS)
+    path.write_text(path.read_text().replace("0x" + "f" * 3600, "1" * 4301))
+    with pytest.raises(SuiteError, match="invalid TOML: Exceeds the limit"):
+        load_suite(path, workloads={"curves_ae"}, methods=METHODS)
+
+
+def test_largest_int64_values_are_accepted() -> None:
+    suite = parse_real("sgd", seed="9223372036854775807", defaults="max_seconds = 2592000")
+    assert suite.cells[0].seed == 2**63 - 1

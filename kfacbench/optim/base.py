@@ -8,6 +8,8 @@ still timed by the same clock (DESIGN.md, "A Method runs its own passes").
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,23 +62,105 @@ def gradients(params: Sequence[torch.Tensor], weight_decay: float = 0.0) -> list
     return grads
 
 
+INT64_MAX = 2**63 - 1
+"""The largest integer a cell may hold: seeds, sizes and step counts become int64 tensors and
+generator seeds, so a larger one would pass validation and fail only inside torch."""
+
+_INTERVAL = re.compile(r"([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(-?inf|[-+0-9.e]+)\s*([\])])")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric hyperparameter lies in, written as in maths: ``"[0, 1)"``,
+    ``"(0, inf)"``. An infinite end means unbounded on that side; the value itself must always
+    be finite (an ``inf`` learning rate or damping passes a plain ``>= 0`` check and then trains
+    nothing, or never ends)."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Bounds:
+        """``"[0, 1)"`` → 0 ≤ x < 1; ``"(0, inf)"`` → x > 0."""
+        match = _INTERVAL.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"not an interval: {text!r} (write e.g. '[0, 1)' or '(0, inf)')")
+        left, low, high, right = match.groups()
+        return cls(float(low), float(high), left == "(", right == ")")
+
+    def integral(self) -> Bounds:
+        """The same interval for integers: closed integer ends, capped to int64. The ends are
+        ints, which compare exactly with ints (``float(INT64_MAX)`` would round up to 2**63)."""
+        if self.low < -INT64_MAX:
+            low = -INT64_MAX - 1
+        else:
+            low = math.floor(self.low) + 1 if self.low_open else math.ceil(self.low)
+        if self.high > INT64_MAX:
+            high = INT64_MAX
+        else:
+            high = math.ceil(self.high) - 1 if self.high_open else math.floor(self.high)
+        return Bounds(low, high, False, False)
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return (
+            f"{'(' if self.low_open else '['}{_end(self.low)}, "
+            f"{_end(self.high)}{')' if self.high_open else ']'}"
+        )
+
+
+def _end(x: float) -> str:
+    if x == INT64_MAX:
+        return "2**63-1"
+    if x == -INT64_MAX - 1:
+        return "-2**63"
+    return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:.15g}"
+
+
 @dataclass(frozen=True)
 class HParam:
     """One hyperparameter of a method: its type, default and allowed values.
 
-    Suites are validated against these, so an unknown or ill-typed hyperparameter is an error that
-    names the key instead of a silently ignored setting.
+    Suites are validated against these, so an unknown, ill-typed or out-of-range hyperparameter is
+    an error that names the key instead of a silently ignored setting or a cell that cannot run.
+
+    Attributes:
+        default: the value when a suite sets none; its type is the type values must have.
+        help: one line for ``kfacbench list optimizers``.
+        choices: the allowed strings of a string hyperparameter.
+        bounds: the interval of a numeric one (:class:`Bounds` notation, e.g. ``"[0, 1)"``);
+            numbers are always finite and integers always fit int64.
     """
 
     default: HParamValue
     help: str
     choices: tuple[str, ...] | None = None
-    minimum: float | None = None
+    bounds: str = "(-inf, inf)"
+
+    def __post_init__(self) -> None:
+        if self.kind in (int, float) and self.default not in self.interval:
+            raise ValueError(f"default {self.default!r} outside {self.bounds}")
 
     @property
     def kind(self) -> type:
         """The Python type values must have (bool, int, float or str)."""
         return type(self.default)
+
+    @property
+    def interval(self) -> Bounds:
+        """:attr:`bounds` parsed, int64-capped for integers."""
+        bounds = Bounds.parse(self.bounds)
+        return bounds.integral() if self.kind is int else bounds
 
 
 @dataclass(frozen=True)

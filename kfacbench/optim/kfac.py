@@ -765,30 +765,36 @@ def factored_damping_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def _hparams(**overrides: HParam) -> dict[str, HParam]:
     """The K-FAC hyperparameters with a preset's defaults."""
     base = {
-        "lr": HParam(1.0, "learning rate of the SGD update (rescale = false only)", minimum=0.0),
-        "momentum": HParam(0.9, "momentum of the SGD update (rescale = false only)", minimum=0.0),
+        "lr": HParam(
+            1.0, "learning rate of the SGD update (rescale = false only)", bounds="[0, inf)"
+        ),
+        "momentum": HParam(
+            0.9, "momentum of the SGD update (rescale = false only)", bounds="[0, 1)"
+        ),
         "fisher": HParam(
             "sampled", "Fisher estimate (exact: type-2, few outputs)", choices=FISHERS
         ),
-        "cov_interval": HParam(1, "steps between factor updates", minimum=1),
-        "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", minimum=0.0),
-        "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", minimum=0.0),
-        "damping": HParam(150.0, "initial λ (λ₀)", minimum=0.0),
-        "weight_decay": HParam(1e-5, "η, the ℓ2 cost of the objective", minimum=0.0),
+        "cov_interval": HParam(1, "steps between factor updates", bounds="[1, inf)"),
+        "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", bounds="(0, 1]"),
+        "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", bounds="[0, 1)"),
+        "damping": HParam(150.0, "initial λ (λ₀)", bounds="(0, inf)"),
+        "weight_decay": HParam(1e-5, "η, the ℓ2 cost of the objective", bounds="[0, inf)"),
         "inverse_method": HParam("eigh", "factor inversion", choices=INVERSE_METHODS),
         "structure": HParam("blockdiag", "inverse structure", choices=("blockdiag", "tridiag")),
         "rescale": HParam(True, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
         "rescale_momentum": HParam(True, "include the previous update in the model (§7)"),
         "adapt_damping": HParam(True, "Levenberg–Marquardt adjustment of λ (§6.5)"),
-        "lm_interval": HParam(5, "T1: steps between λ adjustments", minimum=1),
+        "lm_interval": HParam(5, "T1: steps between λ adjustments", bounds="[1, inf)"),
         "lm_include_damping": HParam(False, "ρ's model change includes λ"),
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
-        "gamma_interval": HParam(20, "T2: steps between γ searches", minimum=1),
+        "gamma_interval": HParam(20, "T2: steps between γ searches", bounds="[1, inf)"),
         "gamma_criterion": HParam("model", "γ candidates scored by", choices=("model", "loss")),
         "growing_batch": HParam(
-            0, "iteration from which the batch is the full set (0: off)", minimum=0
+            0, "iteration from which the batch is the full set (0: off)", bounds="[0, inf)"
         ),
-        "polyak": HParam(0.0, "Polyak-average decay of evaluated iterates (0: off)", minimum=0.0),
+        "polyak": HParam(
+            0.0, "Polyak-average decay of evaluated iterates (0: off)", bounds="[0, 1)"
+        ),
         "dist_strategy": HParam(
             "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
         ),
@@ -822,9 +828,9 @@ SPECS = (
         "kfac-fast",
         "K-FAC as distributed implementations run it: fixed damping, no re-scaling, SGD momentum",
         _hparams(
-            lr=HParam(0.1, "learning rate of the SGD update", minimum=0.0),
-            damping=HParam(1.0, "fixed λ (γ = sqrt(λ + η))", minimum=0.0),
-            weight_decay=HParam(0.0, "η, the ℓ2 cost of the objective", minimum=0.0),
+            lr=HParam(0.1, "learning rate of the SGD update", bounds="[0, inf)"),
+            damping=HParam(1.0, "fixed λ (γ = sqrt(λ + η))", bounds="(0, inf)"),
+            weight_decay=HParam(0.0, "η, the ℓ2 cost of the objective", bounds="[0, inf)"),
             rescale=HParam(False, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
             adapt_damping=HParam(False, "Levenberg–Marquardt adjustment of λ (§6.5)"),
             adapt_gamma=HParam(False, "greedy γ search (§6.6)"),

@@ -264,13 +264,17 @@ def _adamw_build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) ->
 
 def _asdl_hparams(swift: bool) -> dict[str, HParam]:
     return {
-        "lr": HParam(0.1, "learning rate of the SGD-momentum update", minimum=0.0),
-        "momentum": HParam(0.9, "momentum of that update", minimum=0.0),
-        "damping": HParam(1.0 if not swift else 0.03, "λ (π split of √λ)", minimum=0.0),
+        "lr": HParam(0.1, "learning rate of the SGD-momentum update", bounds="[0, inf)"),
+        "momentum": HParam(0.9, "momentum of that update", bounds="[0, 1)"),
+        "damping": HParam(1.0 if not swift else 0.03, "λ (π split of √λ)", bounds="(0, inf)"),
         "fisher": HParam("empirical", "sampled (fisher_mc) or empirical", choices=tuple(FISHERS)),
-        "cov_interval": HParam(1, "steps between curvature updates (K-FAC only)", minimum=1),
+        "cov_interval": HParam(
+            1, "steps between curvature updates (K-FAC only)", bounds="[1, inf)"
+        ),
         "ema_decay": HParam(
-            0.05 if not swift else 0.0, "weight of the newest batch's factors (0: per batch)"
+            0.05 if not swift else 0.0,
+            "weight of the newest batch's factors (0: per batch)",
+            bounds="[0, 1]",
         ),
         "ema_start": HParam(
             "zero", "zero (ASDL) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS
@@ -297,11 +301,11 @@ SPECS = (
         "adamw",
         "torch.optim.AdamW (decoupled weight decay)",
         {
-            "lr": HParam(1e-3, "learning rate", minimum=0.0),
-            "beta1": HParam(0.9, "β₁", minimum=0.0),
-            "beta2": HParam(0.999, "β₂", minimum=0.0),
-            "eps": HParam(1e-8, "ε", minimum=0.0),
-            "weight_decay": HParam(0.01, "decoupled weight decay", minimum=0.0),
+            "lr": HParam(1e-3, "learning rate", bounds="[0, inf)"),
+            "beta1": HParam(0.9, "β₁", bounds="[0, 1)"),
+            "beta2": HParam(0.999, "β₂", bounds="[0, 1)"),
+            "eps": HParam(1e-8, "ε", bounds="[0, inf)"),
+            "weight_decay": HParam(0.01, "decoupled weight decay", bounds="[0, inf)"),
         },
         uses_inv_interval=False,
         build=_adamw_build,

@@ -29,14 +29,16 @@ from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
 from kfacbench.optim.schedules import SCHEDULES, scheduled_lr
 
 SGD_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(0.01, "learning rate η (peak value under a schedule)", minimum=0.0),
-    "momentum": HParam(0.9, "momentum μ", minimum=0.0),
+    "lr": HParam(0.01, "learning rate η (peak value under a schedule)", bounds="[0, inf)"),
+    "momentum": HParam(0.9, "momentum μ", bounds="[0, 1)"),
     "form": HParam("pytorch", "momentum form", choices=("pytorch", "sutskever")),
     "nesterov": HParam(False, "Nesterov momentum"),
-    "weight_decay": HParam(0.0, "coupled ℓ2 cost η (added to the gradient)", minimum=0.0),
+    "weight_decay": HParam(0.0, "coupled ℓ2 cost η (added to the gradient)", bounds="[0, inf)"),
     "schedule": HParam("constant", "learning-rate schedule", choices=SCHEDULES),
-    "warmup_steps": HParam(0, "linear learning-rate warm-up steps", minimum=0),
-    "lr_decay": HParam(0.1, "factor of the step schedule (at 50% and 75% of the steps)"),
+    "warmup_steps": HParam(0, "linear learning-rate warm-up steps", bounds="[0, inf)"),
+    "lr_decay": HParam(
+        0.1, "factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"
+    ),
 }
 
 

@@ -573,19 +573,25 @@ def _unpack(tensors: list[Tensor]) -> DampedInverse:
 def _hparams(**overrides: HParam) -> dict[str, HParam]:
     """The SKFAC hyperparameters with a preset's defaults."""
     base = {
-        "lr": HParam(0.1, "learning rate of the momentum update", minimum=0.0),
-        "momentum": HParam(0.9, "momentum μ", minimum=0.0),
+        "lr": HParam(0.1, "learning rate of the momentum update", bounds="[0, inf)"),
+        "momentum": HParam(0.9, "momentum μ", bounds="[0, 1)"),
         "schedule": HParam("constant", "learning-rate schedule", choices=SCHEDULES),
-        "warmup_steps": HParam(0, "linear learning-rate warm-up steps", minimum=0),
-        "lr_decay": HParam(0.1, "factor of the step schedule (at 50% and 75% of the steps)"),
-        "damping": HParam(0.03, "λ, split over the two factors", minimum=0.0),
+        "warmup_steps": HParam(0, "linear learning-rate warm-up steps", bounds="[0, inf)"),
+        "lr_decay": HParam(
+            0.1, "factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"
+        ),
+        "damping": HParam(0.03, "λ, split over the two factors", bounds="(0, inf)"),
         "damping_split": HParam("sqrt", "√λ per factor, or the π split", choices=DAMPING_SPLITS),
-        "weight_decay": HParam(0.0, "η, added to the gradient before preconditioning", minimum=0),
+        "weight_decay": HParam(
+            0.0, "η, added to the gradient before preconditioning", bounds="[0, inf)"
+        ),
         "fisher": HParam("sampled", "Fisher estimate", choices=FISHERS),
         "reduction": HParam("sum", "conv dimension reduction", choices=REDUCTIONS),
-        "samples": HParam(4, "positions per example kept by subsample", minimum=1),
-        "factor_decay": HParam(0.0, "moving-average ε of the factors (0: per batch)", minimum=0),
-        "factor_window": HParam(4, "batches in the moving average", minimum=1),
+        "samples": HParam(4, "positions per example kept by subsample", bounds="[1, inf)"),
+        "factor_decay": HParam(
+            0.0, "moving-average ε of the factors (0: per batch)", bounds="[0, 1)"
+        ),
+        "factor_window": HParam(4, "batches in the moving average", bounds="[1, inf)"),
         "dist_strategy": HParam(
             "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
         ),
