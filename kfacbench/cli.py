@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import socket
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch.distributed as td
@@ -22,20 +25,23 @@ from kfacbench.compare import METRICS, compare_runs
 from kfacbench.distributed import init, launched_by_torchrun
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
-from kfacbench.optim import METHODS
+from kfacbench.machine_load import busy_cells, warning_line
+from kfacbench.optim import METHODS, HParam
 from kfacbench.profiling import profile_cells, top_kernels
 from kfacbench.regress import (
     FAIL_ABOVE,
     MIN_SHARE,
+    busy_passes,
     check,
     combine,
     machine_kind,
     read_baseline,
     write_baseline,
 )
-from kfacbench.runner import RunOptions, record_failure, resolve_device, run_cells
-from kfacbench.store import RunStore, fresh_dir, load_tables
-from kfacbench.suite import Cell, ProfileWindow, Suite, load_suite
+from kfacbench.rundir import load_tables, read_table
+from kfacbench.runner import RunOptions, one_line, record_failure, resolve_device, run_cells
+from kfacbench.store import RunStore, fresh_dir
+from kfacbench.suite import DEVICE, Cell, ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary
 from kfacbench.workloads import WORKLOADS
 
@@ -103,11 +109,36 @@ def check_resumable(run_dir: Path, suite: str) -> None:
         raise KfacbenchError(f"--resume {run_dir}: not a kfacbench run directory (no parts/)")
     stored = run_dir / "suite.toml"
     if stored.exists():
-        name = tomllib.loads(stored.read_text()).get("name", suite)
+        try:
+            name = tomllib.loads(stored.read_text(encoding="utf-8")).get("name", suite)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+            raise KfacbenchError(
+                f"--resume {run_dir}: {stored} is damaged ({one_line(exc)}); it records which"
+                " suite the run is of, so the run cannot be resumed safely"
+            ) from None
         if name != suite:
             raise KfacbenchError(
                 f"--resume {run_dir}: that run is of suite {name!r}, not {suite!r}"
             )
+
+
+def open_run(args: argparse.Namespace, suite: Suite) -> tuple[RunStore, bool]:
+    """The run directory of ``run``: the one to resume, or a new one; and whether it is new.
+
+    Called only after every argument was checked, so a rejected command leaves no empty run
+    directory behind for a later bare ``--resume`` to pick as the latest run.
+    """
+    if args.resume is not None:
+        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
+        if not (args.nnodes > 1 and not run_dir.exists()):  # several nodes: a new shared folder
+            check_resumable(run_dir, suite.name)
+        return RunStore(run_dir), False
+    if args.out.exists() and not args.out.is_dir():
+        raise KfacbenchError(f"--out {args.out}: exists and is not a directory")
+    try:
+        return RunStore.new(args.out, suite.name), True
+    except OSError as exc:
+        raise KfacbenchError(f"--out {args.out}: cannot create a run directory: {exc}") from None
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -129,15 +160,38 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         raise KfacbenchError("--nproc and --submitit do not combine: choose one way to run cells")
     if launched_by_torchrun():
         return run_worker(args, suite, cells, options)
-    if args.resume is not None:
-        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
-        if not (args.nnodes > 1 and not run_dir.exists()):  # several nodes: a new shared folder
-            check_resumable(run_dir, suite.name)
-        store = RunStore(run_dir)
-    else:
-        store = RunStore.new(args.out, suite.name)
+    if args.nproc is None and args.submitit is None:
+        for device in {args.device or c.settings.device for c in cells}:
+            resolve_device(device)  # CUDA asked for where there is none: before any folder
+    if args.rerun_busy and args.resume is None:
+        raise KfacbenchError("--rerun-busy reruns the busy cells of a run: give --resume too")
+    store, created = open_run(args, suite)
+    try:
+        return _run_in(store, args, suite, cells, options, console)
+    except BaseException:
+        if created and not store.finished_ids():  # nothing to resume: leave no empty run behind
+            shutil.rmtree(store.run_dir, ignore_errors=True)
+        raise
+
+
+def _run_in(
+    store: RunStore,
+    args: argparse.Namespace,
+    suite: Suite,
+    cells: Sequence[Cell],
+    options: RunOptions,
+    console: Console,
+) -> int:
+    """The body of ``run`` once its run directory exists."""
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
+    if args.rerun_busy and store.finished_ids():
+        busy = busy_cells(load_tables(store.run_dir, {"cells": ["cell_id"]})["cells"])
+        selected = {c.id for c in cells}
+        for cell_id in busy["cell_id"]:
+            if cell_id in selected:
+                store.set_aside(str(cell_id), "busy")
+        console.print(f"--rerun-busy: {len(busy)} busy cells set aside in {store.parts / 'busy'}")
     console.print(f"suite {suite.name}: {len(cells)} cells -> {store.run_dir}")
     try:
         if args.nproc is not None:
@@ -156,6 +210,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         else:
             run_cells(cells, store, options, console)
     except KeyboardInterrupt:
+        if not store.finished_ids():
+            raise  # nothing finished: the run directory goes
         console.print(
             f"[red]interrupted[/]: finished cells are kept; continue with\n"
             f"  kfacbench run {args.suite} --resume {store.run_dir}"
@@ -170,8 +226,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             suite.profile,
             on_cell=lambda cell, message: console.print(f"  {cell.label}: {message}"),
         )
-    tables = load_tables(store.run_dir)
-    console.print(rich_summary(tables["cells"], f"{suite.name} ({store.run_dir})"))
+    cells_table = load_tables(store.run_dir)["cells"]
+    console.print(rich_summary(cells_table, f"{suite.name} ({store.run_dir})"))
+    _warn_busy(console, cells_table)
     console.print(
         f"tables: {store.run_dir}/{{cells,curves,phases}}.parquet  "
         f"(pandas.read_parquet; `kfacbench show {store.run_dir}`)"
@@ -181,6 +238,13 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             f"kernels: {store.run_dir}/kernels.parquet (`kfacbench show {store.run_dir}"
             f" --kernels`); traces: tensorboard --logdir {store.run_dir}/traces"
         )
+    failed = cells_table[cells_table["status"] == "error"]
+    if not failed.empty:
+        console.print(
+            f"[red]{len(failed)} of {len(cells_table)} cells failed[/] (status error: see the"
+            f" error column, and errors/ for tracebacks); exit code 1"
+        )
+        return 1
     return 0
 
 
@@ -266,7 +330,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         for col in ("name", "hyperparameters (default)", "summary"):
             table.add_column(col)
         for m in METHODS.values():
-            hps = ", ".join(f"{k}={v.default}" for k, v in m.hparams.items())
+            hps = ", ".join(f"{k}={v.default}{_range(v)}" for k, v in m.hparams.items())
             table.add_row(m.name, hps, m.summary)
         console.print(table)
     if what in ("all", "suites"):
@@ -282,6 +346,11 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
                 table.add_row(name, str(resolve_suite(name)), "-", f"[red]{exc}")
         console.print(table)
     return 0
+
+
+def _range(hp: HParam) -> str:
+    """`` in [0, 1)`` for a bounded numeric hyperparameter, else nothing."""
+    return f" in {hp.interval}" if hp.kind in (int, float) and hp.bounds != "(-inf, inf)" else ""
 
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
@@ -393,23 +462,37 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
         raise KfacbenchError(f"--repeats must be at least 1, not {args.repeats}")
     if args.run:
         run_dirs = _passes(args.run)
+        busy = busy_passes(run_dirs)
     else:
         suite = read_suite(args.suite)
         root = fresh_dir(args.out / "regress" / suite.name)
         options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
-        run_dirs = []
-        for i in range(args.repeats):
+        run_dirs, busy = [], {}
+        # A pass timed on a busy machine is replaced by another, up to --repeats extra passes.
+        for i in range(2 * args.repeats):
+            if len(run_dirs) - len(busy) == args.repeats:
+                break
             store = RunStore(root / f"pass-{i + 1}")
             if suite.path is not None:
                 store.write_text("suite.toml", suite.path.read_text())
             console.print(
-                f"suite {suite.name}, pass {i + 1}/{args.repeats}: {len(suite.cells)} cells"
-                f" -> {store.run_dir}"
+                f"suite {suite.name}, pass {i + 1} ({args.repeats} needed): {len(suite.cells)}"
+                f" cells -> {store.run_dir}"
             )
             # Alternate the order so a drift in machine speed during a pass cancels out.
             cells = suite.cells if i % 2 == 0 else list(reversed(suite.cells))
             run_cells(cells, store, options, console)
             run_dirs.append(store.run_dir)
+            busy.update(busy_passes([store.run_dir]))
+    for run_dir, line in busy.items():
+        console.print(f"[yellow]not gating on {run_dir}[/]: {escape(line)}")
+    run_dirs = [d for d in run_dirs if d not in busy]
+    if not run_dirs:
+        console.print(
+            "[red]refusing to gate[/]: every pass ran on a busy machine, so a slower phase could"
+            " be the other processes' doing (exit code 3); rerun on a quiet machine"
+        )
+        return 3
     record = combine(run_dirs)
     kind = machine_kind(run_dirs[0])
     baseline_path = args.baseline or BASELINES / f"{kind}.parquet"
@@ -466,6 +549,16 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+SHOW_CELLS = (
+    "cell_id", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed", "hparams",
+    "status", "error", "final_train_loss", "final_eval_metric", "train_time_s",
+    "time_to_target_s", "median_step_ms",
+)  # fmt: skip
+"""The columns of ``cells`` that ``show`` uses (the summary and the failed cells' lines)."""
+SHOW_KERNELS = ("optimizer", "phase", "kernel", "category", "calls", "total_ms", "share")
+"""The columns of ``kernels`` that ``show --kernels`` uses."""
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     kernels_path = args.run_dir / "kernels.parquet"
     if args.kernels:
@@ -473,23 +566,85 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
             raise KfacbenchError(
                 f"{kernels_path} does not exist; make it with `kfacbench profile SUITE`"
             )
-        console.print(_kernels_table(pd.read_parquet(kernels_path), args.top, str(args.run_dir)))
+        kernels = read_table(kernels_path, SHOW_KERNELS)
+        console.print(_kernels_table(kernels, args.top, str(args.run_dir)))
         return 0
-    try:
-        tables = load_tables(args.run_dir)
-    except FileNotFoundError as exc:
-        raise KfacbenchError(str(exc)) from None
-    console.print(rich_summary(tables["cells"], str(args.run_dir)))
-    failed = tables["cells"][tables["cells"]["status"] != "ok"]
+    cells = load_tables(args.run_dir, {"cells": SHOW_CELLS})["cells"]
+    console.print(rich_summary(cells, str(args.run_dir)))
+    failed = cells[cells["status"] != "ok"]
     for rec in failed.to_dict("records"):
         console.print(f"[yellow]{rec['label']}[/]: {rec['status']} {rec['error']}")
+    _warn_busy(console, cells)
     return 0
+
+
+def _warn_busy(console: Console, cells: pd.DataFrame) -> None:
+    """Name the cells timed on a busy machine, and say what to do (:mod:`machine_load`)."""
+    line = warning_line(cells)
+    if line is None:
+        return
+    for rec in busy_cells(cells).to_dict("records"):
+        console.print(f"[yellow]busy[/] {escape(str(rec['label']))}: {escape(rec['busy_reason'])}")
+    console.print(f"[yellow]warning[/]: {escape(line)}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with kfacbench's error format: one line and exit code 2 (usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kfacbench: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected finite seconds > 0, got {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    """An argparse type: a finite percentage >= 0 (a NaN threshold would never be exceeded)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite percentage >= 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: a device spec the suite's ``device`` setting also takes."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     """Where results go, where cells run and where data comes from (``run`` and ``profile``)."""
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results root (%(default)s)")
-    parser.add_argument("--device", help="override the suite's device: auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=_device, help="override the suite's device: auto, cpu, cuda, cuda:N"
+    )
     parser.add_argument(
         "--data-dir", type=Path, help="folder with real data files (also $KFACBENCH_DATA)"
     )
@@ -501,7 +656,7 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kfacbench",
         description="Benchmark SGD, K-FAC and SKFAC on one training core: run suites of cells "
         "(workload × batch size × inversion interval × hyperparameters × seed) and record "
@@ -534,16 +689,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run: skip finished cells, rerun unfinished ones "
         "(default RUN_DIR: the latest run of the suite under --out)",
     )
+    run.add_argument(
+        "--rerun-busy",
+        action="store_true",
+        help="with --resume: run again the cells that ran on a busy machine (their first results"
+        " are kept in parts/busy/)",
+    )
     run.add_argument("--dry-run", action="store_true", help="list the cells without running")
     run.add_argument(
         "--nproc",
-        type=int,
+        type=_at_least(1),
         metavar="N",
         help="data-parallel: N processes on this node (one per GPU), launched through torchrun;"
         " the suite's batch size is the global batch (gloo on CPU, nccl on CUDA)",
     )
     run.add_argument(
-        "--nnodes", type=int, default=1, metavar="M", help="nodes taking part (%(default)s)"
+        "--nnodes",
+        type=_at_least(1),
+        default=1,
+        metavar="M",
+        help="nodes taking part (%(default)s)",
     )
     run.add_argument(
         "--rdzv-endpoint",
@@ -559,17 +724,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--slurm-partition", metavar="P", help="SLURM partition for --submitit")
     run.add_argument(
-        "--job-minutes", type=int, default=60, metavar="M", help="time limit per job (%(default)s)"
+        "--job-minutes",
+        type=_at_least(1),
+        default=60,
+        metavar="M",
+        help="time limit per job (%(default)s)",
     )
     run.add_argument(
-        "--gpus-per-job", type=int, default=0, metavar="G", help="GPUs per job (%(default)s)"
+        "--gpus-per-job",
+        type=_at_least(0),
+        default=0,
+        metavar="G",
+        help="GPUs per job (%(default)s)",
     )
     run.add_argument(
-        "--cpus-per-job", type=int, default=4, metavar="C", help="CPU cores per job (%(default)s)"
+        "--cpus-per-job",
+        type=_at_least(1),
+        default=4,
+        metavar="C",
+        help="CPU cores per job (%(default)s)",
     )
     run.add_argument(
         "--dist-timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         metavar="S",
         help="seconds after which a collective that gets no answer fails the job (%(default)s)",
@@ -599,11 +776,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", metavar="PATTERN", help="profile only cells whose label or id matches"
     )
     prof.add_argument(
-        "--steps", type=int, help="profiled (active) steps (default: the suite's [profile], or 5)"
+        "--steps",
+        type=_at_least(1),
+        help="profiled (active) steps (default: the suite's [profile], or 5)",
     )
-    prof.add_argument("--wait", type=int, help="steps skipped first (default 1)")
-    prof.add_argument("--warmup", type=int, help="warm-up steps (default 2)")
-    prof.add_argument("--top", type=int, default=5, help="kernels shown per phase (%(default)s)")
+    prof.add_argument("--wait", type=_at_least(1), help="steps skipped first (default 1)")
+    prof.add_argument("--warmup", type=_at_least(0), help="warm-up steps (default 2)")
+    prof.add_argument(
+        "--top", type=_at_least(1), default=5, help="kernels shown per phase (%(default)s)"
+    )
     _add_placement(prof)
     prof.set_defaults(func=cmd_profile)
 
@@ -635,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--fail-above",
-        type=float,
+        type=_percent,
         default=10.0,
         metavar="PCT",
         help="relative increase counted as a regression, in percent (%(default)s)",
@@ -675,14 +856,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument(
         "--fail-above",
-        type=float,
+        type=_percent,
         default=FAIL_ABOVE,
         metavar="PCT",
         help="allowed growth of a normalised phase time, percent (%(default)s)",
     )
     reg.add_argument(
         "--min-share",
-        type=float,
+        type=_percent,
         default=MIN_SHARE,
         metavar="PCT",
         help="phases below this share of their step are shown but do not gate (%(default)s)",
@@ -693,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")
     show.add_argument("--kernels", action="store_true", help="top kernels per optimizer and phase")
-    show.add_argument("--top", type=int, default=5, help="kernels per phase (%(default)s)")
+    show.add_argument("--top", type=_at_least(1), default=5, help="kernels per phase (%(default)s)")
     show.set_defaults(func=cmd_show)
     return parser
 

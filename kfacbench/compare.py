@@ -26,7 +26,7 @@ import pandas as pd
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
-from kfacbench.store import load_tables
+from kfacbench.rundir import load_tables
 
 Metric = Literal["step_time", "time_to_target", "final_loss"]
 METRICS: tuple[Metric, ...] = ("step_time", "time_to_target", "final_loss")
@@ -36,6 +36,10 @@ _COLUMN = {
     "final_loss": "final_train_loss",
 }
 _UNIT = {"step_time": "ms", "time_to_target": "s", "final_loss": ""}
+CELLS_REQUIRED = ("cell_id", "label", "status")
+"""Columns of ``cells`` every comparison uses (the metric's own column is added to them)."""
+NOISE_REQUIRED = ("cell_id", "phase", "median_ms", "p10_ms", "p90_ms")
+"""Columns of ``phases`` that the step-time noise estimate uses."""
 
 
 @dataclass(frozen=True)
@@ -118,23 +122,22 @@ def compare_runs(
         fail_above: relative increase counted as a regression (0.10: +10%).
 
     Raises:
-        KfacbenchError: a run directory without tables, an unknown metric, or no common cell.
+        KfacbenchError: a missing or damaged run directory (a
+            :class:`~kfacbench.errors.RunDirError`), an unknown metric, or no common cell.
     """
     if metric not in METRICS:
         raise KfacbenchError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
-    runs = []
-    for path in (base_dir, new_dir):
-        try:
-            runs.append(load_tables(path))
-        except FileNotFoundError as exc:
-            raise KfacbenchError(str(exc)) from None
+    column = _COLUMN[metric]
+    required: dict[str, tuple[str, ...]] = {"cells": (*CELLS_REQUIRED, column)}
+    if metric == "step_time":
+        required["phases"] = NOISE_REQUIRED
+    runs = [load_tables(path, required) for path in (base_dir, new_dir)]
     base, new = (t["cells"].set_index("cell_id") for t in runs)
     common = [c for c in base.index if c in new.index]
     if not common:
         raise KfacbenchError(
             f"{base_dir} and {new_dir} have no cell in common (cells match by config hash)"
         )
-    column = _COLUMN[metric]
     noise = pd.Series(math.nan, index=common)
     if metric == "step_time":
         noise_b, noise_n = (_step_noise(t["phases"]) for t in runs)

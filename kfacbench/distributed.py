@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -233,6 +234,15 @@ def broadcast_object(value: Any, dist: Dist) -> Any:
     box = [value]
     td.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def local_peer_pids(dist: Dist) -> tuple[int, ...]:
+    """Process ids of the other ranks on this host: their CPU time is this run's own work, not
+    a competing load (:mod:`kfacbench.machine_load`)."""
+    me = (socket.gethostname(), os.getpid())
+    everyone: list[tuple[str, int] | None] = [None] * dist.world
+    td.all_gather_object(everyone, me)
+    return tuple(pid for host, pid in filter(None, everyone) if host == me[0] and pid != me[1])
 
 
 def mean_losses(losses: Tensor, dist: Dist) -> Tensor:

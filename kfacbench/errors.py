@@ -16,3 +16,7 @@ class DataError(KfacbenchError):
 
 class SuiteError(KfacbenchError):
     """A suite file is malformed: bad type, unknown key, empty sweep, unknown workload..."""
+
+
+class RunDirError(KfacbenchError):
+    """A run directory's table or metadata file is missing, damaged or lacks what is needed."""

@@ -19,17 +19,17 @@ from the run's ``env.json``), so a CPU baseline is never compared with a GPU run
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
-from kfacbench.store import atomic_write_parquet, load_tables, settings_of
+from kfacbench.machine_load import warning_line
+from kfacbench.rundir import load_tables, read_env, read_table
+from kfacbench.store import atomic_write_parquet, settings_of
 
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
@@ -56,18 +56,16 @@ RECORD_COLUMNS = [
 ]
 """Columns of a regression record and of a baseline file."""
 
-
-def _env(run_dir: Path) -> dict[str, Any]:
-    try:
-        env: dict[str, Any] = json.loads((run_dir / "env.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise KfacbenchError(f"cannot read {run_dir / 'env.json'}: {exc}") from None
-    return env
+REQUIRED = {
+    "cells": ("cell_id", "label", "status", "workload", "batch_size", "optimizer"),
+    "phases": ("cell_id", "phase", "median_ms"),
+}
+"""The columns of a run's tables that :func:`normalised_phases` uses."""
 
 
 def machine_kind(run_dir: Path) -> str:
     """``cpu``, or ``cuda-<gpu model>`` (lower case, dashes) from the run's ``env.json``."""
-    env = _env(run_dir)
+    env = read_env(run_dir)
     if env.get("device_kind") != "cuda":
         return "cpu"
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", str(env.get("device_name", "gpu")).lower()).strip(
@@ -78,7 +76,7 @@ def machine_kind(run_dir: Path) -> str:
 def machine_of(run_dir: Path) -> str:
     """The facts that move normalised ratios between machines of one kind: the device's model,
     the number of CPU threads and the torch build (e.g. ``AMD EPYC, 2 threads, torch 2.13.0``)."""
-    env = _env(run_dir)
+    env = read_env(run_dir)
     return (
         f"{env.get('device_name', '?')}, {env.get('torch_threads', '?')} threads,"
         f" torch {env.get('torch_version', '?')}"
@@ -91,10 +89,20 @@ def normalised_phases(run_dir: Path) -> pd.DataFrame:
     setting's own step.
 
     Raises:
-        KfacbenchError: a workload and batch size without an SGD cell to normalise by.
+        KfacbenchError: a missing or damaged run directory, a finished cell without a step time
+            in ``phases`` (a record without it would pass the check unmeasured), or a workload
+            and batch size without an SGD cell to normalise by.
     """
-    tables = load_tables(run_dir)
+    tables = load_tables(run_dir, REQUIRED)
     cells = tables["cells"][tables["cells"]["status"] == "ok"].copy()
+    timed = tables["phases"].loc[tables["phases"]["phase"] == STEP, "cell_id"]
+    untimed = list(cells.loc[~cells["cell_id"].isin(timed), "label"])
+    if untimed:
+        names = ", ".join(untimed[:3]) + (", ..." if len(untimed) > 3 else "")
+        raise KfacbenchError(
+            f"{run_dir / 'phases.parquet'}: no step time for {len(untimed)} finished cell(s)"
+            f" ({names}); damaged, or not the run's own table"
+        )
     cells["setting"] = settings_of(cells["label"])
     phases = tables["phases"].merge(
         cells[["cell_id", "workload", "batch_size", "optimizer", "setting"]], on="cell_id"
@@ -117,6 +125,21 @@ def normalised_phases(run_dir: Path) -> pd.DataFrame:
     record = record.join(own_step, on=KEYS[:3])
     record["share"] = record["median_ms"] / record["own_step"]
     return record.drop(columns="own_step").sort_values(KEYS, ignore_index=True)
+
+
+def busy_passes(run_dirs: Sequence[Path]) -> dict[Path, str]:
+    """The passes with a cell timed on a busy machine, each with the warning that says so.
+
+    Normalising by the same pass's SGD step cancels a load that is steady over the pass, not one
+    that comes and goes between cells (a build starting next to the K-FAC cell); such a pass
+    would show phantom regressions, so it does not gate (:mod:`kfacbench.machine_load`).
+    """
+    busy: dict[Path, str] = {}
+    for run_dir in run_dirs:
+        line = warning_line(load_tables(run_dir, {"cells": ["cell_id", "label"]})["cells"])
+        if line is not None:
+            busy[run_dir] = line
+    return busy
 
 
 def combine(run_dirs: Sequence[Path]) -> pd.DataFrame:
@@ -151,23 +174,20 @@ def read_baseline(path: Path) -> pd.DataFrame:
     """A baseline written by :func:`write_baseline`.
 
     Raises:
-        KfacbenchError: the file is missing, unreadable, or lacks record columns.
+        KfacbenchError: the file is missing, unreadable, lacks record columns or has no lines.
     """
-    try:
-        baseline = pd.read_parquet(path)
-    except FileNotFoundError:
+    if not Path(path).exists():
         raise KfacbenchError(
             f"no baseline {path}; record one with `kfacbench regress --update-baseline` on"
             " unchanged code"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise KfacbenchError(f"cannot read baseline {path}: {exc}") from None
-    missing = [c for c in RECORD_COLUMNS if c not in baseline.columns]
-    if missing:
-        raise KfacbenchError(
-            f"{path} is not a regression baseline (missing columns {', '.join(missing)});"
-            " rewrite it with `kfacbench regress --update-baseline`"
         )
+    rewrite = "rewrite it with `kfacbench regress --update-baseline`"
+    try:
+        baseline = read_table(path, RECORD_COLUMNS)
+    except KfacbenchError as exc:
+        raise KfacbenchError(f"{exc}; not a regression baseline: {rewrite}") from None
+    if baseline.empty:  # every line would be missing, and a missing line never fails the check
+        raise KfacbenchError(f"{path}: a regression baseline without lines; {rewrite}")
     return baseline
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -45,9 +44,11 @@ from matplotlib.ticker import NullLocator, PercentFormatter
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
+from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim import METHODS
 from kfacbench.optim.peers import COUNTERPARTS
-from kfacbench.store import load_tables, settings_of
+from kfacbench.rundir import load_tables, read_env, read_table
+from kfacbench.store import settings_of
 
 TAU_MAX = 4.0
 """Largest ratio to the best time-to-target shown by the performance profile (AlgoPerf's r_max)."""
@@ -75,28 +76,43 @@ class ReportData:
     suites: list[tuple[str, str]]
 
 
+REQUIRED = {
+    "cells": (
+        "cell_id", "suite", "label", "workload", "optimizer", "batch_size", "inv_interval",
+        "seed", "status", "steps", "train_time_s", "time_to_target_s", "median_step_ms",
+    ),
+    "curves": ("cell_id", "step", "train_time_s", "train_loss"),
+    "phases": ("cell_id", "phase", "total_s"),
+    "kernels": ("optimizer", "phase", "kernel", "category", "share"),
+}  # fmt: skip
+"""The columns of each table that the report's figures and tables use."""
+
+
 def load_runs(run_dirs: Sequence[Path]) -> ReportData:
     """Read and concatenate the runs' tables (cells gain a ``setting`` column: the label
-    without its seed)."""
+    without its seed).
+
+    Raises:
+        KfacbenchError: a missing or damaged table or ``env.json`` (a
+            :class:`~kfacbench.errors.RunDirError`), or no run with cells.
+    """
     parts: dict[str, list[pd.DataFrame]] = {"cells": [], "curves": [], "phases": [], "kernels": []}
     envs, suites = [], []
     for run_dir in run_dirs:
-        profile_only = (run_dir / "kernels.parquet").exists() and not (
-            run_dir / "cells.parquet"
-        ).exists()
-        if not profile_only:  # a `kfacbench profile` directory holds the kernels table only
-            try:
-                tables = load_tables(run_dir)
-            except FileNotFoundError as exc:
-                raise KfacbenchError(str(exc)) from None
-            for name in ("cells", "curves", "phases"):
-                parts[name].append(tables[name])
-        if (run_dir / "kernels.parquet").exists():
-            parts["kernels"].append(pd.read_parquet(run_dir / "kernels.parquet"))
+        kernels_path = run_dir / "kernels.parquet"
+        timed = ("cells", "curves", "phases")
+        if not kernels_path.exists() or any((run_dir / f"{n}.parquet").exists() for n in timed):
+            # Not a `kfacbench profile` directory, which holds the kernels table only.
+            tables = load_tables(run_dir, {n: REQUIRED[n] for n in timed})
+            for name, table in tables.items():
+                parts[name].append(table)
+        if kernels_path.exists():
+            parts["kernels"].append(read_table(kernels_path, REQUIRED["kernels"]))
         if (run_dir / "env.json").exists():
-            envs.append(json.loads((run_dir / "env.json").read_text()))
+            envs.append(read_env(run_dir))
         if (run_dir / "suite.toml").exists():
-            suites.append((str(run_dir), (run_dir / "suite.toml").read_text()))
+            # Shown as text only: damage shows as such, never stops the report.
+            suites.append((str(run_dir), (run_dir / "suite.toml").read_text(errors="replace")))
     if not parts["cells"]:
         raise KfacbenchError(
             "a report needs at least one run directory with cells.parquet (`kfacbench run`)"
@@ -474,14 +490,33 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def busy_warnings(cells: pd.DataFrame) -> list[str]:
+    """The busy-machine warning and the cells it concerns (their times are not comparable:
+    every figure and table built on them may be off by the other processes' share)."""
+    line = warning_line(cells)
+    if line is None:
+        return []
+    labels = ", ".join(str(label) for label in busy_cells(cells)["label"])
+    return [f"{line}. Busy cells: {labels}"]
+
+
 def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     """Write the figures, ``index.html`` and ``summary.md`` for ``run_dirs`` into ``out``.
 
     Returns:
         The path of ``index.html``.
+
+    Raises:
+        KfacbenchError: ``out`` is not a folder and cannot become one, or a run cannot be read
+            (:func:`load_runs`).
     """
+    if out.exists() and not out.is_dir():  # checked first: reading the runs can take a while
+        raise KfacbenchError(f"{out}: exists and is not a folder; a report is a folder of files")
     data = load_runs(run_dirs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KfacbenchError(f"{out}: cannot create the report folder ({exc.strerror})") from None
     sns.set_theme(style="whitegrid", context="notebook")
     colors = optimizer_colors([str(o) for o in data.cells["optimizer"].unique()])
     ttt = time_to_target_table(data.cells)
@@ -497,12 +532,14 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     peers = peer_table(data)
     env = _environment_lines(data)
     suites = ", ".join(sorted(data.cells["suite"].unique()))
+    warnings = busy_warnings(data.cells)
     md = [
         f"# kfacbench report: {suites}",
         "",
         *(f"- {line}" for line in env),
         f"- runs: {', '.join(str(p) for p in run_dirs)}",
         "",
+        *(f"> **Warning**: {line}\n" for line in warnings),
         "## Time to target",
         "",
         _markdown_table(ttt),
@@ -550,9 +587,11 @@ table {{ border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
 figcaption {{ color: #666; font-size: 0.8em; }} pre {{ background: #f7f7f7; padding: 1em; }}
+.warning {{ background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5em 1em; }}
 </style></head><body>
 <h1>kfacbench report: {html.escape(suites)}</h1>
 <ul>{"".join(f"<li>{html.escape(line)}</li>" for line in env)}</ul>
+{"".join(f'<p class="warning">Warning: {html.escape(line)}</p>' for line in warnings)}
 {suites_html}
 <h2>Time to target</h2>
 {ttt.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="not reached")}

@@ -12,6 +12,7 @@ import json
 import math
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
 from kfacbench.data import Splits
-from kfacbench.distributed import Dist, broadcast_object
+from kfacbench.distributed import Dist, broadcast_object, local_peer_pids
 from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, write_json
+from kfacbench.machine_load import LoadMonitor, LoadRecord
 from kfacbench.optim import Method, MethodContext, get_method
 from kfacbench.store import RunStore, dumps, environment
 from kfacbench.suite import Cell
@@ -150,6 +152,7 @@ def prepare_cell(
         log_every=settings.log_every,
         train_eval_size=settings.train_eval_size,
         eval_size=settings.eval_size,
+        diverge_factor=settings.diverge_factor,
     )
     return PreparedCell(workload, problem, method, splits, config)
 
@@ -160,21 +163,26 @@ def run_cell(
     data: DataCache,
     on_progress: Callable[[int], None] | None = None,
     dist: Dist | None = None,
+    monitor: LoadMonitor | None = None,
 ) -> tuple[TrainResult, str, dict[str, Any]]:
-    """Build and train one cell; return its result, the data source and the method's info."""
+    """Build and train one cell; return its result, the data source and the method's info.
+
+    ``monitor`` spans the training (not the build): the machine's load while the cell was timed.
+    """
     p = prepare_cell(cell, device, data, dist)
     real = cell.settings.data == "real"
-    result = train(
-        p.problem,
-        p.method,
-        p.splits,
-        p.config,
-        metric=p.workload.metric,
-        # Targets are values on the real data; synthetic data has no time-to-target.
-        reached=p.workload.reached if real else (lambda value: False),
-        on_progress=on_progress,
-        dist=dist,
-    )
+    with monitor if monitor is not None else nullcontext():
+        result = train(
+            p.problem,
+            p.method,
+            p.splits,
+            p.config,
+            metric=p.workload.metric,
+            # Targets are values on the real data; synthetic data has no time-to-target.
+            reached=p.workload.reached if real else (lambda value: False),
+            on_progress=on_progress,
+            dist=dist,
+        )
     info = p.method.info() if hasattr(p.method, "info") else {}
     return result, p.splits.source, info
 
@@ -189,8 +197,11 @@ def cell_row(
     method_info: dict[str, Any] | None = None,
     status: str = "ok",
     error: str = "",
+    load: LoadRecord | None = None,
 ) -> dict[str, Any]:
-    """The ``cells`` table row of a finished (or failed) cell."""
+    """The ``cells`` table row of a finished (or failed) cell; ``load`` is the machine's load
+    while it trained (not measured when it failed before)."""
+    load = load or LoadRecord.not_measured("not measured (the cell did not train)")
     workload = get_workload(cell.workload)
     step = next((s for s in result.phases if s.phase == STEP), None) if result else None
     median_step = step.median_ms if step else math.nan
@@ -211,7 +222,7 @@ def cell_row(
         "data_mode": cell.settings.data,
         "data_source": data_source,
         "status": result.status if result else status,
-        "error": error,
+        "error": result.reason if result else error,
         "steps": result.steps if result else 0,
         "train_time_s": result.train_time_s if result else math.nan,
         "time_to_target_s": (
@@ -226,6 +237,7 @@ def cell_row(
         "timer_overhead_ms": overhead,
         "timer_overhead_ratio": overhead / median_step if median_step else math.nan,
         "peak_mem_mb": result.peak_mem_mb if result else math.nan,
+        **load.as_row(),
         "device_kind": env["device_kind"],
         "device_name": env["device_name"],
         "world_size": env.get("world_size", 1),
@@ -275,6 +287,32 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, KfacbenchError) else f"{type(exc).__name__}: {text}"
 
 
+def _store_cell(
+    store: RunStore,
+    cell: Cell,
+    row: dict[str, Any],
+    curves: list[dict[str, Any]],
+    phases: list[dict[str, Any]],
+    env: dict[str, Any],
+    console: Console,
+) -> dict[str, Any]:
+    """Write a cell's results; if they cannot be written, record the cell as ``error`` with the
+    reason instead (its partial parts removed), so one cell never ends the suite. Returns the
+    row stored."""
+    try:
+        store.write_cell(row, curves, phases)
+        return row
+    except Exception as exc:
+        message = f"could not store the results: {one_line(exc)}"
+        store.write_text(f"errors/{row['cell_id']}.txt", traceback.format_exc())
+    failed = cell_row(cell, env, str(row["started_at"]), status="error", error=message)
+    try:
+        store.write_cell(failed, [], [])
+    except Exception as exc:  # not even the failure row: leave the cell for --resume
+        console.print(f"[red]{escape(str(row['label']))}: {escape(message)}; {one_line(exc)}")
+    return failed
+
+
 def run_cells(
     cells: Sequence[Cell],
     store: RunStore,
@@ -294,6 +332,17 @@ def run_cells(
     """
     main = dist is None or dist.is_main
     console = console or Console(stderr=True, quiet=not main)
+    if main:
+        store.remove_stale_files()
+
+        def rerun(cell_id: str, message: str) -> None:
+            console.print(
+                f"[yellow]cell {cell_id}: its stored results are damaged[/]; set aside in"
+                f" {store.parts / 'damaged'}, the cell runs again"
+            )
+
+        if store.reconcile(rerun):  # a kill while the tables were written: rows come back
+            console.print(f"rebuilt the tables of {store.run_dir} from its parts/")
     done = store.finished_ids() if main else set()
     if dist is not None:
         done = broadcast_object(done, dist)
@@ -311,6 +360,7 @@ def run_cells(
     if envs and main:
         store.write_text("env.json", json.dumps(next(iter(envs.values())), indent=2) + "\n")
     data = DataCache(options)
+    peers = local_peer_pids(dist) if dist is not None else ()  # ranks here are this run's work
     rows: list[dict[str, Any]] = []
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -336,12 +386,19 @@ def run_cells(
                     store.run_dir / DIST_DIR / "current.json",
                     {"cell_id": cell.id, "started_at": started},
                 )
+            monitor = LoadMonitor(peer_pids=peers)
             try:
                 result, source, info = run_cell(
-                    cell, device, data, on_progress=show_steps, dist=dist
+                    cell, device, data, on_progress=show_steps, dist=dist, monitor=monitor
                 )
                 row = cell_row(
-                    cell, env, started, result=result, data_source=source, method_info=info
+                    cell,
+                    env,
+                    started,
+                    result=result,
+                    data_source=source,
+                    method_info=info,
+                    load=monitor.record,
                 )
                 curves, phases = result.curves, [vars(p) for p in result.phases]
             except KeyboardInterrupt:
@@ -360,7 +417,7 @@ def run_cells(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if main:
-                store.write_cell(row, curves, phases)
+                row = _store_cell(store, cell, row, curves, phases, env, console)
             rows.append(row)
             progress.remove_task(steps_task)
             progress.advance(overall)

@@ -7,6 +7,8 @@ import json
 import pandas as pd
 from rich.table import Table
 
+from kfacbench.machine_load import busy_cells
+
 TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
 
 
@@ -23,8 +25,12 @@ def varying_hparams(cells: pd.DataFrame) -> pd.Series:
 
 
 def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per setting (seeds pooled): seeds, statuses, median final losses, times and step time."""
-    cells = cells.assign(setting=varying_hparams(cells), ok=cells["status"].eq("ok"))
+    """Per setting (seeds pooled): seeds, statuses, median final losses, times and step time,
+    and how many of its cells ran on a busy machine (:mod:`kfacbench.machine_load`)."""
+    busy = busy_cells(cells).index
+    cells = cells.assign(
+        setting=varying_hparams(cells), ok=cells["status"].eq("ok"), busy=cells.index.isin(busy)
+    )
     keys = ["workload", "optimizer", "batch_size", "inv_interval", "setting"]
     grouped = cells.groupby(keys, dropna=False, sort=True)
     frame = grouped.agg(
@@ -36,6 +42,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
         train_time_s=("train_time_s", "median"),
         time_to_target_s=("time_to_target_s", "median"),
         median_step_ms=("median_step_ms", "median"),
+        busy=("busy", "sum"),
     ).reset_index()
     return frame
 
@@ -57,6 +64,8 @@ def rich_summary(cells: pd.DataFrame, title: str) -> Table:
         "time_to_target_s": "to target s",
         "median_step_ms": "step ms",
     }
+    if frame["busy"].any():  # cells timed while other processes used the CPUs
+        headers["busy"] = "busy"
     for key, head in headers.items():
         table.add_column(head, justify="left" if key in TEXT_COLUMNS else "right")
     for rec in frame.to_dict("records"):

@@ -58,7 +58,8 @@ def test_a_job_that_died_is_recorded_as_an_error_cell(
     suite = tmp_path / "jobs.toml"
     suite.write_text(SUITE)
     out = tmp_path / "runs"
-    assert cli.main(["run", str(suite), "--submitit", "slurm", "--out", str(out)]) == 0
+    # exit 1: the run finished, but its cells ended as errors
+    assert cli.main(["run", str(suite), "--submitit", "slurm", "--out", str(out)]) == 1
     (run_dir,) = (out / "jobs").iterdir()
     cells = pd.read_parquet(run_dir / "cells.parquet")
     assert set(cells["status"]) == {"error"}

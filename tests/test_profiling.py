@@ -16,8 +16,8 @@ from kfacbench.core.timing import ANNOTATION_PREFIX
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.profiling import CATEGORIES, KERNEL_COLUMNS, categorize, kernel_rows, profile_cell
+from kfacbench.rundir import load_tables
 from kfacbench.runner import DataCache, RunOptions, run_cell
-from kfacbench.store import load_tables
 from kfacbench.suite import Cell, ProfileWindow, parse_suite
 from kfacbench.workloads import WORKLOADS
 

@@ -131,7 +131,10 @@ def test_missing_baseline_and_missing_sgd_are_clear_errors(
         cli.main(["regress", "--run", str(baseline_run), "--baseline", str(tmp_path / "x.parquet")])
         == 2
     )
-    no_sgd = shutil.copytree(baseline_run, tmp_path / "nosgd")
+    # a copy without parts/: its tables are all it has (else the SGD row comes back from them)
+    no_sgd = shutil.copytree(
+        baseline_run, tmp_path / "nosgd", ignore=shutil.ignore_patterns("parts")
+    )
     cells = pd.read_parquet(no_sgd / "cells.parquet")
     cells[cells["optimizer"] != "sgd"].to_parquet(no_sgd / "cells.parquet")
     with pytest.raises(KfacbenchError, match="no SGD cell"):
@@ -226,3 +229,33 @@ def test_passes_from_different_machines_and_bad_baselines_are_errors(
     with pytest.raises(KfacbenchError, match="--update-baseline"):
         read_baseline(tmp_path / "missing.parquet")
     assert cli.main(["regress", "--run", str(baseline_run), "--repeats", "0"]) == 2
+
+
+def busy_copy(run_dir: Path, dest: Path) -> Path:
+    """The run as if its SKFAC cell had been timed while other processes took the CPUs."""
+    copy = Path(shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("parts")))
+    cells = pd.read_parquet(copy / "cells.parquet")
+    skfac = cells["optimizer"] == "skfac"
+    cells.loc[skfac, "busy"] = True
+    cells.loc[skfac, "busy_reason"] = "other processes used 0.97 of the 2 CPUs (threshold 0.25)"
+    cells.loc[skfac, "other_cpu_share"] = 0.97
+    cells.to_parquet(copy / "cells.parquet")
+    return copy
+
+
+def test_busy_passes_do_not_gate(
+    baseline_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pass timed on a busy machine is left out; with no quiet pass regress refuses (exit 3)
+    instead of reporting phantom regressions, and never records such a pass as a baseline."""
+    base = tmp_path / "base.parquet"
+    argv = ["regress", "--baseline", str(base)]
+    assert cli.main([*argv, "--run", str(baseline_run), "--update-baseline"]) == 0
+    busy = busy_copy(baseline_run, tmp_path / "busy")
+    capsys.readouterr()
+    assert cli.main([*argv, "--run", str(busy)]) == 3
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"not gating on {busy}" in out and "1 of 2 cells ran on a busy machine" in out
+    assert "refusing to gate" in out
+    assert cli.main([*argv, "--run", str(busy), "--update-baseline"]) == 3
+    assert cli.main([*argv, "--run", str(busy), str(baseline_run)]) == 0  # the quiet pass gates

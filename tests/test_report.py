@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from kfacbench import cli
 from kfacbench.report import (
     ReportData,
     _median_band,
+    busy_warnings,
     optimizer_colors,
     peer_table,
     performance_profile,
@@ -223,3 +225,19 @@ def test_loss_bands_cover_only_the_logged_range() -> None:
     assert grid[0] == 20 and grid[-1] == 50  # where both seeds have points
     assert low[0] == pytest.approx(3.0) and high[0] == pytest.approx(3.0)  # 4 - 2·(10/20)
     assert med[-1] == pytest.approx(0.75)  # the median of 1.5 and 0
+
+
+def test_busy_cells_are_a_warning_naming_them() -> None:
+    cells = pd.DataFrame(
+        {
+            "label": ["a sgd", "a kfac", "a skfac"],
+            "busy": [False, True, None],  # None: a table without a measurement for that cell
+            "other_cpu_share": [0.0, 0.97, math.nan],
+            "steal_share": [0.0, 0.0, math.nan],
+        }
+    )
+    (line,) = busy_warnings(cells)
+    assert line.startswith("1 of 3 cells ran on a busy machine (other processes used up to 0.97")
+    assert line.endswith("Busy cells: a kfac")
+    assert busy_warnings(cells.assign(busy=False)) == []
+    assert busy_warnings(cells.drop(columns="busy")) == []  # tables from before the column

@@ -19,7 +19,8 @@ import torch
 from kfacbench import cli
 from kfacbench.core.problem import Problem
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
-from kfacbench.store import CELL_COLUMNS, load_tables
+from kfacbench.rundir import load_tables
+from kfacbench.store import CELL_COLUMNS, TMP_SUFFIX, RunStore
 
 SUITE = """
 name = "{name}"
@@ -98,7 +99,7 @@ def test_failures_are_recorded_and_the_suite_goes_on(
     extra = "weight_decay = [0.0, 1e5]\n[optimizers.boom]\n[optimizers.oom]\n"
     suite = write_suite(tmp_path, lrs="0.1", extra=extra)
     out = tmp_path / "out"
-    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 1  # the boom cell is an error
     run_dir = only_run_dir(out, "t")
     cells = load_tables(run_dir)["cells"].set_index("optimizer")
     assert cells.loc["boom", "status"] == "error"
@@ -182,3 +183,142 @@ def test_resume_refuses_a_foreign_folder(
     run_dir = only_run_dir(out, "t")
     assert cli.main(["run", str(other), "--out", str(out), "--resume", str(run_dir)]) == 2
     assert "that run is of suite 't', not 'other'" in capsys.readouterr().err
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("kfacbench: error: ") and "\n" not in err, captured
+    assert "Traceback" not in captured.out
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--nproc", "0"], "--nproc: expected an integer >= 1, got 0"),
+        (["--dist-timeout", "nan"], "--dist-timeout: expected finite seconds > 0"),
+        (["--cpus-per-job", "x"], "expected an integer, got 'x'"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_create_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", str(write_suite(tmp_path)), "--out", str(out), *args])
+    assert exit_info.value.code == 2
+    assert fragment in one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_fails_before_any_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert cli.main(["run", str(write_suite(tmp_path)), "--out", str(out), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in one_error_line(capsys)
+    assert not out.exists()  # a later bare --resume cannot pick an empty run
+
+
+def test_out_naming_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "a-file"
+    out.write_text("keep me")
+    assert cli.main(["run", str(write_suite(tmp_path)), "--out", str(out)]) == 2
+    assert f"--out {out}: exists and is not a directory" in one_error_line(capsys)
+    assert out.read_text() == "keep me"
+
+
+def test_a_damaged_suite_toml_refuses_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite, out = write_suite(tmp_path, steps=2), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    run_dir = only_run_dir(out, "t")
+    (run_dir / "suite.toml").write_bytes(b"name = [\x00\xff")
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume"]) == 2
+    assert f"{run_dir / 'suite.toml'} is damaged" in one_error_line(capsys)
+
+
+def test_resume_restores_a_row_lost_while_the_tables_were_written(tmp_path: Path) -> None:
+    """A kill between a cell's parts and the rebuilt tables left cells.parquet one row short;
+    --resume found every cell done and never rebuilt them. It now does."""
+    suite, out = write_suite(tmp_path, steps=2), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    run_dir = only_run_dir(out, "t")
+    cells = pd.read_parquet(run_dir / "cells.parquet")
+    cells.iloc[:1].to_parquet(run_dir / "cells.parquet", index=False)
+    (run_dir / f".curves.parquet.abc{TMP_SUFFIX}").write_bytes(b"interrupted write")
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume"]) == 0
+    assert sorted(pd.read_parquet(run_dir / "cells.parquet")["cell_id"]) == sorted(cells["cell_id"])
+    assert not list(run_dir.glob(f".*{TMP_SUFFIX}"))
+
+
+def test_a_cell_whose_results_cannot_be_stored_is_an_error_and_the_suite_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = RunStore.write_cell
+    calls: list[str] = []
+
+    def flaky(self: RunStore, row: Mapping[str, Any], curves: Any, phases: Any) -> None:
+        calls.append(str(row["status"]))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real(self, row, curves, phases)
+
+    monkeypatch.setattr(RunStore, "write_cell", flaky)
+    suite, out = write_suite(tmp_path, steps=2), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 1  # a cell ended as error
+    run_dir = only_run_dir(out, "t")
+    cells = pd.read_parquet(run_dir / "cells.parquet").sort_values("started_at", kind="stable")
+    assert list(cells["status"]) == ["error", "ok"]
+    assert cells["error"].iloc[0] == (
+        "could not store the results: OSError: [Errno 28] No space left on device"
+    )
+    first = cells["cell_id"].iloc[0]
+    assert pd.read_parquet(run_dir / "parts" / f"{first}.curves.parquet").empty  # no orphans
+
+
+def test_a_blown_up_bernoulli_autoencoder_is_diverged(tmp_path: Path) -> None:
+    """SGD at lr 1e6 on CURVES: the cross-entropy grows by orders of magnitude and never
+    overflows; it used to be recorded ``ok``."""
+    suite, out = write_suite(tmp_path, steps=60, lrs="[0.01, 1e6]"), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    cells = pd.read_parquet(only_run_dir(out, "t") / "cells.parquet").set_index("label")
+    blown = cells.loc["curves_ae sgd bs=50 lr=1000000.0 seed=0"]
+    assert blown["status"] == "diverged" and blown["steps"] < 60
+    assert "exceeds diverge_factor 10 × the initial loss" in blown["error"]
+    assert cells.loc["curves_ae sgd bs=50 lr=0.01 seed=0", "status"] == "ok"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="machine load is read from /proc")
+def test_a_cell_timed_on_a_busy_machine_is_flagged_and_rerun(
+    tmp_path: Path, spinners: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Other processes spinning on every CPU while the cell trains: the cells table says so,
+    `run` and `show` warn, and `--resume --rerun-busy` runs the cell again (keeping the first)."""
+    extra = "[workloads.curves_ae]\nmax_seconds = 1.0\nmax_steps = 100000\n"
+    suite, out = write_suite(tmp_path, lrs="0.01", extra=extra), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    run_dir = only_run_dir(out, "t")
+    cell = pd.read_parquet(run_dir / "cells.parquet").iloc[0]
+    assert bool(cell["busy"]) and cell["other_cpu_share"] > 0.25, cell["busy_reason"]
+    assert cell["busy_reason"] and cell["torch_threads"] >= 1 and cell["load_window_s"] >= 1.0
+    assert "1 of 1 cells ran on a busy machine" in " ".join(text.split())
+    assert cli.main(["show", str(run_dir)]) == 0
+    assert "--rerun-busy" in " ".join(capsys.readouterr().out.split())
+
+    cell_id = cell["cell_id"]
+    before = (run_dir / "parts" / f"{cell_id}.cells.parquet").read_bytes()
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume", "--rerun-busy"]) == 0
+    assert (run_dir / "parts" / "busy" / f"{cell_id}.cells.parquet").read_bytes() == before
+    assert (run_dir / "parts" / f"{cell_id}.cells.parquet").read_bytes() != before
+    assert len(pd.read_parquet(run_dir / "cells.parquet")) == 1
+
+
+def test_rerun_busy_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", str(write_suite(tmp_path)), "--rerun-busy"]) == 2
+    assert "give --resume too" in one_error_line(capsys)

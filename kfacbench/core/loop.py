@@ -8,7 +8,8 @@ What it guarantees, so that numbers from different optimizers are comparable:
   ``log_every`` steps together with the timer's CUDA events;
 - training time is wall-clock time with eval excluded: the clock is read after a device sync at
   each read-back point, and eval runs between two such points, off the clock;
-- a non-finite loss ends the cell with status ``diverged`` (checked at read-back points);
+- a non-finite loss, or one above ``diverge_factor`` times the initial loss, ends the cell with
+  status ``diverged`` and the reason (checked at read-back points);
 - budgets in steps and/or training seconds.
 """
 
@@ -46,6 +47,7 @@ class LoopConfig:
     log_every: int
     train_eval_size: int
     eval_size: int | None = None
+    diverge_factor: float = 10.0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainResult:
 
     Attributes:
         status: ``ok`` or ``diverged``.
+        reason: why the cell diverged (empty when ``ok``).
         steps: steps taken.
         train_time_s: wall-clock training time, eval excluded.
         time_to_target_s: training time at the first eval reaching the workload's target.
@@ -71,6 +74,7 @@ class TrainResult:
     curves: list[dict[str, Any]]
     phases: list[PhaseStats]
     final: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
     timer_overhead_ms: float = math.nan
     peak_mem_mb: float = math.nan
 
@@ -190,14 +194,19 @@ def train(
     status: Literal["ok", "diverged"] = "ok"
     last_eval: dict[str, float] = {}
 
-    def record(step: int, *, with_eval: bool) -> bool:
-        """Read back losses (and eval); return False when the loss has gone non-finite."""
+    def record(step: int, *, with_eval: bool) -> str:
+        """Read back losses (and eval); return why the run diverged, or ``""``.
+
+        Diverged means a non-finite loss, or a mean minibatch loss (or train-subset loss) above
+        ``diverge_factor`` times the initial train-subset loss: bounded losses such as a Bernoulli
+        autoencoder's cross-entropy grow to 1e9 without ever overflowing. A diverged cell is
+        evaluated where it stopped, so its final losses are those of the blown-up model.
+        """
         nonlocal time_to_target, last_eval
         losses = torch.stack(pending_losses).double() if pending_losses else None
         if losses is not None:
             losses = (mean_losses(losses, dist) if dist is not None else losses).cpu()
         pending_losses.clear()
-        finite = losses is None or bool(torch.isfinite(losses).all())
         row: dict[str, Any] = {
             "step": step,
             "train_time_s": train_time,
@@ -210,7 +219,11 @@ def train(
             "damping": math.nan,
         }
         row.update({k: v for k, v in method.log_values().items() if k in ("lr", "damping")})
-        if with_eval and finite:
+        reason = ""
+        if losses is not None and not bool(torch.isfinite(losses).all()):
+            reason = f"non-finite loss by step {step}"
+        reason = reason or too_large(row, "train_loss")
+        if with_eval or reason:
             with averaged() if averaged is not None else nullcontext():
                 train_loss, _ = evaluate(problem, *train_sub, metric)
                 eval_loss, eval_metric = evaluate(problem, *test, metric)
@@ -220,13 +233,33 @@ def train(
                 "final_eval_loss": eval_loss,
                 "final_eval_metric": eval_metric,
             }
-            if time_to_target is None and math.isfinite(eval_metric) and reached(eval_metric):
+            reason = reason or too_large(row, "train_eval_loss")
+            if (
+                not reason
+                and time_to_target is None
+                and math.isfinite(eval_metric)
+                and reached(eval_metric)
+            ):
                 time_to_target = train_time
         curves.append(row)
-        return finite
+        return reason
+
+    def too_large(row: dict[str, Any], name: str) -> str:
+        """Why ``row[name]`` counts as diverged (above ``diverge_factor`` × the initial
+        train-subset loss), or ``""``."""
+        initial = curves[0]["train_eval_loss"] if curves else math.nan
+        if not (
+            math.isfinite(initial) and initial > 0 and row[name] > config.diverge_factor * initial
+        ):
+            return ""
+        return (
+            f"{name} {row[name]:.4g} at step {row['step']} exceeds diverge_factor"
+            f" {config.diverge_factor:g} × the initial loss {initial:.4g}"
+        )
 
     record(0, with_eval=True)
     step = 0
+    reason = ""
     segment_start = time.perf_counter()
     while True:
         size = config.batch_size
@@ -254,10 +287,10 @@ def train(
         timer.flush()
         if dist is None:
             done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
-        finite = record(step, with_eval=done or step % config.eval_every == 0)
+        reason = record(step, with_eval=done or step % config.eval_every == 0)
         if on_progress is not None:
             on_progress(step)
-        if not finite:
+        if reason:
             status = "diverged"
             break
         if done:
@@ -280,6 +313,7 @@ def train(
         curves=curves,
         phases=phases,
         final=last_eval,
+        reason=reason,
         timer_overhead_ms=overhead,
         peak_mem_mb=peak,
     )

@@ -111,13 +111,74 @@ def test_non_finite_loss_is_diverged() -> None:
         problem,
         SGD(problem, lr=50.0, momentum=0.9),
         data,
-        config(max_steps=500),
+        config(max_steps=500, diverge_factor=math.inf),  # only the non-finite check
         metric="recon_error",
         reached=lambda err: False,
     )
     assert result.status == "diverged"
     assert result.steps < 500
     assert not math.isfinite(result.curves[-1]["train_loss"])
+    assert result.reason == f"non-finite loss by step {result.steps}"
+
+
+def bernoulli_autoencoder() -> tuple[Problem, Splits]:
+    """A tiny sigmoid autoencoder under the Bernoulli (cross-entropy) loss: its loss is bounded
+    by the logits' size, so a blown-up run never overflows to inf."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 16))
+    x = (torch.rand(512, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    return Problem(net, "bernoulli"), Splits(x[:256], x[:256], x[256:], x[256:], "synthetic")
+
+
+def test_a_blown_up_bounded_loss_is_diverged() -> None:
+    """SGD at lr 1e6 on a Bernoulli autoencoder: the loss stays finite and grows by orders of
+    magnitude; it is stopped at the first read-back above diverge_factor × the initial loss."""
+    problem, data = bernoulli_autoencoder()
+    result = train(
+        problem,
+        SGD(problem, lr=1e6, momentum=0.9),
+        data,
+        config(max_steps=200, diverge_factor=10.0),
+        metric="recon_error",
+        reached=lambda err: False,
+    )
+    initial = result.curves[0]["train_eval_loss"]
+    last = result.curves[-1]
+    assert result.status == "diverged" and result.steps == last["step"] < 200
+    assert math.isfinite(last["train_loss"]) and last["train_loss"] > 10 * initial
+    assert all(r["train_loss"] <= 10 * initial for r in result.curves[1:-1])
+    assert result.reason.startswith(f"train_loss {last['train_loss']:.4g} at step {last['step']}")
+    assert "diverge_factor 10" in result.reason
+    # evaluated where it stopped: its final loss is the blown-up model's, not the initial one
+    assert last["train_eval_loss"] == result.final["final_train_loss"] > 10 * initial
+
+
+def test_the_same_run_without_the_bound_ends_ok() -> None:
+    """What the bound guards against: with it lifted, the blown-up run is recorded ``ok``."""
+    problem, data = bernoulli_autoencoder()
+    result = train(
+        problem,
+        SGD(problem, lr=1e6, momentum=0.9),
+        data,
+        config(max_steps=40, diverge_factor=math.inf),
+        metric="recon_error",
+        reached=lambda err: False,
+    )
+    assert result.status == "ok" and result.reason == ""
+    assert result.final["final_train_loss"] > 100 * result.curves[0]["train_eval_loss"]
+
+
+def test_a_healthy_run_is_not_flagged() -> None:
+    problem, data = bernoulli_autoencoder()
+    result = train(
+        problem,
+        SGD(problem, lr=0.5, momentum=0.9),
+        data,
+        config(max_steps=100, diverge_factor=2.0),
+        metric="recon_error",
+        reached=lambda err: False,
+    )
+    assert result.status == "ok" and result.steps == 100
 
 
 def test_eval_is_off_the_clock() -> None:
