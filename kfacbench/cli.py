@@ -18,6 +18,7 @@ import pandas as pd
 import torch.distributed as td
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 from kfacbench.cluster import EXECUTORS, ClusterOptions, submit_cells
@@ -47,6 +48,8 @@ from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
+DIAGNOSE_AT = (0, 50, 200)
+"""Checkpoints of ``kfacbench diagnose`` when neither --at nor the suite sets them."""
 BASELINES = Path("results/baselines")
 EXAMPLES = """examples:
   kfacbench run                          the quick suite (CURVES, CPU-friendly) on auto device
@@ -133,12 +136,17 @@ def open_run(args: argparse.Namespace, suite: Suite) -> tuple[RunStore, bool]:
         if not (args.nnodes > 1 and not run_dir.exists()):  # several nodes: a new shared folder
             check_resumable(run_dir, suite.name)
         return RunStore(run_dir), False
-    if args.out.exists() and not args.out.is_dir():
-        raise KfacbenchError(f"--out {args.out}: exists and is not a directory")
+    return new_store(args.out, suite.name), True
+
+
+def new_store(out: Path, suite: str) -> RunStore:
+    """A new run directory ``out/<suite>/<timestamp>``, or a one-line error naming ``--out``."""
+    if out.exists() and not out.is_dir():
+        raise KfacbenchError(f"--out {out}: exists and is not a directory")
     try:
-        return RunStore.new(args.out, suite.name), True
+        return RunStore.new(out, suite)
     except OSError as exc:
-        raise KfacbenchError(f"--out {args.out}: cannot create a run directory: {exc}") from None
+        raise KfacbenchError(f"--out {out}: cannot create a run directory: {exc}") from None
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -388,6 +396,83 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated steps >= 0, e.g. ``0,50,200``."""
+    try:
+        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected steps like 0,50,200, got {text!r}") from None
+    if not steps or steps[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected steps >= 0 like 0,50,200, got {text!r}")
+    return steps
+
+
+def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
+    from kfacbench.diagnose import diagnose_cells  # torch.func is imported only when diagnosing
+
+    suite = read_suite(args.suite)
+    cells = suite.select(args.only)
+    if not cells:
+        raise KfacbenchError(f"--only {args.only!r} matches none of the {len(suite.cells)} cells")
+    at = args.at or suite.diagnose_at or DIAGNOSE_AT
+    undamped = sorted({c.optimizer for c in cells if "damping" not in METHODS[c.optimizer].hparams})
+    if undamped and args.damping is None:
+        raise KfacbenchError(
+            f"--damping: {', '.join(undamped)} cells have no damping of their own; give the λ"
+            " of the exact direction they are compared with (e.g. --damping 1e-3)"
+        )
+    for device in {args.device or c.settings.device for c in cells}:
+        resolve_device(device)
+    if args.resume is not None:
+        run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
+        check_resumable(run_dir, suite.name)
+        store = RunStore(run_dir)
+    else:
+        store = new_store(args.out, suite.name)
+    if suite.path is not None and not (store.run_dir / "suite.toml").exists():
+        store.write_text("suite.toml", suite.path.read_text())
+    console.print(
+        f"diagnosing {len(cells)} cells of {suite.name} at steps {', '.join(map(str, at))}"
+        f" ({args.fisher} Fisher) -> {store.run_dir}"
+    )
+    options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    with Progress(console=console, transient=False) as progress:
+        task = progress.add_task("checkpoints", total=len(cells) * len(at))
+
+        def report(cell: Cell, step: int, message: str) -> None:
+            progress.advance(task)
+            if message != "ok":
+                console.print(f"[yellow]{escape(cell.label)}[/] at step {step}: {escape(message)}")
+
+        table = diagnose_cells(
+            cells, store.run_dir, options, at, fisher=args.fisher, damping=args.damping,
+            on_checkpoint=report,
+        )  # fmt: skip
+    console.print(_diagnostics_table(table, str(store.run_dir)))
+    console.print(f"diagnostics: {store.run_dir}/diagnostics.parquet")
+    return 0
+
+
+def _diagnostics_table(table: pd.DataFrame, title: str) -> Table:
+    """Cosine and model-reduction ratio per cell, approximation and step."""
+    scores = table[table["metric"].isin(["cosine", "model_ratio"])]
+    wide = scores.pivot_table(
+        index=["label", "approximation", "step"], columns="metric", values="value"
+    ).reset_index()
+    out = Table(title=f"curvature quality vs the exact damped natural gradient ({title})")
+    for col in ("cell", "approximation", "step", "cosine", "model ratio"):
+        out.add_column(col, justify="right" if col in ("step", "cosine", "model ratio") else "left")
+    for r in wide.to_dict("records"):
+        out.add_row(
+            escape(str(r["label"])),
+            escape(str(r["approximation"])),
+            str(r["step"]),
+            f"{r.get('cosine', math.nan):.3f}",
+            f"{r.get('model_ratio', math.nan):.3f}",
+        )
+    return out
+
+
 def _kernels_table(kernels: pd.DataFrame, top: int, title: str) -> Table:
     table = Table(title=f"top {top} kernels per optimizer and phase ({title})")
     for col in ("optimizer", "phase", "kernel", "category", "calls", "total ms", "share"):
@@ -610,26 +695,21 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return convert
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected finite seconds > 0, got {text!r}")
-    return value
+def _finite(what: str, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number >= 0 (> 0 when ``strict``); a NaN threshold, say,
+    would never be exceeded."""
+    bound = "> 0" if strict else ">= 0"
 
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (strict and value == 0):
+            raise argparse.ArgumentTypeError(f"expected finite {what} {bound}, got {text!r}")
+        return value
 
-def _percent(text: str) -> float:
-    """An argparse type: a finite percentage >= 0 (a NaN threshold would never be exceeded)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite percentage >= 0, got {text!r}")
-    return value
+    return convert
 
 
 def _device(text: str) -> str:
@@ -746,7 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dist-timeout",
-        type=_seconds,
+        type=_finite("seconds", strict=True),
         default=300.0,
         metavar="S",
         help="seconds after which a collective that gets no answer fails the job (%(default)s)",
@@ -816,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--fail-above",
-        type=_percent,
+        type=_finite("percent"),
         default=10.0,
         metavar="PCT",
         help="relative increase counted as a regression, in percent (%(default)s)",
@@ -856,20 +936,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument(
         "--fail-above",
-        type=_percent,
+        type=_finite("percent"),
         default=FAIL_ABOVE,
         metavar="PCT",
         help="allowed growth of a normalised phase time, percent (%(default)s)",
     )
     reg.add_argument(
         "--min-share",
-        type=_percent,
+        type=_finite("percent"),
         default=MIN_SHARE,
         metavar="PCT",
         help="phases below this share of their step are shown but do not gate (%(default)s)",
     )
     _add_placement(reg)
     reg.set_defaults(func=cmd_regress)
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="curvature quality along training: each approximation vs the exact natural gradient",
+        description="Train each cell as `run` does and, at the steps --at, compare every "
+        "curvature approximation's direction (K-FAC from this batch's factors, with factored "
+        "and exact damping; the run's own optimizer with its possibly stale inverses; the "
+        "gradient) with the exact damped natural-gradient direction (F + λI)⁻¹∇h, computed by "
+        "conjugate gradient on exact Fisher-vector products: cosine, and the fraction of the "
+        "exact quadratic model's reduction achieved (model ratio). Writes diagnostics.parquet.",
+    )
+    diag.add_argument("suite", nargs="?", default=DEFAULT_SUITE, help="suite file or name")
+    diag.add_argument("--only", metavar="PATTERN", help="diagnose only cells that match")
+    diag.add_argument(
+        "--at",
+        type=_steps,
+        metavar="STEPS",
+        help="checkpoints, e.g. 0,50,200 (default: the suite's [diagnose] at, or"
+        f" {','.join(map(str, DIAGNOSE_AT))})",
+    )
+    diag.add_argument(
+        "--fisher",
+        choices=("exact", "empirical"),
+        default="exact",
+        help="the Fisher of the reference direction (%(default)s: type-2, the GGN)",
+    )
+    diag.add_argument(
+        "--damping",
+        type=_finite("λ", strict=True),
+        help="λ for cells whose optimizer has none (SGD); K-FAC and SKFAC cells use their own",
+    )
+    diag.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue: checkpoints already diagnosed are not computed again",
+    )
+    _add_placement(diag)
+    diag.set_defaults(func=cmd_diagnose)
 
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")

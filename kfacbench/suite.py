@@ -24,6 +24,8 @@ training run. The schema (``suites/quick.toml`` is a working example)::
     wait = 1                         # (kfacbench.profiling; not part of any cell's config)
     warmup = 2
     active = 5
+    [diagnose]                       # optional: checkpoints of `kfacbench diagnose`
+    at = [0, 50, 200]
 
 Validation is strict because a typo in a suite would otherwise silently run, and time, the wrong
 configuration: an unknown key, an ill-typed value or a sweep that expands to nothing raises a
@@ -65,6 +67,7 @@ _TOP_KEYS = (
     "optimizers",
     "exclude",
     "profile",
+    "diagnose",
 )
 _PROFILE_KEYS = ("wait", "warmup", "active")
 _SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval")
@@ -252,6 +255,8 @@ class Suite:
         raw: the parsed TOML, to be kept next to the results.
         profile: when set, ``kfacbench run`` also profiles every cell, in a separate pass after
             the timed runs (:mod:`kfacbench.profiling`).
+        diagnose_at: the steps ``kfacbench diagnose`` measures curvature quality at, when the
+            suite sets them (:mod:`kfacbench.diagnose`).
     """
 
     name: str
@@ -260,6 +265,7 @@ class Suite:
     cells: tuple[Cell, ...]
     raw: dict[str, Any] = field(compare=False, repr=False)
     profile: ProfileWindow | None = None
+    diagnose_at: tuple[int, ...] | None = None
 
     def select(self, pattern: str | None) -> tuple[Cell, ...]:
         """The cells whose label or id contains ``pattern`` or matches it as a glob (``--only``).
@@ -372,6 +378,12 @@ def parse_suite(
             profile = ProfileWindow(**counts)
         except SuiteError as exc:
             r.fail("profile", str(exc))
+    diagnose_at = None
+    if "diagnose" in data:
+        table = r.table(data["diagnose"], "diagnose", ("at",))
+        if "at" in table:
+            steps = r.values(table["at"], "diagnose.at", lambda v, p: r.integer(v, p, "[0, inf)"))
+            diagnose_at = tuple(sorted(steps))
 
     per_workload = sum(
         len(combos)
@@ -408,6 +420,7 @@ def parse_suite(
         cells=tuple(replace(c, label_keys=varying[c.optimizer]) for c in kept),
         raw=dict(data),
         profile=profile,
+        diagnose_at=diagnose_at,
     )
 
 

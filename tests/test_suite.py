@@ -692,3 +692,12 @@ def test_an_integer_too_long_to_print_is_one_line(tmp_path: Path) -> None:
 def test_largest_int64_values_are_accepted() -> None:
     suite = parse_real("sgd", seed="9223372036854775807", defaults="max_seconds = 2592000")
     assert suite.cells[0].seed == 2**63 - 1
+
+
+def test_a_diagnose_table_sets_the_checkpoints() -> None:
+    assert parse(BASE).diagnose_at is None
+    assert parse(BASE + "[diagnose]\nat = [200, 0, 50]\n").diagnose_at == (0, 50, 200)
+    with pytest.raises(SuiteError, match=r"diagnose.at\[1\]: expected an integer in \[0, "):
+        parse(BASE + "[diagnose]\nat = [0, -1]\n")
+    with pytest.raises(SuiteError, match="unknown key 'every'"):
+        parse(BASE + "[diagnose]\nevery = 5\n")
