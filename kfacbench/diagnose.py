@@ -23,6 +23,7 @@ approximation; a run's own (stale) inverses are scored through the optimizer its
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,14 +39,21 @@ from kfacbench.core.loop import train
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.curvature import (
+    Capture,
     Layer,
+    cross_factors,
+    factors,
     find_layers,
     grad_matrix,
     kronecker_factors,
     other_params,
+    output_grads,
     split_matrix,
 )
 from kfacbench.optim.kfac import factored_damping_pi
+from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
+from kfacbench.optim.skfac import factor_rows
+from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
 from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
 from kfacbench.store import atomic_write_parquet
 from kfacbench.suite import Cell
@@ -364,9 +372,12 @@ def checkpoint_rows(
     """The diagnostics of one checkpoint on the batch ``(x, y)``: the reference's CG residual and
     iterations, and cosine, model-reduction ratio and α* of each applicable approximation.
 
-    Approximations: ``gradient`` (−∇h, SGD's direction), ``kfac`` and ``kfac-exact-damping``
-    (block-diagonal K-FAC from factors measured on this batch, with factored or exact damping)
-    and ``run`` (the cell's own optimizer, with the inverses it has now)."""
+    Approximations, each named with the Fisher its statistics estimate (``[exact]``,
+    ``[sampled]``, ``[empirical]``): ``gradient`` (−∇h, SGD's direction); from this batch's
+    statistics, ``kfac`` and ``kfac-exact-damping`` (block-diagonal, factored or exact damping),
+    ``kfac-tridiag`` (chains of Linear layers) and ``skfac`` (``skfac-sum`` and
+    ``skfac-subsample`` for conv networks); and ``run``, the cell's own optimizer with the
+    inverses it has now (stale by up to T_inv steps)."""
     layers, params = parameters_of(problem.model)
     products = FisherProducts(problem, params, x, y, fisher)
     grad = products.gradient()
@@ -381,12 +392,26 @@ def checkpoint_rows(
     if layers:
         outputs = products.output[0].numel()
         kind = fisher if fisher == "empirical" or outputs <= MAX_EXACT_OUTPUTS else "sampled"
-        factors = kronecker_factors(problem.model, problem, x, y, fisher=kind, generator=generator)
-        pairs = [factors[layer.name] for layer in layers]
+        found = kronecker_factors(problem.model, problem, x, y, fisher=kind, generator=generator)
+        pairs = [found[layer.name] for layer in layers]
         directions[f"kfac[{kind}]"] = kfac_direction(layers, pairs, grad, damping, "factored")
         directions[f"kfac-exact-damping[{kind}]"] = kfac_direction(
             layers, pairs, grad, damping, "exact"
         )
+        rows_kind: Literal["sampled", "empirical"] = (
+            "empirical" if fisher == "empirical" else "sampled"
+        )
+        chain = len(layers) > 1 and len(params) == sum(len(c.params()) for c in layers)
+        if chain and all(c.kind == "linear" for c in layers):
+            directions[f"kfac-tridiag[{rows_kind}]"] = tridiag_direction(
+                problem, layers, x, y, grad, damping, rows_kind, generator
+            )
+        reductions = ("sum", "subsample") if any(c.kind == "conv2d" for c in layers) else ("sum",)
+        for reduction in reductions:
+            name = "skfac" if len(reductions) == 1 else f"skfac-{reduction}"
+            directions[f"{name}[{rows_kind}]"] = skfac_direction(
+                problem, layers, x, y, grad, damping, rows_kind, generator, reduction
+            )
     own = method_direction(method, grad)
     if own is not None:
         directions["run"] = own
@@ -496,3 +521,95 @@ def _diagnose_cell(
     )
     if result.status != "ok" and on_checkpoint is not None:
         on_checkpoint(cell, result.steps, f"{result.status}: {result.reason}")
+
+
+def _layer_statistics(
+    problem: Problem,
+    layers: Sequence[Layer],
+    x: Tensor,
+    y: Tensor,
+    fisher: Literal["sampled", "empirical"],
+    generator: torch.Generator,
+    *,
+    as_rows: bool,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, its inputs and its Fisher output-gradients on the batch: rows (ā with the bias
+    coordinate, g) when ``as_rows``, else the raw input and the gradient map (SKFAC's
+    :func:`~kfacbench.optim.skfac.factor_rows` takes those)."""
+    capture = Capture(layers)
+    try:
+        with capture.recording():
+            output = problem.forward(x)
+        grads = output_grads(
+            capture, layers, problem, output, y, fisher=fisher, generator=generator,
+            retain_graph=False, as_rows=as_rows,
+        )  # fmt: skip
+        inputs = [capture.inputs(c) if as_rows else capture.raw_input(c) for c in layers]
+        return list(zip(inputs, grads, strict=True))
+    finally:
+        capture.clear()
+
+
+def tridiag_direction(
+    problem: Problem,
+    layers: Sequence[Layer],
+    x: Tensor,
+    y: Tensor,
+    grad: Sequence[Tensor],
+    damping: float,
+    fisher: Literal["sampled", "empirical"],
+    generator: torch.Generator,
+) -> list[Tensor]:
+    """Δ = −F̂⁻¹∇h with K-FAC's block-tridiagonal inverse (§4.3) of a chain of Linear layers,
+    from this batch's diagonal and cross factors, diagonal blocks damped the factored way."""
+    stats = _layer_statistics(problem, layers, x, y, fisher, generator, as_rows=True)
+    m = x.shape[0]
+    diag_a, diag_g = [], []
+    root = math.sqrt(damping)
+    for layer, (a_rows, g_rows) in zip(layers, stats, strict=True):
+        a, g = factors(layer, a_rows, g_rows, m)
+        pi = factored_damping_pi(a, g)
+        diag_a.append(a + pi * root * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+        diag_g.append(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+    cross = [cross_factors(a0, a1, g0, g1, m) for (a0, g0), (a1, g1) in itertools.pairwise(stats)]
+    inverse = tridiag_inverse(diag_a, diag_g, [ca for ca, _ in cross], [cg for _, cg in cross])
+    mats, i = [], 0
+    for layer in layers:
+        n = len(layer.params())
+        mats.append(grad_matrix(layer, grad[i : i + n]))
+        i += n
+    natural = tridiag_apply(inverse, mats)
+    return [-t for layer, v in zip(layers, natural, strict=True) for t in split_matrix(layer, v)]
+
+
+def skfac_direction(
+    problem: Problem,
+    layers: Sequence[Layer],
+    x: Tensor,
+    y: Tensor,
+    grad: Sequence[Tensor],
+    damping: float,
+    fisher: Literal["sampled", "empirical"],
+    generator: torch.Generator,
+    reduction: str = "sum",
+    samples: int = 4,
+) -> list[Tensor]:
+    """Δ = −(Ā_δ ⊗ G_δ)⁻¹∇h with SKFAC's rank-r factors of this batch (Tang et al. 2021: rows
+    reduced over conv positions by ``reduction``, Woodbury inverses, √λ on each factor)."""
+    stats = _layer_statistics(problem, layers, x, y, fisher, generator, as_rows=False)
+    rows: list[Tensor] = []
+    for layer, (raw, g) in zip(layers, stats, strict=True):
+        rows += factor_rows(
+            layer, raw, g, reduction=reduction, samples=samples, generator=generator
+        )
+    root = torch.tensor(math.sqrt(damping), dtype=rows[0].dtype, device=rows[0].device)
+    inverses = damped_inverses(rows, [root] * len(rows))
+    out: list[Tensor] = []
+    i = 0
+    for k, layer in enumerate(layers):
+        n = len(layer.params())
+        v = grad_matrix(layer, grad[i : i + n])
+        i += n
+        nat = kronecker_apply(inverses[2 * k + 1], inverses[2 * k], v)
+        out += [-t for t in split_matrix(layer, nat)]
+    return out + [-t for t in grad[i:]]

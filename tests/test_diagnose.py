@@ -25,8 +25,9 @@ from kfacbench.diagnose import (
     kfac_direction,
     parameters_of,
     quality,
+    skfac_direction,
 )
-from kfacbench.optim.curvature import kronecker_factors
+from kfacbench.optim.curvature import grad_matrix, kronecker_factors, split_matrix
 from kfacbench.optim.kfac import KFAC
 from kfacbench.workloads import WORKLOADS, Workload
 
@@ -258,7 +259,8 @@ def test_diagnose_writes_every_checkpoint_and_resumes_without_recomputing(
     assert set(table["step"]) == {0, 3, 6} and set(table["optimizer"]) == {"sgd", "kfac-fast"}
     kfac = table[table["optimizer"] == "kfac-fast"]
     assert set(kfac["approximation"]) == {
-        "reference", "gradient", "kfac[exact]", "kfac-exact-damping[exact]", "run",
+        "reference", "gradient", "kfac[exact]", "kfac-exact-damping[exact]",
+        "kfac-tridiag[sampled]", "skfac[sampled]", "run",
     }  # fmt: skip
     assert set(kfac[kfac["approximation"] == "run"]["step"]) == {3, 6}  # no inverse at step 0
     ratios = table[table["metric"] == "model_ratio"]["value"]
@@ -302,3 +304,25 @@ def test_bad_diagnose_arguments_are_one_line_and_create_nothing(
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and fragment in err, err
     assert not out.exists()
+
+
+def test_skfac_direction_is_kfac_with_root_damping_per_factor_on_linear_layers() -> None:
+    """On Linear layers SKFAC's rows give K-FAC's factors exactly (RᵀR = Ā, G), and it damps
+    each with √λ (no π): the same direction as dense solves with those factors."""
+    problem, x, y = tiny("bernoulli", (3, 8, 4))  # 6 rows < 9 inputs: a Woodbury inverse
+    layers, params = parameters_of(problem.model)
+    grad = FisherProducts(problem, params, x, y).gradient()
+    got = skfac_direction(problem, layers, x, y, grad, 0.3, "empirical", torch.Generator())
+    found = kronecker_factors(problem.model, problem, x, y, fisher="empirical")
+    expected: list[Tensor] = []
+    i = 0
+    for layer in layers:
+        a, g = found[layer.name]
+        n = len(layer.params())
+        v = grad_matrix(layer, grad[i : i + n])
+        i += n
+        root = 0.3**0.5
+        nat = torch.linalg.solve(g + root * torch.eye(g.shape[0]), v)
+        nat = torch.linalg.solve(a + root * torch.eye(a.shape[0]), nat.T).T
+        expected += [-t for t in split_matrix(layer, nat)]
+    torch.testing.assert_close(flat(got), flat(expected))
