@@ -60,6 +60,7 @@ EXAMPLES = """examples:
   kfacbench profile kernels --steps 5   per-kernel profiles (TensorBoard traces, kernels table)
   kfacbench show RUN_DIR --kernels      the top kernels per optimizer and phase
   kfacbench report RUN_DIR -o reports/quick/   figures, self-contained HTML, Markdown
+  kfacbench diagnose quick --at 0,50,200 --damping 1e-3   curvature quality vs the natural gradient
   kfacbench compare BASE_RUN NEW_RUN    ratios per cell; exit 1 above +10%
   kfacbench regress --device cpu        the CI speed check against results/baselines/cpu.parquet
   kfacbench run dist --nproc 2          data-parallel through torchrun (gloo on CPU, nccl on GPUs)
