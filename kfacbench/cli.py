@@ -107,6 +107,13 @@ def latest_run(root: Path, suite: str) -> Path:
     return runs[-1]
 
 
+def check_devices(override: str | None, cells: Sequence[Cell]) -> None:
+    """Fail on a device the cells cannot have (CUDA where there is none) before a command makes
+    any folder: a rejected command must not leave an empty run for a bare ``--resume`` to pick."""
+    for device in {override or c.settings.device for c in cells}:
+        resolve_device(device)
+
+
 def check_resumable(run_dir: Path, suite: str) -> None:
     """Refuse to resume into a folder that is not a run of ``suite``."""
     if not (run_dir / "parts").is_dir():
@@ -170,8 +177,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if launched_by_torchrun():
         return run_worker(args, suite, cells, options)
     if args.nproc is None and args.submitit is None:
-        for device in {args.device or c.settings.device for c in cells}:
-            resolve_device(device)  # CUDA asked for where there is none: before any folder
+        check_devices(args.device, cells)
     if args.rerun_busy and args.resume is None:
         raise KfacbenchError("--rerun-busy reruns the busy cells of a run: give --resume too")
     store, created = open_run(args, suite)
@@ -373,7 +379,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
         warmup=base.warmup if args.warmup is None else args.warmup,
         active=base.active if args.steps is None else args.steps,
     )
-    store = RunStore.new(args.out, suite.name)
+    check_devices(args.device, cells)
+    store = new_store(args.out, suite.name)
     if suite.path is not None:
         store.write_text("suite.toml", suite.path.read_text())
     console.print(
@@ -422,8 +429,7 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
             f"--damping: {', '.join(undamped)} cells have no damping of their own; give the λ"
             " of the exact direction they are compared with (e.g. --damping 1e-3)"
         )
-    for device in {args.device or c.settings.device for c in cells}:
-        resolve_device(device)
+    check_devices(args.device, cells)
     if args.resume is not None:
         run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
         check_resumable(run_dir, suite.name)
@@ -551,6 +557,7 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
         busy = busy_passes(run_dirs)
     else:
         suite = read_suite(args.suite)
+        check_devices(args.device, suite.cells)
         root = fresh_dir(args.out / "regress" / suite.name)
         options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
         run_dirs, busy = [], {}

@@ -322,3 +322,15 @@ def test_a_cell_timed_on_a_busy_machine_is_flagged_and_rerun(
 def test_rerun_busy_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", str(write_suite(tmp_path)), "--rerun-busy"]) == 2
     assert "give --resume too" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["profile", "regress", "diagnose"])
+def test_other_commands_check_the_device_before_any_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    out = tmp_path / "out"
+    argv = [command, str(write_suite(tmp_path)), "--out", str(out), "--device", "cuda"]
+    assert cli.main([*argv, "--damping", "1"] if command == "diagnose" else argv) == 2
+    assert "CUDA is not available" in one_error_line(capsys)
+    assert not out.exists()
