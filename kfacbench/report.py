@@ -3,10 +3,12 @@
 ``kfacbench report RUN_DIR [RUN_DIR ...] -o DIR`` reads the tables of one or more runs and writes:
 
 - ``loss_<workload>.{png,svg}``: training loss vs wall-clock time and vs steps, the median over
-  seeds with a min-max band (curves are interpolated onto a common time grid per setting, since
-  seeds do not log at the same seconds);
-- ``time_to_target.{png,svg}``: median time-to-target per setting, with the speedup over the
-  best-tuned SGD setting of the workload;
+  seeds with a min-max band (curves are interpolated onto a common grid per setting, since seeds
+  do not log at the same seconds); an axis is logarithmic when the longest curve spans more than
+  :data:`LOG_AXIS_RATIO` times the shortest (one long run would squeeze the others into a corner);
+- ``time_to_target.{png,svg}``: every setting, one panel per workload: a bar to its median
+  time-to-target with the speed-up over the best SGD setting, or a hatched bar to the time it
+  trained without reaching the target (so a setting that lost still shows, with what it cost);
 - ``phases.{png,svg}``: the per-step time broken down by phase (amortised: a phase's total time
   over the cell's steps, so refreshes every T steps count 1/T), stacked;
 - ``scaling_<axis>.{png,svg}``: step time vs batch size, vs inversion interval and vs layer width
@@ -16,8 +18,13 @@
   optimizer's time-to-target is within τ of the best (AlgoPerf's performance profile, τ ≤ 4);
 - ``index.html`` (figures embedded as data URIs: no network needed) and ``summary.md``.
 
-Every figure gives an optimizer the same colour (:func:`optimizer_colors`); settings of one
-optimizer differ by line style or hatch.
+A figure that would carry no information for the runs given (a performance profile of one
+workload, a scaling plot of an axis that was not swept) is not drawn; both documents list it
+with the reason, so its absence is not mistaken for a failure.
+
+Every figure gives an optimizer the same colour (:func:`optimizer_colors`), drawn exactly (no
+seaborn desaturation of bars); settings of one optimizer keep its hue and differ in lightness
+(:func:`setting_colors`), the best setting in exactly the optimizer's colour.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import base64
 import html
 import math
 import re
+import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +47,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import NullLocator, PercentFormatter
+from matplotlib.text import Text
+from matplotlib.ticker import (
+    FuncFormatter,
+    LogLocator,
+    NullFormatter,
+    NullLocator,
+    PercentFormatter,
+)
+from seaborn.external import husl
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
@@ -52,8 +70,12 @@ from kfacbench.store import settings_of
 
 TAU_MAX = 4.0
 """Largest ratio to the best time-to-target shown by the performance profile (AlgoPerf's r_max)."""
+LOG_AXIS_RATIO = 4.0
+"""A loss figure's x axis is logarithmic when its longest curve ends more than this many times
+later than its shortest: on a linear axis the short curves would fill under a quarter of it."""
 _WIDTH = re.compile(r"^wide_ae_(\d+)$")
-_DASHES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
+# Solid for a best setting; dotted last, as it vanishes beside (and on top of) a solid line.
+_DASHES = ["-", "--", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)), ":"]
 
 
 def optimizer_colors(optimizers: Sequence[str] = ()) -> dict[str, Any]:
@@ -131,123 +153,521 @@ def load_runs(run_dirs: Sequence[Path]) -> ReportData:
 
 
 # ---------------------------------------------------------------- figures
-def _save(fig: plt.Figure, out: Path, name: str) -> str:
+@dataclass
+class Figures:
+    """The figures of a report, in page order, and those left out with the reason."""
+
+    drawn: list[tuple[str, Figure, str]] = field(default_factory=list)
+    """(file name, figure, caption)."""
+    omitted: list[tuple[str, str]] = field(default_factory=list)
+    """(what the figure would have shown, why it is not drawn)."""
+
+    def add(self, name: str, fig: Figure, caption: str) -> None:
+        """Keep ``fig`` under ``name``, its titles wrapped to fit it (:func:`fit_titles`)."""
+        fit_titles(fig)
+        self.drawn.append((name, fig, caption))
+
+    def omit(self, what: str, why: str) -> None:
+        self.omitted.append((what, why))
+
+    def close(self) -> None:
+        for _, fig, _ in self.drawn:
+            plt.close(fig)
+
+
+def _save(fig: Figure, out: Path, name: str) -> str:
     fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
     fig.savefig(out / f"{name}.svg", bbox_inches="tight")
     plt.close(fig)
     return name
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _seconds(value: float) -> str:
+    """Seconds for a reader: 3 significant digits (30.0 beside 29.3, not 30), whole seconds
+    from 100 s, no exponent notation for the times a benchmark meets."""
+    if abs(value) >= 99.95:  # rounds to 3 digits or more: whole seconds
+        return f"{value:.0f} s"
+    return f"{value:#.3g} s" if abs(value) >= 0.01 else f"{value:.2g} s"
+
+
+def title_texts(fig: Figure) -> list[Text]:
+    """The figure's titles: its suptitle and every axes' centre, left and right title."""
+    texts = [t for t in fig.texts if t.get_text()]  # fig.suptitle adds to fig.texts
+    for ax in fig.axes:
+        for loc in ("center", "left", "right"):
+            text = _axes_title(ax, loc)
+            if text.get_text():
+                texts.append(text)
+    return texts
+
+
+def _axes_title(ax: Axes, loc: str) -> Text:
+    # Axes keeps its three titles as separate Text artists; only the centre one is public.
+    return {"center": ax.title, "left": ax._left_title, "right": ax._right_title}[loc]  # type: ignore[attr-defined]
+
+
+def fit_titles(fig: Figure) -> None:
+    """Wrap every title that is wider than the figure into lines that fit.
+
+    ``bbox_inches="tight"`` would otherwise widen the saved image around an overlong title and
+    leave the plot small inside it, or the title would overhang the plot it names.
+    """
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    right = fig.bbox.x1
+    for text in title_texts(fig):
+        for _ in range(8):
+            box = text.get_window_extent(renderer)
+            allowed = (
+                right - max(box.x0, fig.bbox.x0)
+                if text.get_horizontalalignment() == "left"
+                else fig.bbox.width
+            )
+            if box.x0 >= fig.bbox.x0 - 0.5 and box.x1 <= right + 0.5:
+                break
+            lines = text.get_text().splitlines()
+            longest = max(len(line) for line in lines)
+            width = max(12, int(longest * min(allowed / max(box.width, 1.0), 0.95)))
+            text.set_text(
+                "\n".join(textwrap.fill(line, width, break_long_words=False) for line in lines)
+            )
+
+
+def _shades(color: Any, n: int) -> list[tuple[float, float, float]]:
+    """``n`` colours of ``color``'s hue and saturation at distinct lightness, the first exactly
+    ``color``: each next one at the HUSL lightness farthest from those taken, within a range that
+    stays visible on white (HUSL lightness is perceptual, so equal steps look equal)."""
+    base = tuple(float(c) for c in matplotlib.colors.to_rgb(color))
+    hue, saturation, lightness = husl.rgb_to_husl(*base)
+    candidates = np.linspace(28.0, 74.0, 24)
+    taken = [lightness]
+    shades: list[tuple[float, float, float]] = [base]  # type: ignore[list-item]
+    for _ in range(n - 1):
+        pick = max(candidates, key=lambda c: min(abs(c - t) for t in taken))
+        taken.append(float(pick))
+        rgb = np.clip(husl.husl_to_rgb(hue, saturation, float(pick)), 0.0, 1.0)
+        shades.append((float(rgb[0]), float(rgb[1]), float(rgb[2])))
+    return shades
+
+
+def setting_order(cells: pd.DataFrame) -> dict[str, int]:
+    """Each setting's rank among its optimizer's settings on the same workload, best first:
+    all seeds ok before any failure, then the sooner median time-to-target, then the lower
+    median final training loss, then the name. The best gets the optimizer's own colour and
+    line style, so the identity holds where it matters."""
+    frame = pd.DataFrame(
+        {
+            "workload": cells["workload"],
+            "optimizer": cells["optimizer"],
+            "setting": cells["setting"],
+            "failed": cells["status"] != "ok",
+            "ttt": cells["time_to_target_s"].where(cells["status"] == "ok"),
+            "loss": cells.get("final_train_loss", math.nan),
+        }
+    )
+    per = (
+        frame.groupby(["workload", "optimizer", "setting"])
+        .agg(failed=("failed", "any"), ttt=("ttt", "median"), loss=("loss", "median"))
+        .reset_index()
+    )
+    ranks: dict[str, int] = {}
+    for _, group in per.groupby(["workload", "optimizer"]):
+        ordered = group.sort_values(["failed", "ttt", "loss", "setting"], na_position="last")
+        ranks.update({str(s): i for i, s in enumerate(ordered["setting"])})
+    return ranks
+
+
+def setting_colors(cells: pd.DataFrame, colors: dict[str, Any]) -> dict[str, Any]:
+    """A colour per setting: its optimizer's hue, lightness varied per setting
+    (:func:`_shades`), the best setting (:func:`setting_order`) exactly the optimizer's colour."""
+    ranks = setting_order(cells)
+    out: dict[str, Any] = {}
+    settings = cells.drop_duplicates("setting")
+    for (_, optimizer), group in settings.groupby(["workload", "optimizer"]):
+        ordered = sorted((str(s) for s in group["setting"]), key=lambda s: ranks[s])
+        out.update(zip(ordered, _shades(colors[str(optimizer)], len(ordered)), strict=True))
+    return out
+
+
 def _styles(cells: pd.DataFrame) -> dict[str, Any]:
-    """A line style per setting, cycling within each optimizer."""
-    styles: dict[str, Any] = {}
-    for _, group in cells.groupby("optimizer"):
-        for i, setting in enumerate(sorted(group["setting"].unique())):
-            styles[setting] = _DASHES[i % len(_DASHES)]
-    return styles
+    """A line style per setting, cycling within each optimizer from the best setting (solid):
+    a second cue beside lightness, for print and colour-blind readers."""
+    ranks = setting_order(cells)
+    return {str(s): _DASHES[r % len(_DASHES)] for s, r in ranks.items()}
 
 
 def _median_band(
-    runs: list[pd.DataFrame], x: str
+    runs: list[pd.DataFrame], x: str, log: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Median, min and max of the seeds' loss curves on a common grid of ``x``, over the range
-    every seed has logged (no flat extrapolation before the first logged point)."""
+    every seed has logged (no flat extrapolation before the first logged point); the grid is
+    geometric when the axis is logarithmic, so early points are not all in the first pixel."""
     start = max(float(r[x].min()) for r in runs)
     end = min(float(r[x].max()) for r in runs)
-    grid = np.linspace(start, end, 120) if end > start else np.array([start])
+    if end <= start:
+        grid = np.array([start])
+    elif log and start > 0:
+        grid = np.geomspace(start, end, 120)
+    else:
+        grid = np.linspace(start, end, 120)
     values = np.stack([np.interp(grid, r[x], r["train_loss"]) for r in runs])
     return grid, np.median(values, 0), values.min(0), values.max(0)
 
 
-def loss_figures(data: ReportData, out: Path, colors: dict[str, Any]) -> list[str]:
+def wants_log_axis(spans: Sequence[tuple[float, float]]) -> bool:
+    """Whether curves spanning ``(start, end)`` each are shown better on a log axis: when the
+    longest ends more than :data:`LOG_AXIS_RATIO` times later than the shortest (on a linear
+    axis the short ones would fill a sliver of it), and every curve starts above zero."""
+    if len(spans) < 2 or min(start for start, _ in spans) <= 0:
+        return False
+    ends = [end for _, end in spans]
+    return max(ends) > LOG_AXIS_RATIO * min(ends)
+
+
+def _plain_log_ticks(axis: Any, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> None:
+    """Label a log axis at ``subs`` (1, 2 and 5) per decade in plain numbers (50, 100, 200),
+    which a reader compares at a glance, rather than at decades as 10^2 (a loss range rarely
+    spans one)."""
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> None:
     """Training loss vs wall-clock and vs steps, one figure per workload."""
-    names = []
     styles = _styles(data.cells)
+    shades = setting_colors(data.cells, colors)
+    ranks = setting_order(data.cells)
     curves = data.curves.dropna(subset=["train_loss"]).merge(
         data.cells[["cell_id", "workload", "optimizer", "setting"]], on="cell_id"
     )
+    if curves.empty:
+        figs.omit("training loss", "no cell logged a training loss")
+    order = {name: i for i, name in enumerate(colors)}
     for workload, wcurves in curves.groupby("workload"):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-        for (opt_key, set_key), group in wcurves.groupby(["optimizer", "setting"]):
-            optimizer, setting = str(opt_key), str(set_key)
-            runs = [g.sort_values("step") for _, g in group.groupby("cell_id")]
-            for ax, x in zip(axes, ("train_time_s", "step"), strict=True):
-                grid, med, low, high = _median_band(runs, x)
-                label = setting.removeprefix(f"{workload} ")
-                ax.plot(grid, med, color=colors[optimizer], linestyle=styles[setting], label=label)
-                if len(runs) > 1:
-                    ax.fill_between(grid, low, high, color=colors[optimizer], alpha=0.15)
-        axes[0].set_xlabel("training time (s, evals excluded)")
-        axes[1].set_xlabel("steps")
+        groups = sorted(
+            ((str(o), str(s), g) for (o, s), g in wcurves.groupby(["optimizer", "setting"])),
+            key=lambda item: (order[item[0]], ranks[item[1]]),
+        )
+        runs = {
+            s: [g.sort_values("step") for _, g in group.groupby("cell_id")]
+            for _, s, group in groups
+        }
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+        for ax, x, what in zip(
+            axes,
+            ("train_time_s", "step"),
+            ("training time (s, evals excluded)", "steps"),
+            strict=True,
+        ):
+            spans = [
+                (max(float(r[x].min()) for r in rs), min(float(r[x].max()) for r in rs))
+                for rs in runs.values()
+            ]
+            log = wants_log_axis(spans)
+            for _, setting, _ in groups:
+                grid, med, low, high = _median_band(runs[setting], x, log)
+                ax.plot(
+                    grid,
+                    med,
+                    color=shades[setting],
+                    linestyle=styles[setting],
+                    linewidth=2.0 if ranks[setting] == 0 else 1.6,
+                    label=setting.removeprefix(f"{workload} "),
+                )
+                if len(runs[setting]) > 1:
+                    ax.fill_between(grid, low, high, color=shades[setting], alpha=0.15)
+            if log:
+                ax.set_xscale("log")
+                _plain_log_ticks(ax.xaxis)
+            ax.set_xlabel(f"{what}, {'log' if log else 'linear'} scale")
+            ax.grid(True, which="major", alpha=0.3)
         axes[0].set_ylabel("training loss (minibatch mean)")
         if (wcurves["train_loss"] > 0).all():
             axes[0].set_yscale("log")
-        for ax in axes:
-            ax.grid(True, alpha=0.3)
-        fig.suptitle(f"{workload}: training loss (median over seeds, band: min-max)")
-        axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-        names.append(_save(fig, out, f"loss_{workload}"))
-    return names
+            _plain_log_ticks(axes[0].yaxis)
+        fig.suptitle(f"{workload}: training loss (median over seeds; band: min to max)")
+        axes[1].legend(
+            title="setting",
+            loc="center left",
+            bbox_to_anchor=(1.02, 0.5),
+            frameon=False,
+            fontsize=plt.rcParams["axes.labelsize"],
+            handlelength=3.0,
+        )
+        fig.tight_layout()
+        figs.add(
+            f"loss_{workload}",
+            fig,
+            f"{workload}: training loss vs training time and vs steps. One hue per optimizer; "
+            "its settings differ in lightness (the best in the optimizer's own colour, solid).",
+        )
 
 
 def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """Per workload and setting: median time-to-target over seeds (NaN: not reached by every
-    seed), seeds, and the speedup over the workload's best SGD setting."""
-    ok = cells[cells["status"] == "ok"]
+    """Every setting of every workload: whether it reached the target, when, and its speed-up
+    over the workload's best SGD setting, or the bound the run does show.
+
+    Columns, besides ``workload``, ``optimizer``, ``setting``, ``seeds``, ``reached_seeds``,
+    ``failed_seeds`` and ``median_step_ms``:
+
+    - ``outcome``: ``reached`` (every seed did), ``not reached``, or the failure (e.g.
+      ``diverged``) when a seed failed: a failed cell never reaches the target;
+    - ``time_to_target_s``: the median over seeds, NaN unless every seed reached the target;
+    - ``train_time_s``: the median time the ok seeds trained, which is the budget a setting that
+      did not reach the target spent (when every seed failed: how long they trained);
+    - ``ttt_lower_bound_s``: the median over seeds of each seed's time to target, or of its
+      training time when it did not reach the target (inf when it failed): a lower bound on the
+      median time to target;
+    - ``speedup_vs_best_sgd``: the best SGD setting's time to target over this one's, NaN
+      unless both reached it;
+    - ``speedup``: the same for a reader, or the bound the run shows where only one side
+      reached the target: when no SGD setting did, SGD's time to target is above its training
+      time, so a setting that reached the target at t is more than ``train_time / t`` faster.
+    """
     rows = []
-    for (workload, optimizer, setting), g in ok.groupby(["workload", "optimizer", "setting"]):
-        ttt = g["time_to_target_s"]
-        median = float(ttt.median()) if ttt.notna().all() else math.nan
+    for (workload, optimizer, setting), g in cells.groupby(["workload", "optimizer", "setting"]):
+        ok = (g["status"] == "ok").to_numpy()
+        ttt = g["time_to_target_s"].astype(float).to_numpy()
+        reached = ok & np.isfinite(ttt)
+        trained = (
+            g["train_time_s"].astype(float).to_numpy()
+            if "train_time_s" in g
+            else np.full(len(g), math.nan)
+        )
+        failed = sorted({str(s) for s in g["status"][~ok]})
+        bound = np.where(reached, ttt, np.where(ok, trained, np.inf))
         rows.append(
             {
                 "workload": workload,
                 "optimizer": optimizer,
                 "setting": setting,
                 "seeds": len(g),
-                "time_to_target_s": median,
-                "median_step_ms": float(g["median_step_ms"].median()),
+                "reached_seeds": int(reached.sum()),
+                "failed_seeds": int((~ok).sum()),
+                "outcome": "reached" if reached.all() else "/".join(failed) or "not reached",
+                "time_to_target_s": float(np.median(ttt)) if reached.all() else math.nan,
+                "train_time_s": _median(trained[ok] if ok.any() else trained),
+                "ttt_lower_bound_s": float(np.median(bound)),
+                "median_step_ms": (
+                    float(g["median_step_ms"][ok].median()) if ok.any() else math.nan
+                ),
             }
         )
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    best_sgd = table[table["optimizer"] == "sgd"].groupby("workload")["time_to_target_s"].min()
-    table["speedup_vs_best_sgd"] = table.apply(
-        lambda r: best_sgd.get(r["workload"], math.nan) / r["time_to_target_s"], axis=1
-    )
-    return table.sort_values(["workload", "time_to_target_s"], ignore_index=True)
+    speedups = [_speedup(row, table) for row in table.itertuples(index=False)]
+    table["speedup_vs_best_sgd"] = [s.exact for s in speedups]
+    table["speedup"] = [s.text for s in speedups]
+    rank = table["outcome"].map(lambda o: 0 if o == "reached" else 1 if o == "not reached" else 2)
+    key = table["time_to_target_s"].fillna(table["train_time_s"])
+    order = np.lexsort((table["setting"], key.fillna(np.inf), rank, table["workload"]))
+    return table.iloc[order].reset_index(drop=True)[
+        [
+            "workload",
+            "optimizer",
+            "setting",
+            "seeds",
+            "reached_seeds",
+            "failed_seeds",
+            "outcome",
+            "time_to_target_s",
+            "train_time_s",
+            "ttt_lower_bound_s",
+            "speedup_vs_best_sgd",
+            "speedup",
+            "median_step_ms",
+        ]
+    ]
 
 
-def time_to_target_figure(table: pd.DataFrame, out: Path, colors: dict[str, Any]) -> list[str]:
-    reached = table.dropna(subset=["time_to_target_s"]) if not table.empty else table
-    if reached.empty:
-        return []
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(reached) + 1.5))
-    sns.barplot(
-        reached,
-        y="setting",
-        x="time_to_target_s",
-        hue="optimizer",
-        palette=colors,
-        dodge=False,
-        ax=ax,
+@dataclass(frozen=True)
+class Speedup:
+    """A setting's speed-up over the best SGD setting of its workload."""
+
+    exact: float
+    """The ratio when both reached the target, else NaN."""
+    text: str
+    """For the tables: the ratio, or the bound the run shows and why, in words."""
+    short: str
+    """For the figure's note beside a bar ("" where the bar's own note says it all)."""
+
+
+def _median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else math.nan
+
+
+def _speedup(row: Any, table: pd.DataFrame) -> Speedup:
+    """One setting's speed-up over the best SGD setting of its workload: the exact ratio when
+    both reached the target, else the bound the run shows, said in words."""
+    sgd = table[(table["workload"] == row.workload) & (table["optimizer"] == "sgd")]
+    if sgd.empty:
+        return Speedup(math.nan, "no SGD run on this workload", "")
+    best = float(sgd["time_to_target_s"].min())  # NaN when no SGD setting reached it
+    mine = float(row.time_to_target_s)
+    if row.outcome not in ("reached", "not reached"):
+        return Speedup(math.nan, f"none ({row.outcome})", "")
+    if math.isfinite(mine) and math.isfinite(best):
+        ratio = best / mine
+        if ratio == 1.0 and row.optimizer == "sgd":
+            return Speedup(ratio, "1.00× (best SGD)", "best SGD")
+        return Speedup(ratio, f"{ratio:.2f}×", f"{ratio:.2f}× best SGD")
+    if math.isfinite(best):
+        # This setting trained ttt_lower_bound_s without reaching the target: slower than that.
+        bound = best / row.ttt_lower_bound_s
+        return Speedup(math.nan, f"< {bound:.2f}× (not reached in its budget)", "")
+    sgd_bound = float(sgd["ttt_lower_bound_s"].min())
+    if not math.isfinite(mine):
+        return Speedup(math.nan, "unknown: neither reached the target", "")
+    if not math.isfinite(sgd_bound):
+        failures = "/".join(sorted(set(sgd["outcome"])))
+        return Speedup(
+            math.nan,
+            f"unbounded: SGD did not reach the target ({failures})",
+            f"SGD: {failures}",
+        )
+    budgets = sgd.loc[sgd["outcome"] == "not reached", "train_time_s"]
+    low, high = float(budgets.min()), float(budgets.max())
+    same = math.isclose(low, high, rel_tol=0.05)
+    spent = _seconds(low) if same else f"{_seconds(low)} to {_seconds(high)}"
+    ratio = sgd_bound / mine
+    return Speedup(
+        math.nan,
+        f"> {ratio:.2f}× (SGD did not reach the target in {'its budget' if same else 'its budgets'}"
+        f", {spent})",
+        f"> {ratio:.2f}× SGD (SGD: not reached in {spent})",
     )
-    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
-    for bar, speedup in zip(bars, reached["speedup_vs_best_sgd"], strict=False):
-        if math.isfinite(speedup):
-            ax.annotate(
-                f"{speedup:.2f}× best SGD",
-                (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-                xytext=(4, 0),
+
+
+def time_to_target_text(row: Any) -> str:
+    """A setting's time to target for a reader: the time, or what happened instead."""
+    if row.outcome == "reached":
+        return _seconds(row.time_to_target_s)
+    if row.outcome != "not reached":
+        if row.failed_seeds < row.seeds:
+            return f"{row.outcome} ({row.failed_seeds} of {row.seeds} seeds)"
+        after = f" after {_seconds(row.train_time_s)}" if math.isfinite(row.train_time_s) else ""
+        return f"{row.outcome}{after}"
+    missed = row.seeds - row.reached_seeds
+    seeds = f" by {missed} of {row.seeds} seeds" if row.reached_seeds else ""
+    return f"not reached{seeds} in {_seconds(row.train_time_s)}"
+
+
+def time_to_target_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The time-to-target table as the documents show it: every value in words or numbers,
+    none as ``nan``."""
+    if table.empty:
+        return table
+    return pd.DataFrame(
+        {
+            "workload": table["workload"],
+            "optimizer": table["optimizer"],
+            "setting": table["setting"],
+            "seeds": table["seeds"],
+            "time to target": [time_to_target_text(r) for r in table.itertuples(index=False)],
+            "speed-up vs best SGD": table["speedup"],
+            "median step (ms)": [
+                f"{v:.4g}" if math.isfinite(v) else "-" for v in table["median_step_ms"]
+            ],
+        }
+    )
+
+
+def time_to_target_figure(
+    table: pd.DataFrame, cells: pd.DataFrame, colors: dict[str, Any], figs: Figures
+) -> None:
+    """One bar per setting, one panel per workload (each on its own time axis): solid to its
+    time to target, hatched to the time it trained when it did not reach it."""
+    if table.empty:
+        figs.omit("time to target", "the runs have no cells")
+        return
+    shades = setting_colors(cells, colors)
+    workloads = sorted(table["workload"].unique())
+    counts = [int((table["workload"] == w).sum()) for w in workloads]
+    fig, axes = plt.subplots(
+        len(workloads),
+        1,
+        figsize=(11, 0.5 * sum(counts) + 1.4 * len(workloads) + 0.6),
+        gridspec_kw={"height_ratios": counts},
+        squeeze=False,
+    )
+    notes: list[tuple[Axes, float, Text]] = []
+    for ax, workload in zip(axes[:, 0], workloads, strict=True):
+        rows = table[table["workload"] == workload].reset_index(drop=True)
+        for i, row in enumerate(rows.itertuples(index=False)):
+            color = shades[row.setting]
+            if row.outcome == "reached":
+                end, note = row.time_to_target_s, _seconds(row.time_to_target_s)
+                if short := _speedup(row, table).short:
+                    note += f": {short}"
+                bar = ax.barh(i, end, height=0.7, color=color)
+            else:
+                trained = row.train_time_s if math.isfinite(row.train_time_s) else 0.0
+                end, note = trained, time_to_target_text(row)
+                bar = ax.barh(
+                    i,
+                    end,
+                    height=0.7,
+                    facecolor=(*matplotlib.colors.to_rgb(color), 0.12),
+                    edgecolor=color,
+                    hatch="///" if row.outcome == "not reached" else "xx",
+                    linewidth=1.2,
+                )
+            bar.patches[0].set_label(row.setting)  # names the bar for readers of the figure
+            text = ax.annotate(
+                note,
+                (end, i),
+                xytext=(5, 0),
                 textcoords="offset points",
                 va="center",
-                fontsize=8,
+                fontsize=plt.rcParams["xtick.labelsize"],
             )
-    ax.set_xlabel("time to target (s of training, median over seeds)")
-    ax.set_ylabel("")
-    ax.set_title("Time to target (settings that reached it with every seed)")
-    ax.legend(title="optimizer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return [_save(fig, out, "time_to_target")]
+            text.set_in_layout(False)  # room is made by the axis limit (_fit_notes), not layout
+            notes.append((ax, float(end), text))
+        ax.set_yticks(range(len(rows)), [s.removeprefix(f"{workload} ") for s in rows["setting"]])
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_title(workload, loc="left", fontsize=plt.rcParams["axes.labelsize"])
+        ax.set_xlabel("training time (s; median over seeds)")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.grid(False, axis="y")
+    present = [o for o in colors if o in set(table["optimizer"])]
+    handles: list[Any] = [Rectangle((0, 0), 1, 1, color=colors[o]) for o in present]
+    handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="0.3", hatch="///"))
+    labels = [*present, "did not reach the target:\nbar = time it trained"]
+    if not table["outcome"].isin(("reached", "not reached")).all():
+        handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="0.3", hatch="xx"))
+        labels.append("failed (diverged, oom, error)")
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle("Time to target, every setting (solid: reached; hatched: not reached)")
+    fig.tight_layout()
+    _fit_notes(fig, notes)
+    fig.tight_layout()
+    figs.add(
+        "time_to_target",
+        fig,
+        "Time to target per setting: solid bars reached the target (with the speed-up over the "
+        "best SGD setting, or its bound when SGD did not reach it); hatched bars did not, and "
+        "end at the time the setting trained.",
+    )
+
+
+def _fit_notes(fig: Figure, notes: Sequence[tuple[Axes, float, Text]]) -> None:
+    """Widen each axis so that the notes beside the bars end inside it: a note starts at its
+    bar's end ``x`` and is ``w`` pixels long, so the axis must reach ``x·W / (W - w)``."""
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    limits: dict[Axes, float] = {}
+    for ax, x, text in notes:
+        width = ax.bbox.width
+        room = width - text.get_window_extent(renderer).width - 12.0
+        need = x * width / max(room, 0.25 * width)
+        limits[ax] = max(limits.get(ax, 0.0), need, x * 1.05)
+    for ax, right in limits.items():
+        ax.set_xlim(0.0, right if right > 0 else 1.0)
 
 
 def phase_table(data: ReportData) -> pd.DataFrame:
@@ -263,11 +683,12 @@ def phase_table(data: ReportData) -> pd.DataFrame:
 PHASE_ORDER = ("forward", "backward", "curvature", "inverse", "precondition", "rescale", "update")
 
 
-def phase_figure(data: ReportData, out: Path) -> list[str]:
+def phase_figure(data: ReportData, figs: Figures) -> None:
     """Stacked per-phase bars, one panel per workload (each with its own time axis)."""
     table = phase_table(data)
     if table.empty:
-        return []
+        figs.omit("phases", "the runs recorded no phase timings")
+        return
     phases = [p for p in PHASE_ORDER if p in set(table["phase"])]
     phases += sorted(set(table["phase"]) - set(phases))
     palette = dict(zip(phases, sns.color_palette("Set2", len(phases)), strict=True))
@@ -291,48 +712,64 @@ def phase_figure(data: ReportData, out: Path) -> list[str]:
         wide.plot.barh(
             stacked=True, ax=ax, color=[palette[p] for p in wide.columns], width=0.75, legend=False
         )
-        ax.set_title(workload, loc="left", fontsize=10)
+        ax.set_title(workload, loc="left", fontsize=plt.rcParams["axes.labelsize"])
         ax.set_xlabel("ms per step (amortised over the cell's steps; median over seeds)")
         ax.invert_yaxis()
     handles = [Rectangle((0, 0), 1, 1, color=palette[p]) for p in phases]
     fig.legend(handles, phases, title="phase", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("Where a step's time goes, by phase")
     fig.tight_layout()
-    return [_save(fig, out, "phases")]
+    figs.add(
+        "phases",
+        fig,
+        "Per-step time by phase; a phase run every T steps counts 1/T of its time per step.",
+    )
 
 
-def scaling_figures(data: ReportData, out: Path, colors: dict[str, Any]) -> list[str]:
+_SCALING_AXES = (
+    ("batch_size", "batch size", "batch size (examples)", "workload"),
+    ("inv_interval", "inversion interval", "inversion interval T_inv (steps)", "workload"),
+    ("width", "layer width", "hidden width W of wide_ae_W", "family"),
+)
+
+
+def scaling_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> None:
     """Step time vs each swept axis (batch size, inversion interval, width)."""
     cells = data.cells[data.cells["status"] == "ok"].copy()
     cells["width"] = cells["workload"].map(
         lambda w: int(m.group(1)) if (m := _WIDTH.match(w)) else math.nan
     )
     cells["family"] = cells["workload"].map(lambda w: "wide_ae" if _WIDTH.match(w) else w)
-    names = []
-    axes_spec = (
-        ("batch_size", "batch size (examples)", "workload"),
-        ("inv_interval", "inversion interval T_inv (steps)", "workload"),
-        ("width", "hidden width W of wide_ae_W", "family"),
-    )
-    for axis, xlabel, facet in axes_spec:
+    for axis, name, xlabel, facet in _SCALING_AXES:
         swept = cells.dropna(subset=[axis])
         varied = swept.groupby(facet)[axis].nunique()
+        used = swept
         swept = swept[swept[facet].isin(varied[varied >= 2].index)]
         if swept.empty:
+            if not used.empty:  # an axis the runs have, at one value: say why no figure
+                figs.omit(
+                    f"step time vs {name}",
+                    f"each {'workload' if facet == 'workload' else 'width family'} ran at one "
+                    f"{name}",
+                )
             continue
         grid = sns.relplot(
             swept,
             x=axis,
             y="median_step_ms",
             hue="optimizer",
+            hue_order=[o for o in colors if o in set(swept["optimizer"])],
             palette={k: v for k, v in colors.items() if k in set(swept["optimizer"])},
             col=facet,
             kind="line",
             marker="o",
+            markersize=7,
+            linewidth=2.0,
             estimator="median",
             errorbar=None,
             facet_kws={"sharey": False, "sharex": False},
-            height=3.6,
+            height=3.8,
+            aspect=1.2,
             col_wrap=min(3, swept[facet].nunique()),
         )
         grid.set(xscale="log", yscale="log")
@@ -340,19 +777,28 @@ def scaling_figures(data: ReportData, out: Path, colors: dict[str, Any]) -> list
             values = sorted(swept[axis].unique())
             ax.set_xticks(values, [f"{v:g}" for v in values])
             ax.xaxis.set_minor_locator(NullLocator())
-        grid.set_axis_labels(xlabel, "median step time (ms)")
+        for ax in grid.axes.flat:  # short axes: labels at 1, 2, 3 and 5 per decade
+            _plain_log_ticks(ax.yaxis, (1.0, 2.0, 3.0, 5.0))
+        grid.set_titles("{col_name}")
+        grid.set_axis_labels(f"{xlabel}, log scale", "median step time (ms), log scale")
         grid.figure.suptitle(
-            f"Step time vs {xlabel} (median over each optimizer's other settings)", y=1.03
+            f"Step time vs {name}\n(median over each optimizer's other settings)",
+            y=1.02,
+            va="bottom",
         )
-        names.append(_save(grid.figure, out, f"scaling_{axis}"))
-    return names
+        figs.add(
+            f"scaling_{axis}",
+            grid.figure,
+            f"Median step time vs {name}, per optimizer (a point per {name} it ran at).",
+        )
 
 
-def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
+def kernel_figure(data: ReportData, figs: Figures, top: int = 3) -> None:
     """The ``top`` kernels (or CPU operators) of every phase, one panel per optimizer, bars
     coloured by kernel category."""
     if data.kernels is None or data.kernels.empty:
-        return []
+        figs.omit("top kernels", "no profiled run in this report (made by kfacbench profile)")
+        return
     k = data.kernels[~data.kernels["kernel"].str.startswith("(")]
     shares = k.groupby(["optimizer", "phase", "kernel", "category"])["share"].mean().reset_index()
     k = shares.sort_values("share", ascending=False).groupby(["optimizer", "phase"]).head(top)
@@ -375,6 +821,7 @@ def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
         aspect=max(1.1, 4.0 / height),
         dodge=False,
         palette=palette,
+        saturation=1.0,  # the bars in exactly the legend's colours
         legend=False,  # placed by hand below: seaborn's outside legend can overflow a small grid
     )
     handles = [Rectangle((0, 0), 1, 1, color=palette[c]) for c in categories]
@@ -385,7 +832,7 @@ def kernel_figure(data: ReportData, out: Path, top: int = 3) -> list[str]:
     for ax in grid.axes.flat:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     grid.figure.suptitle(f"Top {top} kernels / operators per phase", y=1.02)
-    return [_save(grid.figure, out, "kernels")]
+    figs.add("kernels", grid.figure, f"The top {top} kernels or operators of each phase.")
 
 
 def performance_profile(table: pd.DataFrame) -> pd.DataFrame:
@@ -404,22 +851,62 @@ def performance_profile(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def performance_profile_figure(table: pd.DataFrame, out: Path, colors: dict[str, Any]) -> list[str]:
+def performance_profile_figure(table: pd.DataFrame, colors: dict[str, Any], figs: Figures) -> None:
+    """The performance profile, when it can say something: with one workload its curves are
+    steps from 0 to 1 that repeat the time-to-target figure and hide one another."""
+    what = "performance profile"
+    reached = table.dropna(subset=["time_to_target_s"]) if not table.empty else table
+    workloads = int(reached["workload"].nunique()) if not reached.empty else 0
+    if workloads < 2:
+        figs.omit(
+            what,
+            f"needs at least 2 workloads with a target reached; this report has {workloads}",
+        )
+        return
+    optimizers = [o for o in colors if o in set(table["optimizer"])]
+    if len(optimizers) < 2:
+        figs.omit(what, "compares optimizers and this report has one")
+        return
     profile = performance_profile(table)
-    if profile.empty:
-        return []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for optimizer, g in profile.groupby("optimizer"):
-        name = str(optimizer)
-        ax.step(g["tau"], g["fraction"], where="post", color=colors[name], label=name)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, name in enumerate(optimizers):
+        g = profile[profile["optimizer"] == name]
+        # Coinciding curves are common (equal fractions): draw each thinner than the one
+        # beneath it, so a curve on top of another leaves the lower one's edges visible.
+        width = 1.6 + 3.2 * (len(optimizers) - 1 - i) / max(len(optimizers) - 1, 1)
+        ax.step(
+            g["tau"], g["fraction"], where="post", color=colors[name], label=name,
+            linewidth=width, zorder=2 + i,
+        )  # fmt: skip
     ax.set_xlabel("τ (time-to-target / best time-to-target)")
     ax.set_ylabel("fraction of workloads within τ")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlim(1.0, TAU_MAX)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(f"Performance profile over {table['workload'].nunique()} workloads")
-    return [_save(fig, out, "performance_profile")]
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    ax.set_title(f"Performance profile over {_plural(table['workload'].nunique(), 'workload')}")
+    figs.add(
+        "performance_profile",
+        fig,
+        "Fraction of workloads on which each optimizer reached the target within τ times the "
+        "fastest optimizer's time (not reached: never within τ).",
+    )
+
+
+def build_figures(data: ReportData) -> Figures:
+    """Every figure of the report, as open matplotlib figures (the caller saves and closes
+    them), with those left out and why."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    colors = optimizer_colors([str(o) for o in data.cells["optimizer"].unique()])
+    ttt = time_to_target_table(data.cells)
+    figs = Figures()
+    loss_figures(data, colors, figs)
+    time_to_target_figure(ttt, data.cells, colors, figs)
+    phase_figure(data, figs)
+    scaling_figures(data, colors, figs)
+    kernel_figure(data, figs)
+    performance_profile_figure(ttt, colors, figs)
+    return figs
 
 
 # ---------------------------------------------------------------- documents
@@ -500,6 +987,14 @@ def busy_warnings(cells: pd.DataFrame) -> list[str]:
     return [f"{line}. Busy cells: {labels}"]
 
 
+TTT_NOTE = (
+    "Every setting, with its median time to the target over seeds, or what happened instead. "
+    "The speed-up is the best SGD setting's time to target over this setting's; when only one "
+    "of the two reached the target, the other's time is at least the time it trained, which "
+    "bounds the speed-up (> or <)."
+)
+
+
 def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     """Write the figures, ``index.html`` and ``summary.md`` for ``run_dirs`` into ``out``.
 
@@ -517,17 +1012,10 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KfacbenchError(f"{out}: cannot create the report folder ({exc.strerror})") from None
-    sns.set_theme(style="whitegrid", context="notebook")
-    colors = optimizer_colors([str(o) for o in data.cells["optimizer"].unique()])
     ttt = time_to_target_table(data.cells)
-    figures = [
-        *loss_figures(data, out, colors),
-        *time_to_target_figure(ttt, out, colors),
-        *phase_figure(data, out),
-        *scaling_figures(data, out, colors),
-        *kernel_figure(data, out),
-        *performance_profile_figure(ttt, out, colors),
-    ]
+    built = build_figures(data)
+    figures = [(_save(fig, out, name), caption) for name, fig, caption in built.drawn]
+    omitted = built.omitted
     steps = step_time_table(data)
     peers = peer_table(data)
     env = _environment_lines(data)
@@ -542,7 +1030,9 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         *(f"> **Warning**: {line}\n" for line in warnings),
         "## Time to target",
         "",
-        _markdown_table(ttt),
+        TTT_NOTE,
+        "",
+        _markdown_table(time_to_target_display(ttt)),
         "## Step time (median; ratio to the best SGD step of the same workload)",
         "",
         _markdown_table(steps),
@@ -557,15 +1047,24 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         ),
         "## Figures",
         "",
-        *(f"![{name}]({name}.png)" for name in figures),
+        *(f"![{name}]({name}.png)\n\n{caption}\n" for name, caption in figures),
+        *(["Not drawn for these runs:", ""] if omitted else []),
+        *(f"- {what}: {why}" for what, why in omitted),
         "",
     ]
     (out / "summary.md").write_text("\n".join(md))
     images = "\n".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode((out / f"{name}.png").read_bytes()).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name in figures
+        f"<figcaption>{html.escape(caption)} ({html.escape(name)}.png)</figcaption></figure>"
+        for name, caption in figures
+    )
+    omitted_html = (
+        "<p>Not drawn for these runs:</p>\n<ul>"
+        + "".join(f"<li>{html.escape(what)}: {html.escape(why)}</li>" for what, why in omitted)
+        + "</ul>\n"
+        if omitted
+        else ""
     )
     suites_html = "\n".join(
         f"<details><summary>suite as run: {html.escape(path)}</summary>"
@@ -588,17 +1087,22 @@ td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
 figcaption {{ color: #666; font-size: 0.8em; }} pre {{ background: #f7f7f7; padding: 1em; }}
 .warning {{ background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5em 1em; }}
+table.ttt td {{ white-space: nowrap; }}
+table.ttt td:nth-child(5), table.ttt td:nth-child(6) {{ text-align: left; }}
+table.ttt td:nth-child(6) {{ white-space: normal; }}
 </style></head><body>
 <h1>kfacbench report: {html.escape(suites)}</h1>
 <ul>{"".join(f"<li>{html.escape(line)}</li>" for line in env)}</ul>
 {"".join(f'<p class="warning">Warning: {html.escape(line)}</p>' for line in warnings)}
 {suites_html}
 <h2>Time to target</h2>
-{ttt.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="not reached")}
+<p>{html.escape(TTT_NOTE)}</p>
+{time_to_target_display(ttt).to_html(index=False, classes="ttt")}
 <h2>Step time</h2>
 {steps.to_html(index=False, float_format=lambda v: f"{v:.4g}")}
 {peers_html}<h2>Figures</h2>
 {images}
+{omitted_html}
 </body></html>
 """
     (out / "index.html").write_text(page)

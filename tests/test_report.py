@@ -6,21 +6,35 @@ import math
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
+from seaborn.external import husl
 
 from kfacbench import cli
 from kfacbench.report import (
+    Figures,
     ReportData,
     _median_band,
+    build_figures,
     busy_warnings,
+    fit_titles,
+    load_runs,
     optimizer_colors,
     peer_table,
     performance_profile,
+    time_to_target_display,
     time_to_target_table,
+    title_texts,
+    wants_log_axis,
 )
 
 SUITE = """
@@ -120,6 +134,7 @@ def test_time_to_target_and_performance_profile_by_hand() -> None:
             "setting": ["s1", "s2", "k", "s1", "s2", "k"],
             "status": ["ok"] * 6,
             "time_to_target_s": [10.0, 20.0, 5.0, 8.0, float("nan"), 16.0],
+            "train_time_s": [30.0] * 6,
             "median_step_ms": [1.0] * 6,
         }
     )
@@ -241,3 +256,287 @@ def test_busy_cells_are_a_warning_naming_them() -> None:
     assert line.endswith("Busy cells: a kfac")
     assert busy_warnings(cells.assign(busy=False)) == []
     assert busy_warnings(cells.drop(columns="busy")) == []  # tables from before the column
+
+
+# ---------------------------------------------------------------- reading the report right
+def synthetic(cells: list[dict], log_every: float = 5.0) -> ReportData:  # type: ignore[type-arg]
+    """A ReportData from cell rows: each cell gets a falling loss curve over its training time
+    (one point per ``log_every`` seconds) and two phases, so every figure can be built."""
+    frame = pd.DataFrame(cells)
+    frame["label"] = frame["setting"] + " seed=" + frame["seed"].astype(str)
+    frame["cell_id"] = [f"c{i}" for i in range(len(frame))]
+    frame["suite"] = "s"
+    curves, phases = [], []
+    for row in frame.itertuples():
+        times = np.arange(log_every, row.train_time_s + 1e-9, log_every)
+        steps = np.arange(1, len(times) + 1) * 10
+        curves.append(
+            pd.DataFrame(
+                {
+                    "cell_id": row.cell_id,
+                    "step": steps,
+                    "train_time_s": times,
+                    "train_loss": 100.0 / (1.0 + times / (1.0 + len(row.setting) % 7)),
+                }
+            )
+        )
+        phases.append(
+            pd.DataFrame(
+                {"cell_id": row.cell_id, "phase": ["forward", "update"], "total_s": [1.0, 2.0]}
+            )
+        )
+    return ReportData(
+        frame,
+        pd.concat(curves, ignore_index=True),
+        pd.concat(phases, ignore_index=True),
+        None,
+        [],
+        [],
+    )
+
+
+def cell(
+    setting: str,
+    optimizer: str,
+    batch: int,
+    train_s: float,
+    ttt: float = math.nan,
+    status: str = "ok",
+    loss: float = 50.0,
+    workload: str = "curves_ae",
+    seed: int = 0,
+) -> dict:  # type: ignore[type-arg]
+    return {
+        "workload": workload,
+        "optimizer": optimizer,
+        "setting": f"{workload} {setting}",
+        "batch_size": batch,
+        "inv_interval": 20.0 if optimizer != "sgd" else math.nan,
+        "seed": seed,
+        "status": status,
+        "steps": 1000,
+        "train_time_s": train_s,
+        "time_to_target_s": ttt,
+        "median_step_ms": train_s,
+        "final_train_loss": loss,
+    }
+
+
+# The quick suite as the issue saw it: K-FAC reached the target at 55.5 s, no SGD setting did in
+# its 113 s, SKFAC diverged.
+ONLY_KFAC = [
+    cell("sgd bs=100 lr=0.003", "sgd", 100, 113.0, loss=60.0),
+    cell("sgd bs=100 lr=0.01", "sgd", 100, 113.0, loss=55.0),
+    cell("sgd bs=500 lr=0.003", "sgd", 500, 113.0, loss=70.0),
+    cell("sgd bs=500 lr=0.01", "sgd", 500, 113.0, loss=65.0),
+    cell("kfac bs=500", "kfac", 500, 70.0, ttt=55.5, loss=20.0),
+    cell("skfac bs=100", "skfac", 100, 6.0, status="diverged", loss=math.nan),
+]
+
+
+@pytest.fixture
+def only_kfac() -> Iterator[Figures]:
+    figs = build_figures(synthetic(ONLY_KFAC))
+    yield figs
+    figs.close()
+
+
+def drawn(figs: Figures, name: str) -> Figure:
+    return next(fig for n, fig, _ in figs.drawn if n == name)
+
+
+def rgb(color: object) -> tuple[float, ...]:
+    return tuple(round(c, 6) for c in to_rgb(color))  # type: ignore[arg-type]
+
+
+def test_time_to_target_table_when_only_one_method_reaches_the_target() -> None:
+    table = time_to_target_table(synthetic(ONLY_KFAC).cells).set_index("setting")
+    kfac = table.loc["curves_ae kfac bs=500"]
+    assert kfac["outcome"] == "reached" and kfac["time_to_target_s"] == 55.5
+    # SGD trained 113 s without reaching it: its time to target is above 113 s.
+    assert kfac["speedup"] == (
+        f"> {113 / 55.5:.2f}× (SGD did not reach the target in its budget, 113 s)"
+    )
+    sgd = table.loc["curves_ae sgd bs=500 lr=0.01"]
+    assert sgd["outcome"] == "not reached" and math.isnan(sgd["time_to_target_s"])
+    assert sgd["train_time_s"] == 113.0
+    assert sgd["speedup"].startswith("unknown")
+    assert table.loc["curves_ae skfac bs=100", "outcome"] == "diverged"
+    shown = time_to_target_display(table.reset_index()).set_index("setting")
+    assert shown.loc["curves_ae kfac bs=500", "time to target"] == "55.5 s"
+    assert shown.loc["curves_ae sgd bs=100 lr=0.01", "time to target"] == "not reached in 113 s"
+    assert shown.loc["curves_ae skfac bs=100", "time to target"] == "diverged after 6.00 s"
+    assert shown.loc["curves_ae skfac bs=100", "speed-up vs best SGD"] == "none (diverged)"
+    assert not shown.isna().any().any()
+    assert "nan" not in shown.to_string().lower()
+    # Reached first, then not reached, then failed: the table reads as a ranking.
+    outcomes = list(table["outcome"])
+    assert outcomes[0] == "reached" and outcomes[-1] == "diverged"
+
+
+def test_speedup_bounds_with_sgd_budgets_of_different_lengths() -> None:
+    cells = synthetic(
+        [
+            cell("sgd bs=100", "sgd", 100, 30.0),
+            cell("sgd bs=500", "sgd", 500, 113.0),
+            cell("kfac", "kfac", 500, 70.0, ttt=15.0),
+        ]
+    ).cells
+    kfac = time_to_target_table(cells).set_index("optimizer").loc["kfac"]
+    # bs=100 stopped at 30 s: it might have reached the target at 31 s, so the bound is 30/15.
+    assert (
+        kfac["speedup"] == "> 2.00× (SGD did not reach the target in its budgets, 30.0 s to 113 s)"
+    )
+    reached = synthetic(
+        [cell("sgd", "sgd", 100, 60.0, ttt=40.0), cell("kfac", "kfac", 500, 20.0)]
+    ).cells
+    table = time_to_target_table(reached).set_index("optimizer")
+    assert table.loc["sgd", "speedup"] == "1.00× (best SGD)"
+    assert table.loc["kfac", "speedup"] == "< 2.00× (not reached in its budget)"  # 40 / 20
+
+
+def test_time_to_target_figure_shows_every_setting(only_kfac: Figures) -> None:
+    fig = drawn(only_kfac, "time_to_target")
+    (ax,) = fig.axes
+    bars = {p.get_label(): p for p in ax.patches if isinstance(p, Rectangle)}
+    assert len(bars) == len(ONLY_KFAC)  # the losers too, not only K-FAC's bar
+    kfac = bars["curves_ae kfac bs=500"]
+    assert kfac.get_width() == 55.5 and not kfac.get_hatch()
+    sgd = bars["curves_ae sgd bs=100 lr=0.01"]
+    assert sgd.get_width() == 113.0 and sgd.get_hatch()  # hatched to its budget
+    notes = [t.get_text() for t in ax.texts]
+    assert "not reached in 113 s" in notes
+    assert "55.5 s: > 2.04× SGD (SGD: not reached in 113 s)" in notes
+    assert "diverged after 6.00 s" in notes
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for text in ax.texts:  # every note ends inside its axes
+        assert text.get_window_extent(renderer).x1 <= ax.bbox.x1 + 1
+
+
+def test_an_optimizer_has_one_colour_in_every_figure(only_kfac: Figures) -> None:
+    colors = optimizer_colors(["sgd", "kfac", "skfac"])
+    # The best setting of each optimizer (K-FAC's only one; SGD's lowest final loss) carries
+    # exactly the optimizer's colour, as a line and as a bar.
+    best = {"kfac": "curves_ae kfac bs=500", "sgd": "curves_ae sgd bs=100 lr=0.01"}
+    loss_ax = drawn(only_kfac, "loss_curves_ae").axes[0]
+    lines = {line.get_label(): rgb(line.get_color()) for line in loss_ax.get_lines()}
+    ttt_ax = drawn(only_kfac, "time_to_target").axes[0]
+    bars = {p.get_label(): p for p in ttt_ax.patches if isinstance(p, Rectangle)}
+    scaling = drawn(only_kfac, "scaling_batch_size")
+    scaling_lines = [line for ax in scaling.axes for line in ax.get_lines()]
+    for optimizer, setting in best.items():
+        want = rgb(colors[optimizer])
+        assert lines[setting.removeprefix("curves_ae ")] == want
+        bar = bars[setting]
+        assert rgb(bar.get_edgecolor() if bar.get_hatch() else bar.get_facecolor()) == want
+        assert want in {rgb(line.get_color()) for line in scaling_lines}
+    assert rgb(bars[best["kfac"]].get_facecolor()) == rgb("#de8f05")  # not seaborn's #c38820
+    # SGD's four settings: one hue, four lightnesses, none another optimizer's colour.
+    sgd = [rgb(c) for label, c in lines.items() if label.startswith("sgd")]
+    assert len(set(sgd)) == 4
+    hues = {round(husl.rgb_to_husl(*c)[0]) for c in sgd}
+    assert max(hues) - min(hues) <= 2
+    assert not set(sgd) & {rgb(c) for o, c in colors.items() if o != "sgd"}
+    # Legends are read: their text is as large as the axis labels.
+    legend = drawn(only_kfac, "loss_curves_ae").axes[1].get_legend()
+    assert legend is not None
+    sizes = {t.get_fontsize() for t in legend.get_texts()}
+    assert sizes == {loss_ax.xaxis.label.get_fontsize()}
+
+
+def test_loss_time_axis_is_logarithmic_when_one_run_is_much_longer(only_kfac: Figures) -> None:
+    time_ax, step_ax = drawn(only_kfac, "loss_curves_ae").axes
+    # 113 s beside SKFAC's 6 s: linear would squeeze every other curve against the y axis.
+    assert time_ax.get_xscale() == "log" and "log scale" in time_ax.get_xlabel()
+    assert step_ax.get_xlabel().endswith(f"{step_ax.get_xscale()} scale")  # each axis decides
+    even = build_figures(synthetic([c for c in ONLY_KFAC if c["optimizer"] == "sgd"]))
+    try:
+        ax = drawn(even, "loss_curves_ae").axes[0]
+        assert ax.get_xscale() == "linear" and "linear scale" in ax.get_xlabel()
+    finally:
+        even.close()
+    assert not wants_log_axis([(1.0, 20.0), (2.0, 70.0)])  # 3.5×: linear still shows both
+    assert wants_log_axis([(1.0, 20.0), (2.0, 113.0)])
+    assert not wants_log_axis([(0.0, 1.0), (0.0, 100.0)])  # a curve from 0 cannot be on a log axis
+
+
+def test_no_performance_profile_of_a_single_workload(only_kfac: Figures) -> None:
+    assert "performance_profile" not in {name for name, _, _ in only_kfac.drawn}
+    assert (
+        "performance profile",
+        "needs at least 2 workloads with a target reached; this report has 1",
+    ) in only_kfac.omitted
+    two = [
+        *ONLY_KFAC,
+        *(dict(c, workload="faces_ae", setting="faces_ae" + c["setting"][9:]) for c in ONLY_KFAC),
+    ]
+    figs = build_figures(synthetic(two))
+    try:
+        (ax,) = drawn(figs, "performance_profile").axes
+        assert ax.get_title() == "Performance profile over 2 workloads"
+        widths = [line.get_linewidth() for line in ax.get_lines()]
+        assert len(set(widths)) == len(widths)  # coinciding curves stay visible
+    finally:
+        figs.close()
+
+
+def title_overflow(fig: Figure) -> list[str]:
+    """The titles whose rendered extent leaves the figure's horizontal extent."""
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    box = fig.bbox
+    return [
+        t.get_text()
+        for t in title_texts(fig)
+        if t.get_window_extent(renderer).x0 < box.x0 - 1
+        or t.get_window_extent(renderer).x1 > box.x1 + 1
+    ]
+
+
+def test_titles_fit_their_figures(report: Path, only_kfac: Figures) -> None:
+    runs = [
+        *(report.parent / "out" / "r").iterdir(),
+        *(report.parent / "out" / "p" / "r").iterdir(),
+    ]
+    real = build_figures(load_runs(runs))
+    try:
+        assert {"scaling_batch_size", "scaling_inv_interval"} <= {n for n, _, _ in real.drawn}
+        for name, fig, _ in [*real.drawn, *only_kfac.drawn]:
+            assert title_overflow(fig) == [], name
+    finally:
+        real.close()
+    # The check sees an overlong title, and fit_titles wraps it.
+    fig = plt.figure(figsize=(3, 2))
+    fig.suptitle("Step time vs batch size (examples) (median over each optimizer's other settings)")
+    assert title_overflow(fig)
+    fit_titles(fig)
+    assert title_overflow(fig) == [] and "\n" in fig.texts[0].get_text()
+    plt.close(fig)
+
+
+def test_documents_say_what_was_left_out_and_print_no_nan(report: Path) -> None:
+    md = (report / "summary.md").read_text()
+    page = (report / "index.html").read_text()
+    why = "performance profile: needs at least 2 workloads with a target reached; this report has"
+    assert why in md and why in page
+    ttt_md = md.split("## Time to target")[1].split("## Step time")[0]
+    assert "nan" not in ttt_md.lower() and "| time to target | speed-up vs best SGD |" in ttt_md
+    assert "1 workloads" not in md and "1 workloads" not in page
+
+
+def test_time_to_target_over_seeds_says_how_many_reached_or_failed() -> None:
+    cells = synthetic(
+        [
+            cell("kfac", "kfac", 500, 70.0, ttt=50.0, seed=0),
+            cell("kfac", "kfac", 500, 70.0, seed=1),  # trained 70 s without reaching it
+            cell("sgd", "sgd", 100, 80.0, ttt=40.0, seed=0),
+            cell("sgd", "sgd", 100, 3.0, status="diverged", seed=1),
+        ]
+    ).cells
+    table = time_to_target_table(cells).set_index("optimizer")
+    kfac = table.loc["kfac"]
+    assert (kfac["outcome"], kfac["reached_seeds"]) == ("not reached", 1)
+    assert kfac["ttt_lower_bound_s"] == 60.0  # median of 50 (reached) and > 70 (not reached)
+    shown = time_to_target_display(table.reset_index()).set_index("optimizer")
+    assert shown.loc["kfac", "time to target"] == "not reached by 1 of 2 seeds in 70.0 s"
+    assert shown.loc["sgd", "time to target"] == "diverged (1 of 2 seeds)"
+    assert shown.loc["kfac", "speed-up vs best SGD"].startswith("unknown")  # SGD failed a seed
