@@ -32,6 +32,7 @@ from kfacbench.profiling import profile_cells, top_kernels
 from kfacbench.regress import (
     FAIL_ABOVE,
     MIN_SHARE,
+    baseline_for,
     busy_passes,
     check,
     combine,
@@ -588,7 +589,9 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
         return 3
     record = combine(run_dirs)
     kind = machine_kind(run_dirs[0])
-    baseline_path = args.baseline or BASELINES / f"{kind}.parquet"
+    baseline_path = args.baseline or (
+        BASELINES / f"{kind}.parquet" if args.update_baseline else baseline_for(BASELINES, kind)
+    )
     if args.update_baseline:
         write_baseline(record, baseline_path)
         console.print(

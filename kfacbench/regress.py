@@ -64,13 +64,21 @@ REQUIRED = {
 
 
 def machine_kind(run_dir: Path) -> str:
-    """``cpu``, or ``cuda-<gpu model>`` (lower case, dashes) from the run's ``env.json``."""
+    """``cpu-<cpu model>`` or ``cuda-<gpu model>`` (lower case, dashes) from the run's
+    ``env.json``: normalised ratios move between CPU models too (an update phase that is 6% of
+    the step on one is 1.5× that, relative to SGD, on another), so baselines are per model."""
     env = read_env(run_dir)
-    if env.get("device_kind") != "cuda":
-        return "cpu"
-    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", str(env.get("device_name", "gpu")).lower()).strip(
-        "-"
-    )
+    kind = "cuda" if env.get("device_kind") == "cuda" else "cpu"
+    model = re.sub(r"[^a-z0-9]+", "-", str(env.get("device_name", kind)).lower()).strip("-")
+    return f"{kind}-{model}"
+
+
+def baseline_for(root: Path, kind: str) -> Path:
+    """The baseline of a machine kind under ``root``: ``<kind>.parquet``, or for a CPU model
+    without one the generic ``cpu.parquet`` (recorded before baselines were per model)."""
+    specific = root / f"{kind}.parquet"
+    generic = root / "cpu.parquet"
+    return generic if kind.startswith("cpu-") and not specific.exists() else specific
 
 
 def machine_of(run_dir: Path) -> str:

@@ -12,7 +12,14 @@ import pytest
 from kfacbench import cli
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.skfac import SKFAC
-from kfacbench.regress import check, combine, machine_kind, normalised_phases, read_baseline
+from kfacbench.regress import (
+    baseline_for,
+    check,
+    combine,
+    machine_kind,
+    normalised_phases,
+    read_baseline,
+)
 
 SUITE = """
 name = "rg"
@@ -61,7 +68,16 @@ def test_ratios_are_normalised_by_the_sgd_step_of_the_same_run(baseline_run: Pat
     assert skfac.loc["step", "ratio"] == pytest.approx(
         skfac.loc["step", "median_ms"] / sgd_step["median_ms"].iloc[0]
     )
-    assert machine_kind(baseline_run) == "cpu"
+    assert machine_kind(baseline_run).startswith("cpu-")  # per CPU model
+
+
+def test_a_cpu_model_without_a_baseline_falls_back_to_the_generic_one(tmp_path: Path) -> None:
+    assert baseline_for(tmp_path, "cpu-intel-r-xeon-r-processor").name == "cpu.parquet"
+    (tmp_path / "cpu-intel-r-xeon-r-processor.parquet").touch()
+    assert baseline_for(tmp_path, "cpu-intel-r-xeon-r-processor").name == (
+        "cpu-intel-r-xeon-r-processor.parquet"
+    )
+    assert baseline_for(tmp_path, "cuda-nvidia-h200").name == "cuda-nvidia-h200.parquet"
 
 
 def test_a_uniformly_slower_machine_is_not_a_regression(baseline_run: Path) -> None:
