@@ -278,26 +278,44 @@ def kfac_direction(
     matrix V; ``exact``: (Ā ⊗ G + λI)⁻¹ through the factors' eigendecompositions,
     Q_G [(Q_Gᵀ V Q_A) / (d_G d_Aᵀ + λ)] Q_Aᵀ.
     """
-    out: list[Tensor] = []
-    i = 0
-    for layer, (a, g) in zip(layers, factors, strict=True):
-        n = len(layer.params())
-        v = grad_matrix(layer, grad[i : i + n])
-        i += n
+    mats, rest = _layer_matrices(layers, grad)
+    natural = []
+    for v, (a, g) in zip(mats, factors, strict=True):
         if how == "factored":
             pi = factored_damping_pi(a, g)
             root = math.sqrt(damping)
             eye_a = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
             eye_g = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
             nat = torch.linalg.solve(g + (root / pi) * eye_g, v)
-            nat = torch.linalg.solve(a + (pi * root) * eye_a, nat.T).T
+            natural.append(torch.linalg.solve(a + (pi * root) * eye_a, nat.T).T)
         else:
             da, qa = torch.linalg.eigh(a)
             dg, qg = torch.linalg.eigh(g)
             rotated = qg.T @ v @ qa / (torch.outer(dg.clamp_min(0), da.clamp_min(0)) + damping)
-            nat = qg @ rotated @ qa.T
-        out += [-t for t in split_matrix(layer, nat)]
-    return out + [-t for t in grad[i:]]
+            natural.append(qg @ rotated @ qa.T)
+    return _descent(layers, natural, rest)
+
+
+def _layer_matrices(
+    layers: Sequence[Layer], grad: Sequence[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``grad`` (in :func:`parameters_of` order) as one ``(out, in)`` gradient matrix per
+    covered layer, and the rest (parameters of uncovered modules)."""
+    mats, i = [], 0
+    for layer in layers:
+        n = len(layer.params())
+        mats.append(grad_matrix(layer, grad[i : i + n]))
+        i += n
+    return mats, list(grad[i:])
+
+
+def _descent(
+    layers: Sequence[Layer], natural: Sequence[Tensor], rest: Sequence[Tensor]
+) -> list[Tensor]:
+    """−(preconditioned gradient) per parameter: each layer's matrix split back into weight and
+    bias, −∇h for the uncovered parameters (the identity, as K-FAC and SKFAC do)."""
+    out = [-t for layer, v in zip(layers, natural, strict=True) for t in split_matrix(layer, v)]
+    return out + [-t for t in rest]
 
 
 def dense_matrix(
@@ -573,13 +591,8 @@ def tridiag_direction(
         diag_g.append(g + root / pi * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
     cross = [cross_factors(a0, a1, g0, g1, m) for (a0, g0), (a1, g1) in itertools.pairwise(stats)]
     inverse = tridiag_inverse(diag_a, diag_g, [ca for ca, _ in cross], [cg for _, cg in cross])
-    mats, i = [], 0
-    for layer in layers:
-        n = len(layer.params())
-        mats.append(grad_matrix(layer, grad[i : i + n]))
-        i += n
-    natural = tridiag_apply(inverse, mats)
-    return [-t for layer, v in zip(layers, natural, strict=True) for t in split_matrix(layer, v)]
+    mats, rest = _layer_matrices(layers, grad)
+    return _descent(layers, tridiag_apply(inverse, mats), rest)
 
 
 def skfac_direction(
@@ -604,12 +617,6 @@ def skfac_direction(
         )
     root = torch.tensor(math.sqrt(damping), dtype=rows[0].dtype, device=rows[0].device)
     inverses = damped_inverses(rows, [root] * len(rows))
-    out: list[Tensor] = []
-    i = 0
-    for k, layer in enumerate(layers):
-        n = len(layer.params())
-        v = grad_matrix(layer, grad[i : i + n])
-        i += n
-        nat = kronecker_apply(inverses[2 * k + 1], inverses[2 * k], v)
-        out += [-t for t in split_matrix(layer, nat)]
-    return out + [-t for t in grad[i:]]
+    mats, rest = _layer_matrices(layers, grad)
+    natural = [kronecker_apply(inverses[2 * k + 1], inverses[2 * k], v) for k, v in enumerate(mats)]
+    return _descent(layers, natural, rest)
