@@ -153,6 +153,7 @@ def prepare_cell(
         train_eval_size=settings.train_eval_size,
         eval_size=settings.eval_size,
         diverge_factor=settings.diverge_factor,
+        stop_at_target=settings.stop_at_target,
     )
     return PreparedCell(workload, problem, method, splits, config)
 

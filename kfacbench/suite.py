@@ -107,6 +107,9 @@ class Settings:
             cell as ``diverged`` (as a non-finite loss does). Bounded losses (a Bernoulli
             autoencoder's cross-entropy) never overflow, so without this bound a blown-up run
             would finish ``ok`` with a loss of 1e9 and corrupt every table built on it.
+        stop_at_target: end the cell at the first eval that reaches the workload's target (as
+            AlgoPerf does): a time-to-target comparison then costs each cell only its own time
+            to target, and the budget bounds the cells that never get there.
     """
 
     device: str = "auto"
@@ -120,9 +123,13 @@ class Settings:
     tf32: bool = False
     amp: str = "off"
     diverge_factor: float = 10.0
+    stop_at_target: bool = False
 
 
-LATER_SETTINGS = {"diverge_factor": Settings.diverge_factor}
+LATER_SETTINGS = {
+    "diverge_factor": Settings.diverge_factor,
+    "stop_at_target": Settings.stop_at_target,
+}
 """Settings that cell ids include only when not at their default (see :attr:`Cell.id`)."""
 
 
@@ -683,6 +690,7 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "train_eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
     "eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
     "diverge_factor": lambda r, v, p: r.number(v, p, "(1, inf)"),
+    "stop_at_target": _Reader.boolean,
     "tf32": _Reader.boolean,
     "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
 }

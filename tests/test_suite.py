@@ -171,6 +171,7 @@ def test_every_setting_is_read() -> None:
         "tf32": True,
         "amp": "bf16",
         "diverge_factor": 100.0,
+        "stop_at_target": True,
     }
     assert set(values) == {f.name for f in fields(Settings)}
     defaults = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -276,6 +277,7 @@ def test_id_is_the_hash_of_the_config() -> None:
     ]
     # A setting added later is hashed only when set, so ids of earlier runs stay valid.
     assert config["settings"].pop("diverge_factor") == 10.0
+    assert config["settings"].pop("stop_at_target") is False
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     assert cell.id == hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -307,6 +309,7 @@ def test_key_order_and_int_spelling_do_not_change_ids() -> None:
         ("max_steps = 10", 'max_steps = 10\ndevice = "cpu"'),
         ("max_steps = 10", "max_steps = 10\ntf32 = true"),
         ("max_steps = 10", "max_steps = 10\ndiverge_factor = 100"),
+        ("max_steps = 10", "max_steps = 10\nstop_at_target = true"),
     ],
 )
 def test_any_config_change_changes_the_id(old: str, new: str) -> None:

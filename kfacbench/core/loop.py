@@ -48,6 +48,7 @@ class LoopConfig:
     train_eval_size: int
     eval_size: int | None = None
     diverge_factor: float = 10.0
+    stop_at_target: bool = False
 
 
 @dataclass
@@ -293,7 +294,7 @@ def train(
         if reason:
             status = "diverged"
             break
-        if done:
+        if done or (config.stop_at_target and time_to_target is not None):
             break
         segment_start = time.perf_counter()
 

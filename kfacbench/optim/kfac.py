@@ -191,6 +191,14 @@ class KFAC:
         lm_include_damping: whether ρ's denominator uses M with λ (True) or without (False,
             the kfac-jax default; the paper's text is ambiguous here (?)).
         adapt_gamma: greedy search of γ over {ω₂γ, γ, γ/ω₂} every ``gamma_interval`` steps (§6.6).
+        gamma_tracks_lambda: between searches γ moves with √(λ+η): γ = c·√(λ+η), and the search
+            adapts c (with ``adapt_gamma``; ignored without it, where γ = √(λ+η)). The paper
+            starts γ at √(λ₀+η) and keeps it apart from λ (off: the literal rule). Its
+            ω₂ = (19/20)^(T2/2) is exactly how far √λ falls in T2 steps when Levenberg–Marquardt
+            lowers λ at every chance, so a γ that must climb back by ω₂ per search cannot follow
+            λ; on CURVES the literal rule keeps choosing the larger γ while λ falls 10⁴-fold
+            (one-step model reductions favour gradient-like steps on the plateau), γ ends ~10⁴ ×
+            √λ and K-FAC never leaves the plateau (README, "The γ search on CURVES").
         gamma_interval: T2 (20 in the paper); ω₂ = sqrt(19/20)^T2.
         gamma_criterion: how the γ candidates are scored: ``model``, the quadratic model value
             M(δ) of each candidate's re-scaled update (§6.6, the default), or ``loss``, the
@@ -234,6 +242,7 @@ class KFAC:
         lm_interval: int = 5,
         lm_include_damping: bool = False,
         adapt_gamma: bool = True,
+        gamma_tracks_lambda: bool = True,
         gamma_interval: int = 20,
         gamma_criterion: str = "model",
         growing_batch: int = 0,
@@ -302,6 +311,7 @@ class KFAC:
         self.omega1 = _decay_per_step(19 / 20, lm_interval)
         self.lm_include_damping = lm_include_damping
         self.adapt_gamma = adapt_gamma
+        self.gamma_tracks_lambda = gamma_tracks_lambda
         self.gamma_interval = gamma_interval
         self.fixed_damping = not (adapt_damping or adapt_gamma)
         if gamma_criterion not in ("loss", "model"):
@@ -745,9 +755,12 @@ class KFAC:
         rho = actual / self._model_change
         lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
         lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
-        self.lam = lam.clamp(*LAMBDA_RANGE)
+        lam = lam.clamp(*LAMBDA_RANGE)
         if not self.adapt_gamma:
-            self.gamma = torch.sqrt(self.lam + self.eta)
+            self.gamma = torch.sqrt(lam + self.eta)
+        elif self.gamma_tracks_lambda:
+            self.gamma = self.gamma * torch.sqrt((lam + self.eta) / (self.lam + self.eta))
+        self.lam = lam
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -787,6 +800,7 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "lm_interval": HParam(5, "T1: steps between λ adjustments", bounds="[1, inf)"),
         "lm_include_damping": HParam(False, "ρ's model change includes λ"),
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
+        "gamma_tracks_lambda": HParam(True, "γ = c·√(λ+η) between searches; the search adapts c"),
         "gamma_interval": HParam(20, "T2: steps between γ searches", bounds="[1, inf)"),
         "gamma_criterion": HParam("model", "γ candidates scored by", choices=("model", "loss")),
         "growing_batch": HParam(

@@ -84,6 +84,24 @@ def test_train_reduces_loss_and_records_curves_and_phases() -> None:
     assert 0 < result.timer_overhead_ms < 1.0
 
 
+@pytest.mark.parametrize("stop", [True, False])
+def test_stop_at_target_ends_the_cell_at_the_first_eval_reaching_it(stop: bool) -> None:
+    problem = classifier()
+    result = train(
+        problem,
+        SGD(problem, lr=0.2, momentum=0.9),
+        blobs(),
+        config(max_steps=400, eval_every=10, stop_at_target=stop),
+        metric="accuracy",
+        reached=lambda acc: acc >= 0.9,
+    )
+    evals = [r for r in result.curves if not math.isnan(r["eval_metric"])]
+    first = next(r for r in evals if r["eval_metric"] >= 0.9)
+    assert result.time_to_target_s == first["train_time_s"]
+    assert result.steps == (first["step"] if stop else 400)
+    assert first["step"] < 400
+
+
 def test_time_budget_stops_the_cell() -> None:
     problem = classifier()
     result = train(

@@ -182,6 +182,46 @@ def test_gamma_search_picks_one_of_the_three_candidates() -> None:
     assert any(after == pytest.approx(c, rel=1e-6) for c in candidates)
 
 
+@pytest.mark.parametrize("tracks", [True, False])
+def test_gamma_tracks_lambda_between_searches_only_when_asked(tracks: bool) -> None:
+    """Least squares: ρ = 1, so LM lowers λ by ω₁ every T1 steps; with tracking γ/√(λ+η) stays
+    at its initial 1 (no search before step 1000), without it γ stays at √(λ₀+η)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(32, 4)
+    y = x @ torch.randn(4, 2)
+    opt = KFAC(
+        Problem(model, "gaussian"),
+        damping=1.0,
+        lm_interval=5,
+        gamma_interval=1000,
+        gamma_tracks_lambda=tracks,
+    )
+    start = opt.gamma.item()
+    for _ in range(10):
+        one_step(opt, x, y)
+    assert opt.lam.item() == pytest.approx(opt.omega1**2, rel=1e-4)
+    root = math.sqrt(opt.lam.item() + opt.eta)
+    assert opt.gamma.item() == pytest.approx(root if tracks else start, rel=1e-5)
+
+
+def test_a_tracking_gamma_search_moves_the_ratio_to_sqrt_lambda() -> None:
+    """With tracking, a search multiplies c = γ/√(λ+η) by one of {ω₂, 1, 1/ω₂} and LM steps
+    leave c unchanged."""
+    model = mlp(0)
+    x, y = batch("categorical")
+    opt = KFAC(Problem(model, "categorical"), gamma_interval=4, inv_interval=2, lm_interval=1)
+    ratios = []
+    for _ in range(9):
+        one_step(opt, x, y)
+        ratios.append(opt.gamma.item() / math.sqrt(opt.lam.item() + opt.eta))
+    assert ratios[0] == pytest.approx(1.0, rel=1e-5)
+    allowed = [1.0, opt.omega2, 1 / opt.omega2]
+    for before, after in itertools.pairwise(ratios):
+        assert any(after == pytest.approx(before * f, rel=1e-4) for f in allowed)
+    assert ratios[3] == pytest.approx(ratios[0], rel=1e-4)  # no search at steps 1..3
+
+
 @pytest.mark.parametrize("preset", ["kfac", "kfac-tridiag", "kfac-fast"])
 def test_presets_reduce_the_loss_on_an_autoencoder(preset: str) -> None:
     torch.manual_seed(0)
