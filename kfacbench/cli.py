@@ -23,6 +23,14 @@ from rich.table import Table
 
 from kfacbench.cluster import EXECUTORS, ClusterOptions, submit_cells
 from kfacbench.compare import METRICS, compare_runs
+from kfacbench.diagnose import CheckpointPart, diagnose_cells
+from kfacbench.diagnose_dense import (
+    DENSE_BUDGET,
+    DenseSelection,
+    dense_part,
+    dense_plan,
+    rank_part,
+)
 from kfacbench.distributed import init, launched_by_torchrun
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
@@ -416,9 +424,15 @@ def _steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
-    from kfacbench.diagnose import diagnose_cells  # torch.func is imported only when diagnosing
+def _names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names, e.g. ``8,10,11,13``."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected layer names like 8,10,11,13, got {text!r}")
+    return names
 
+
+def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
     suite = read_suite(args.suite)
     cells = suite.select(args.only)
     if not cells:
@@ -430,6 +444,13 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
             f"--damping: {', '.join(undamped)} cells have no damping of their own; give the λ"
             " of the exact direction they are compared with (e.g. --damping 1e-3)"
         )
+    parts: list[CheckpointPart] = []
+    plan: dict[str, DenseSelection | str] = {}
+    if not args.no_dense:
+        plan = dense_plan([c.workload for c in cells], args.dense_budget, args.dense_layers)
+        parts.append(dense_part(args.dense_budget, args.dense_layers))
+    if not args.no_rank:
+        parts.append(rank_part())
     check_devices(args.device, cells)
     if args.resume is not None:
         run_dir = latest_run(args.out, suite.name) if args.resume == "latest" else Path(args.resume)
@@ -443,6 +464,10 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
         f"diagnosing {len(cells)} cells of {suite.name} at steps {', '.join(map(str, at))}"
         f" ({args.fisher} Fisher) -> {store.run_dir}"
     )
+    for workload, selection in plan.items():
+        what = selection if isinstance(selection, str) else selection.describe()
+        kind = "not applicable: " if isinstance(selection, str) else ""
+        console.print(f"  dense diagnostics of {workload}: {kind}{escape(what)}")
     options = RunOptions(device=args.device, data_dir=args.data_dir, cache_dir=args.cache_dir)
     with Progress(console=console, transient=False) as progress:
         task = progress.add_task("checkpoints", total=len(cells) * len(at))
@@ -454,7 +479,7 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
 
         table = diagnose_cells(
             cells, store.run_dir, options, at, fisher=args.fisher, damping=args.damping,
-            on_checkpoint=report,
+            parts=parts, on_checkpoint=report,
         )  # fmt: skip
     console.print(_diagnostics_table(table, str(store.run_dir)))
     console.print(f"diagnostics: {store.run_dir}/diagnostics.parquet")
@@ -463,7 +488,7 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
 
 def _diagnostics_table(table: pd.DataFrame, title: str) -> Table:
     """Cosine and model-reduction ratio per cell, approximation and step."""
-    scores = table[table["metric"].isin(["cosine", "model_ratio"])]
+    scores = table[table["metric"].isin(["cosine", "model_ratio"]) & (table["layer"] == "all")]
     wide = scores.pivot_table(
         index=["label", "approximation", "step"], columns="metric", values="value"
     ).reset_index()
@@ -970,7 +995,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and exact damping; the run's own optimizer with its possibly stale inverses; the "
         "gradient) with the exact damped natural-gradient direction (F + λI)⁻¹∇h, computed by "
         "conjugate gradient on exact Fisher-vector products: cosine, and the fraction of the "
-        "exact quadratic model's reduction achieved (model ratio). Writes diagnostics.parquet.",
+        "exact quadratic model's reduction achieved (model ratio). On a few middle layers within "
+        "--dense-budget parameters it also forms F, K-FAC's F̃ (all blocks) and the exact, "
+        "block-diagonal and block-tridiagonal damped inverses densely (errors and heatmaps), and "
+        "per layer it measures SKFAC's factor error against rank. Writes diagnostics.parquet "
+        "(and dense/ heatmaps); `kfacbench report RUN_DIR` draws them.",
     )
     diag.add_argument("suite", nargs="?", default=DEFAULT_SUITE, help="suite file or name")
     diag.add_argument("--only", metavar="PATTERN", help="diagnose only cells that match")
@@ -998,6 +1027,30 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         metavar="RUN_DIR",
         help="continue: checkpoints already diagnosed are not computed again",
+    )
+    diag.add_argument(
+        "--dense-budget",
+        type=_at_least(1),
+        default=DENSE_BUDGET,
+        metavar="P",
+        help="parameters of the layers whose exact Fisher F, Kronecker approximation F̃ and"
+        " damped inverses are formed densely (Martens & Grosse Figs. 2-3); by default the"
+        " longest run of consecutive Linear layers that fits, nearest the middle (%(default)s)",
+    )
+    diag.add_argument(
+        "--dense-layers",
+        type=_names,
+        metavar="NAMES",
+        help="those layers instead, e.g. 8,10,11,13 (consecutive Linear layers, within the"
+        " budget; names as in model.named_modules())",
+    )
+    diag.add_argument(
+        "--no-dense", action="store_true", help="skip the dense diagnostics (and their heatmaps)"
+    )
+    diag.add_argument(
+        "--no-rank",
+        action="store_true",
+        help="skip SKFAC's factor error against rank (per layer, ranks 8, 16, ... the batch)",
     )
     _add_placement(diag)
     diag.set_defaults(func=cmd_diagnose)

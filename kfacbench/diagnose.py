@@ -76,9 +76,10 @@ def parameters_of(model: nn.Module) -> tuple[list[Layer], list[Tensor]]:
     return layers, params + list(other_params(model, layers))
 
 
-def _output_hessian_product(distribution: str, out: Tensor, u: Tensor) -> Tensor:
+def output_hessian_product(distribution: str, out: Tensor, u: Tensor) -> Tensor:
     """H u per example, H the Hessian of the per-example loss w.r.t. the network output:
-    Bernoulli logits diag(p(1−p)), Gaussian mean I, softmax logits diag(p) − ppᵀ."""
+    Bernoulli logits diag(p(1−p)), Gaussian mean I, softmax logits diag(p) − ppᵀ. ``u`` is
+    shaped like ``out``, or has leading dimensions (several vectors per example)."""
     if distribution == "bernoulli":
         p = torch.sigmoid(out)
         return p * (1 - p) * u
@@ -88,7 +89,7 @@ def _output_hessian_product(distribution: str, out: Tensor, u: Tensor) -> Tensor
     return p * u - p * (p * u).sum(-1, keepdim=True)
 
 
-def _output_loss_grad(distribution: str, out: Tensor, y: Tensor) -> Tensor:
+def output_loss_grad(distribution: str, out: Tensor, y: Tensor) -> Tensor:
     """∂ℓ_i/∂z_i, the per-example loss gradient w.r.t. the network output (empirical Fisher)."""
     if distribution == "bernoulli":
         return torch.sigmoid(out) - y
@@ -146,7 +147,7 @@ class FisherProducts:
 
     def gradient(self) -> list[Tensor]:
         """∇ of the mean loss over the batch w.r.t. the parameters: Jᵀ r / m."""
-        r = _output_loss_grad(self.problem.distribution, self.output, self.y)
+        r = output_loss_grad(self.problem.distribution, self.output, self.y)
         return list(self._vjp(r / self.m))
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
@@ -154,9 +155,9 @@ class FisherProducts:
         jv = jvp(self._forward, self.values, tuple(v))[1]
         dist = self.problem.distribution
         if self.fisher == "exact":
-            u = _output_hessian_product(dist, self.output, jv)
+            u = output_hessian_product(dist, self.output, jv)
         else:
-            r = _output_loss_grad(dist, self.output, self.y)
+            r = output_loss_grad(dist, self.output, self.y)
             u = r * (r * jv).flatten(1).sum(1).view(-1, *([1] * (r.dim() - 1)))
         return list(self._vjp(u / self.m))
 
@@ -338,9 +339,13 @@ def dense_matrix(
 # ---------------------------------------------------------------- along training (`diagnose`)
 
 DIAGNOSTIC_COLUMNS = (
-    "cell_id", "label", "optimizer", "step", "approximation", "fisher", "layer", "metric", "value",
+    "cell_id", "label", "optimizer", "step", "approximation", "fisher", "layer", "rank", "metric",
+    "value",
 )  # fmt: skip
-"""Columns of ``diagnostics.parquet``: one row per cell, checkpoint, approximation and metric."""
+"""Columns of ``diagnostics.parquet``: one row per cell, checkpoint, approximation, layer, rank
+and metric. ``layer`` is ``all`` for whole-network scores, ``dense:<first>..<last>`` for the dense
+diagnostics and a layer's name for per-layer ones; ``rank`` (nullable integer) is the rank of
+SKFAC's factors for its rank ladder, missing elsewhere (and in tables from before it existed)."""
 
 DIAGNOSTIC_BATCH = 1000
 """Examples of the fixed diagnostic batch (the first of the training set), at most."""
@@ -440,6 +445,61 @@ def checkpoint_rows(
     return [{"fisher": fisher, "layer": "all", **row} for row in rows]
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one checkpoint's diagnostics are computed from (given to a :class:`CheckpointPart`).
+
+    Attributes:
+        cell: the cell.
+        step: the training step.
+        problem: the model, at this step, and its output distribution.
+        method: the cell's optimizer, with its state at this step.
+        x: the fixed diagnostic batch's inputs.
+        y: its targets.
+        fisher: the Fisher of the reference.
+        damping: λ at this step.
+        run_dir: the run directory (for files beside the table, e.g. heatmaps).
+    """
+
+    cell: Cell
+    step: int
+    problem: Problem
+    method: object
+    x: Tensor
+    y: Tensor
+    fisher: ReferenceFisher
+    damping: float
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class CheckpointPart:
+    """Further diagnostics computed at every checkpoint, kept in a part file of their own
+    (``parts/<cell-id>.s<step>.<name>.diagnostics.parquet``), so that each part is resumed on its
+    own: a run diagnosed without it gains it on ``--resume`` without recomputing the rest.
+
+    Attributes:
+        name: the part's name in its file name.
+        compute: its rows (each with ``approximation``, ``layer``, ``metric`` and ``value``, and
+            optionally ``rank`` and ``fisher``); an empty list marks the checkpoint done too.
+    """
+
+    name: str
+    compute: Callable[[Checkpoint], list[dict[str, object]]]
+
+
+def diagnostics_frame(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Rows of ``diagnostics.parquet`` in its column order: frames without ``rank`` (written
+    before it existed) get it missing, and ``rank`` is a nullable integer column."""
+    if not frames:
+        table = pd.DataFrame(columns=list(DIAGNOSTIC_COLUMNS))
+    else:
+        table = pd.concat(
+            [f.reindex(columns=list(DIAGNOSTIC_COLUMNS)) for f in frames], ignore_index=True
+        )
+    return table.astype({"rank": "Int64"})
+
+
 def diagnose_cells(
     cells: Sequence[Cell],
     run_dir: Path,
@@ -448,61 +508,76 @@ def diagnose_cells(
     *,
     fisher: ReferenceFisher = "exact",
     damping: float | None = None,
+    parts: Sequence[CheckpointPart] = (),
     on_checkpoint: Callable[[Cell, int, str], None] | None = None,
 ) -> pd.DataFrame:
     """Train each cell as ``run`` does (same core, model, data and seed) and diagnose it at the
     steps ``at``; write ``run_dir/diagnostics.parquet`` and return it.
 
-    Each checkpoint's rows are kept in ``parts/<cell-id>.s<step>.diagnostics.parquet``: a resumed
-    invocation trains through a finished checkpoint (training is deterministic) without computing
-    its diagnostics again. The diagnostic batch is fixed: the first :data:`DIAGNOSTIC_BATCH`
-    training examples (at most the cell's batch size). λ is the cell's own damping at each
-    checkpoint (K-FAC, SKFAC), else ``damping``. The diagnostic passes leave the model's buffers
-    (BatchNorm statistics) as they were.
+    Each checkpoint's rows are kept in ``parts/<cell-id>.s<step>.diagnostics.parquet`` (the
+    matrix-free scores of :func:`checkpoint_rows`) and one file per further part in ``parts``
+    (e.g. the dense diagnostics, :mod:`kfacbench.diagnose_dense`): a resumed invocation trains
+    through a checkpoint whose files all exist (training is deterministic) without computing its
+    diagnostics again, and computes only the missing parts of the others. The diagnostic batch
+    is fixed: the first :data:`DIAGNOSTIC_BATCH` training examples (at most the cell's batch
+    size). λ is the cell's own damping at each checkpoint (K-FAC, SKFAC), else ``damping``. The
+    diagnostic passes leave the model's buffers (BatchNorm statistics) as they were.
 
     Raises:
         KfacbenchError: ``at`` empty or negative, or no λ for a cell without damping.
     """
     if not at or min(at) < 0:
         raise KfacbenchError(f"--at needs steps >= 0, got {list(at)}")
-    parts = run_dir / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    folder = run_dir / "parts"
+    folder.mkdir(parents=True, exist_ok=True)
     data = DataCache(options)
+    names = [None, *(p.name for p in parts)]
     for cell in cells:
-        todo = [s for s in sorted(set(at)) if not _part(parts, cell.id, s).exists()]
+        todo = [
+            s
+            for s in sorted(set(at))
+            if not all(_part(folder, cell.id, s, n).exists() for n in names)
+        ]
         if todo:
-            _diagnose_cell(cell, data, options, parts, todo, fisher, damping, on_checkpoint)
-    frames = [pd.read_parquet(f) for f in sorted(parts.glob("*.diagnostics.parquet"))]
-    table = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=list(DIAGNOSTIC_COLUMNS))
-    )
+            _diagnose_cell(
+                cell, data, options, run_dir, todo, fisher, damping, parts, on_checkpoint
+            )
+    frames = [pd.read_parquet(f) for f in sorted(folder.glob("*.diagnostics.parquet"))]
+    table = diagnostics_frame(frames)
     atomic_write_parquet(run_dir / "diagnostics.parquet", table)
     return table
 
 
-def _part(parts: Path, cell_id: str, step: int) -> Path:
-    return parts / f"{cell_id}.s{step}.diagnostics.parquet"
+def _part(parts: Path, cell_id: str, step: int, name: str | None = None) -> Path:
+    infix = "" if name is None else f".{name}"
+    return parts / f"{cell_id}.s{step}{infix}.diagnostics.parquet"
 
 
 def _diagnose_cell(
     cell: Cell,
     data: DataCache,
     options: RunOptions,
-    parts: Path,
+    run_dir: Path,
     todo: Sequence[int],
     fisher: ReferenceFisher,
     damping: float | None,
+    parts: Sequence[CheckpointPart],
     on_checkpoint: Callable[[Cell, int, str], None] | None,
 ) -> None:
-    """Train one cell to the last step of ``todo``, diagnosing it at each step of ``todo``."""
+    """Train one cell to the last step of ``todo``, diagnosing it at each step of ``todo``
+    (the parts whose files are missing)."""
     device = resolve_device(options.device or cell.settings.device)
     prepared = prepare_cell(cell, device, data)
     model = prepared.problem.model
     n = min(DIAGNOSTIC_BATCH, cell.batch_size, prepared.splits.train_x.shape[0])
     x, y = prepared.splits.train_x[:n], prepared.splits.train_y[:n]
     generator = torch.Generator(device=device).manual_seed(cell.seed)
+    folder = run_dir / "parts"
+    meta = {"cell_id": cell.id, "label": cell.label, "optimizer": cell.optimizer}
+
+    def write(step: int, name: str | None, rows: list[dict[str, object]]) -> None:
+        frame = pd.DataFrame([meta | {"step": step, "fisher": fisher} | r for r in rows])
+        atomic_write_parquet(_part(folder, cell.id, step, name), diagnostics_frame([frame]))
 
     def checkpoint(step: int) -> None:
         if step not in todo:
@@ -512,15 +587,21 @@ def _diagnose_cell(
         if lam is None:
             raise KfacbenchError(f"{cell.label}: no damping to diagnose with; give --damping")
         saved = {k: b.clone() for k, b in model.named_buffers()}
-        rows = checkpoint_rows(
-            prepared.problem, prepared.method, x, y, fisher=fisher, damping=lam, generator=generator
-        )
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
-        meta = {"cell_id": cell.id, "label": cell.label, "optimizer": cell.optimizer}
-        frame = pd.DataFrame([meta | {"step": step} | r for r in rows])
-        atomic_write_parquet(_part(parts, cell.id, step), frame[list(DIAGNOSTIC_COLUMNS)])
+        problem, method = prepared.problem, prepared.method
+        point = Checkpoint(cell, step, problem, method, x, y, fisher, lam, run_dir)
+        try:
+            if not _part(folder, cell.id, step).exists():
+                rows = checkpoint_rows(
+                    problem, method, x, y, fisher=fisher, damping=lam, generator=generator
+                )
+                write(step, None, rows)
+            for part in parts:
+                if not _part(folder, cell.id, step, part.name).exists():
+                    write(step, part.name, part.compute(point))
+        finally:
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(saved[k])
         if on_checkpoint is not None:
             on_checkpoint(cell, step, "ok")
 

@@ -257,7 +257,7 @@ def test_diagnose_writes_every_checkpoint_and_resumes_without_recomputing(
     (run_dir,) = (out / "dg").iterdir()
     table = pd.read_parquet(run_dir / "diagnostics.parquet")
     assert set(table["step"]) == {0, 3, 6} and set(table["optimizer"]) == {"sgd", "kfac-fast"}
-    kfac = table[table["optimizer"] == "kfac-fast"]
+    kfac = table[(table["optimizer"] == "kfac-fast") & (table["layer"] == "all")]
     assert set(kfac["approximation"]) == {
         "reference", "gradient", "kfac[exact]", "kfac-exact-damping[exact]",
         "kfac-tridiag[sampled]", "skfac[sampled]", "run",
