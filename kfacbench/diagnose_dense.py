@@ -49,6 +49,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from kfacbench.diagnose import (
     output_hessian_product,
     output_loss_grad,
 )
-from kfacbench.errors import KfacbenchError
+from kfacbench.errors import KfacbenchError, RunDirError
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -104,8 +105,12 @@ MAX_RANK_LAYERS = 12
 SUBSAMPLE_POSITIONS = 4
 """s, positions per example kept by SKFAC's ``subsample`` reduction (as the ``skfac`` direction)."""
 
-HEATMAPS = ("fisher", "kronecker", "inverse_exact", "inverse_kfac", "inverse_tridiag")
-"""Heatmap arrays of a dense file: |F|, |F̃|, |(F + λI)⁻¹|, |F̃⁻¹| (factored damping), |F̂⁻¹|."""
+HEATMAPS = (
+    "fisher", "kronecker", "kronecker_difference", "inverse_exact", "inverse_kfac",
+    "inverse_tridiag",
+)  # fmt: skip
+"""Heatmap arrays of a dense file: |F|, |F̃|, |F̃ − F|, |(F + λI)⁻¹|, |F̃⁻¹| (factored damping)
+and |F̂⁻¹|."""
 
 
 # ---------------------------------------------------------------- which layers
@@ -497,6 +502,7 @@ def dense_rows(
     kron = curv.kronecker()
     score(f"kfac{tag}", "fisher_error", kron, curv.fisher)
     maps["kronecker"], _ = pool_abs(kron)
+    maps["kronecker_difference"], _ = pool_abs(kron - curv.fisher)
     del kron
     exact = exact_inverse(curv, damping)
     maps["inverse_exact"], _ = pool_abs(exact)
@@ -520,6 +526,25 @@ def write_heatmaps(path: Path, maps: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **maps)  # type: ignore[arg-type]
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_heatmaps(path: Path) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_heatmaps` wrote (:func:`dense_rows`' maps).
+
+    Raises:
+        RunDirError: the file is unreadable (truncated, flipped bytes: the zip's CRCs) or lacks
+            an array.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            maps = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunDirError(f"{path}: not a readable heatmap file ({reason})") from None
+    missing = [k for k in ("offsets", "pool", "layers", *HEATMAPS) if k not in maps]
+    if missing:
+        raise RunDirError(f"{path}: missing array(s) {', '.join(missing)}")
+    return maps
 
 
 def dense_part(budget: int = DENSE_BUDGET, names: Sequence[str] | None = None) -> CheckpointPart:

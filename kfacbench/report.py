@@ -16,6 +16,13 @@
 - ``kernels.{png,svg}``: the top kernels per optimizer and phase, when a kernels table exists;
 - ``performance_profile.{png,svg}``: across workloads, the fraction of workloads on which each
   optimizer's time-to-target is within τ of the best (AlgoPerf's performance profile, τ ≤ 4);
+- from ``kfacbench diagnose`` run directories (``diagnostics.parquet``):
+  ``diagnostics_quality_<suite>`` (cosine and model ratio of every approximation's direction
+  against the exact natural gradient, along training, one line per approximation in the colour
+  of the optimizer that takes it), ``diagnostics_dense_<cell-id>`` (|F|, |F̃|, |F̃ − F| and the
+  damped inverses |(F + λI)⁻¹|, |F̃⁻¹|, |F̂⁻¹| of the dense layers at the last checkpoint, as in
+  Martens & Grosse's Figs. 2–3) and ``diagnostics_rank_<cell-id>`` (SKFAC's factor errors against
+  rank, per layer and reduction); a report may hold diagnose runs only;
 - ``index.html`` (figures embedded as data URIs: no network needed) and ``summary.md``.
 
 A figure that would carry no information for the runs given (a performance profile of one
@@ -61,6 +68,8 @@ from matplotlib.ticker import (
 from seaborn.external import husl
 
 from kfacbench.core.timing import STEP
+from kfacbench.diagnose import diagnostics_frame
+from kfacbench.diagnose_dense import read_heatmaps
 from kfacbench.errors import KfacbenchError
 from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim import METHODS
@@ -96,6 +105,10 @@ class ReportData:
     kernels: pd.DataFrame | None
     envs: list[dict[str, Any]]
     suites: list[tuple[str, str]]
+    diagnostics: pd.DataFrame | None = None
+    """The ``kfacbench diagnose`` runs' rows, with a ``suite`` column (None: no such run)."""
+    heatmaps: dict[tuple[str, int], Path] = field(default_factory=dict)
+    """The dense diagnostics' heatmap files, by cell id and step."""
 
 
 REQUIRED = {
@@ -106,42 +119,70 @@ REQUIRED = {
     "curves": ("cell_id", "step", "train_time_s", "train_loss"),
     "phases": ("cell_id", "phase", "total_s"),
     "kernels": ("optimizer", "phase", "kernel", "category", "share"),
+    "diagnostics": (
+        "cell_id", "label", "optimizer", "step", "approximation", "layer", "metric", "value",
+    ),
 }  # fmt: skip
 """The columns of each table that the report's figures and tables use."""
 
 
 def load_runs(run_dirs: Sequence[Path]) -> ReportData:
     """Read and concatenate the runs' tables (cells gain a ``setting`` column: the label
-    without its seed).
+    without its seed). A run directory holds timed cells (``kfacbench run``), kernels
+    (``profile``) or curvature diagnostics (``diagnose``: ``diagnostics.parquet`` and the dense
+    heatmaps under ``dense/``).
 
     Raises:
         KfacbenchError: a missing or damaged table or ``env.json`` (a
-            :class:`~kfacbench.errors.RunDirError`), or no run with cells.
+            :class:`~kfacbench.errors.RunDirError`), or no run with cells or diagnostics.
     """
-    parts: dict[str, list[pd.DataFrame]] = {"cells": [], "curves": [], "phases": [], "kernels": []}
+    parts: dict[str, list[pd.DataFrame]] = {
+        "cells": [], "curves": [], "phases": [], "kernels": [], "diagnostics": [],
+    }  # fmt: skip
     envs, suites = [], []
+    heatmaps: dict[tuple[str, int], Path] = {}
     for run_dir in run_dirs:
         kernels_path = run_dir / "kernels.parquet"
+        diagnostics_path = run_dir / "diagnostics.parquet"
         timed = ("cells", "curves", "phases")
-        if not kernels_path.exists() or any((run_dir / f"{n}.parquet").exists() for n in timed):
-            # Not a `kfacbench profile` directory, which holds the kernels table only.
+        other = kernels_path.exists() or diagnostics_path.exists()
+        if not other or any((run_dir / f"{n}.parquet").exists() for n in timed):
+            # Not a `kfacbench profile` or `diagnose` directory, which hold no timed cells.
             tables = load_tables(run_dir, {n: REQUIRED[n] for n in timed})
             for name, table in tables.items():
                 parts[name].append(table)
         if kernels_path.exists():
             parts["kernels"].append(read_table(kernels_path, REQUIRED["kernels"]))
+        if diagnostics_path.exists():
+            table = read_table(diagnostics_path, REQUIRED["diagnostics"])
+            parts["diagnostics"].append(
+                diagnostics_frame([table]).assign(suite=run_dir.parent.name)
+            )
+            for path in sorted((run_dir / "dense").glob("*.npz")):
+                cell_id, _, step = path.stem.rpartition(".s")
+                if step.isdigit():
+                    heatmaps[(cell_id, int(step))] = path
         if (run_dir / "env.json").exists():
             envs.append(read_env(run_dir))
         if (run_dir / "suite.toml").exists():
             # Shown as text only: damage shows as such, never stops the report.
             suites.append((str(run_dir), (run_dir / "suite.toml").read_text(errors="replace")))
-    if not parts["cells"]:
+    if not parts["cells"] and not parts["diagnostics"]:
         raise KfacbenchError(
-            "a report needs at least one run directory with cells.parquet (`kfacbench run`)"
+            "a report needs at least one run directory with cells.parquet (`kfacbench run`) or"
+            " diagnostics.parquet (`kfacbench diagnose`)"
         )
+    for name in timed:  # a diagnostics-only report: empty timing tables with their columns
+        parts[name] = parts[name] or [pd.DataFrame(columns=list(REQUIRED[name]))]
     cells = pd.concat(parts["cells"], ignore_index=True).drop_duplicates("cell_id", keep="last")
-    cells["setting"] = settings_of(cells["label"])
+    cells["setting"] = settings_of(cells["label"].astype(str))
     kernels = pd.concat(parts["kernels"], ignore_index=True) if parts["kernels"] else None
+    diagnostics = None
+    if parts["diagnostics"]:
+        key = ["cell_id", "step", "approximation", "layer", "rank", "metric"]
+        diagnostics = pd.concat(parts["diagnostics"], ignore_index=True).drop_duplicates(
+            key, keep="last"
+        )
     return ReportData(
         cells=cells,
         curves=pd.concat(parts["curves"], ignore_index=True),
@@ -149,6 +190,8 @@ def load_runs(run_dirs: Sequence[Path]) -> ReportData:
         kernels=kernels,
         envs=envs,
         suites=suites,
+        diagnostics=diagnostics,
+        heatmaps=heatmaps,
     )
 
 
@@ -893,19 +936,288 @@ def performance_profile_figure(table: pd.DataFrame, colors: dict[str, Any], figs
     )
 
 
+# ---------------------------------------------------------------- curvature diagnostics
+MAX_DIAGNOSED_CELLS = 8
+"""Cells of a report given their own curvature figures (quality, dense heatmaps, rank), at most:
+the first by label; the others are listed as not drawn (diagnostics.parquet holds them all)."""
+
+_APPROXIMATION_STYLES = {
+    "gradient": ("sgd", "-"),
+    "kfac": ("kfac", "-"),
+    "kfac-exact-damping": ("kfac", "--"),
+    "kfac-tridiag": ("kfac-tridiag", "-"),
+    "skfac": ("skfac", "-"),
+    "skfac-sum": ("skfac", "-"),
+    "skfac-subsample": ("skfac-subsample", "-"),
+}
+"""Each approximation of ``kfacbench diagnose`` (without its ``[fisher]`` tag): the optimizer
+whose colour it is drawn in (the one that takes that step; SGD's for the gradient), and a line
+style that tells apart two approximations of one optimizer."""
+
+_RANK_METRICS = (
+    ("factor_a_error", "factor Ā"),
+    ("factor_g_error", "factor G"),
+    ("kronecker_error", "Ā ⊗ G"),
+    ("inverse_error", "damped inverse on ∇h"),
+)
+
+
+def approximation_style(name: str, optimizer: str, colors: dict[str, Any]) -> tuple[Any, Any]:
+    """Colour and line style of an approximation (:data:`_APPROXIMATION_STYLES`): ``run``, the
+    cell's own optimizer with its stale inverses, is that optimizer's colour, dotted."""
+    base = name.split("[")[0]
+    if base == "run":
+        return colors.get(optimizer, "0.2"), ":"
+    owner, style = _APPROXIMATION_STYLES.get(base, ("", "-."))
+    return colors.get(owner, "0.45"), style
+
+
+def _diagnosed(table: pd.DataFrame, figs: Figures, what: str) -> list[tuple[str, str, str]]:
+    """``(cell id, label, optimizer)`` of the cells of ``table`` to draw, the first
+    :data:`MAX_DIAGNOSED_CELLS` by label, with the others listed as not drawn."""
+    cells = table.drop_duplicates("cell_id").sort_values("label")
+    if len(cells) > MAX_DIAGNOSED_CELLS:
+        figs.omit(
+            f"{what} of {_plural(len(cells) - MAX_DIAGNOSED_CELLS, 'more cell')}",
+            f"at most {MAX_DIAGNOSED_CELLS} cells are drawn; diagnostics.parquet holds them all",
+        )
+    return [
+        (str(r.cell_id), str(r.label), str(r.optimizer))
+        for r in cells.head(MAX_DIAGNOSED_CELLS).itertuples(index=False)
+    ]
+
+
+def quality_figures(diag: pd.DataFrame, colors: dict[str, Any], figs: Figures) -> None:
+    """Cosine and model-reduction ratio of every approximation's direction against the exact
+    natural gradient, along training: one row of panels per cell, one figure per suite."""
+    scores = diag[(diag["layer"] == "all") & diag["metric"].isin(["cosine", "model_ratio"])]
+    if scores.empty:
+        figs.omit("curvature quality along training", "the diagnose runs recorded no scores")
+        return
+    for suite, frame in scores.groupby("suite"):
+        shown = _diagnosed(frame, figs, f"{suite}: curvature quality")
+        fig, axes = plt.subplots(
+            len(shown), 2, figsize=(12, 2.9 * len(shown) + 1.0), squeeze=False, sharex="row"
+        )
+        handles: dict[str, Any] = {}
+        for row, (cell_id, label, optimizer) in enumerate(shown):
+            cell = frame[frame["cell_id"] == cell_id]
+            for ax, metric, what in zip(
+                axes[row],
+                ("cosine", "model_ratio"),
+                ("cosine with δ*", "model ratio M(α*Δ) / M(δ*)"),
+                strict=True,
+            ):
+                for name, g in cell[cell["metric"] == metric].groupby("approximation"):
+                    color, style = approximation_style(str(name), optimizer, colors)
+                    g = g.sort_values("step")
+                    (line,) = ax.plot(
+                        g["step"], g["value"], color=color, linestyle=style, marker="o",
+                        markersize=4, linewidth=1.8, label=str(name),
+                    )  # fmt: skip
+                    handles.setdefault(str(name), line)
+                ax.set_ylabel(what)
+                ax.grid(True, alpha=0.3)
+            axes[row, 0].set_title(label, loc="left", fontsize=plt.rcParams["axes.labelsize"])
+        for ax in axes[-1]:
+            ax.set_xlabel("training step")
+        names = sorted(handles)
+        fig.legend(
+            [handles[n] for n in names], names, title="direction", loc="center left",
+            bbox_to_anchor=(1.0, 0.5), frameon=False,
+        )  # fmt: skip
+        fig.suptitle(f"{suite}: each approximation's step against the exact natural gradient")
+        fig.tight_layout()
+        figs.add(
+            f"diagnostics_quality_{suite}",
+            fig,
+            "Cosine and model-reduction ratio (the fraction of the exact quadratic model's "
+            "reduction achieved at the best step length) of each approximation's direction "
+            "against δ* = −(F + λI)⁻¹∇h, on the fixed diagnostic batch at each checkpoint. "
+            "Colours are the optimizers that take that step (the gradient: SGD's); `run` is the "
+            "cell's own optimizer with the inverses it holds (dotted).",
+        )
+
+
+def _dense_titles(rows: pd.DataFrame) -> dict[str, str]:
+    """Each heatmap's title, with the relative errors recorded for it."""
+    keys = zip(
+        rows["approximation"].astype(str).str.split("[").str[0],
+        rows["metric"].astype(str),
+        strict=True,
+    )
+    values = dict(zip(keys, rows["value"].astype(float), strict=True))
+
+    def errors(name: str, what: str) -> str:
+        whole = values.get((name, what), math.nan)
+        diag = values.get((name, f"{what}_diag"), math.nan)
+        off = values.get((name, f"{what}_off"), math.nan)
+        text = f"error {whole:.3g}\n(diagonal blocks {diag:.3g}"
+        return text + (f", off {off:.3g})" if math.isfinite(off) else ")")
+
+    return {
+        "fisher": "|F|, exact Fisher",
+        "kronecker": f"|F̃|, K-FAC, all blocks\n{errors('kfac', 'fisher_error')}",
+        "kronecker_difference": "|F̃ − F|",
+        "inverse_exact": "|(F + λI)⁻¹|, exact",
+        "inverse_kfac": f"|F̃⁻¹|, block-diagonal\n{errors('kfac', 'inverse_error')}",
+        "inverse_tridiag": f"|F̂⁻¹|, block-tridiagonal\n{errors('kfac-tridiag', 'inverse_error')}",
+    }
+
+
+def dense_figures(data: ReportData, figs: Figures) -> None:
+    """Martens & Grosse's Figs. 2–3 for each cell at its last checkpoint: |F|, |F̃| and their
+    difference, and the damped inverses |(F + λI)⁻¹|, |F̃⁻¹|, |F̂⁻¹|, over the dense layers."""
+    assert data.diagnostics is not None
+    diag = data.diagnostics
+    dense = diag[diag["layer"].astype(str).str.startswith("dense:")]
+    if dense.empty:
+        figs.omit(
+            "dense Fisher heatmaps",
+            "no dense diagnostics in these runs (no run of Linear layers within --dense-budget,"
+            " or --no-dense)",
+        )
+        return
+    base = matplotlib.colormaps["magma_r"]
+    cmap = base.with_extremes(bad=base(0.0))  # exact zeros (blocks left out) as the smallest
+    for cell_id, label, _ in _diagnosed(dense, figs, "dense heatmaps"):
+        rows = dense[dense["cell_id"] == cell_id]
+        step = int(rows["step"].max())
+        path = data.heatmaps.get((cell_id, step))
+        if path is None:
+            figs.omit(f"dense heatmaps of {label}", f"no heatmap file for step {step} in dense/")
+            continue
+        maps = read_heatmaps(path)
+        rows = rows[rows["step"] == step]
+        titles = _dense_titles(rows)
+        offsets = maps["offsets"] / int(maps["pool"])
+        names = [str(n) for n in maps["layers"]]
+        fig, axes = plt.subplots(2, 3, figsize=(15, 10.6), layout="constrained")
+        grid = (
+            ("fisher", "kronecker", "kronecker_difference"),
+            ("inverse_exact", "inverse_kfac", "inverse_tridiag"),
+        )
+        for row, keys in enumerate(grid):
+            top = float(maps[keys[0]].max())  # the exact matrix's scale for the whole row
+            norm = matplotlib.colors.LogNorm(vmin=max(top, 1e-300) * 1e-4, vmax=max(top, 1e-300))
+            for ax, key in zip(axes[row], keys, strict=True):
+                values = np.ma.masked_less_equal(maps[key], 0.0)
+                image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
+                for edge in offsets[1:-1]:
+                    ax.axhline(edge - 0.5, color="0.5", linewidth=0.6)
+                    ax.axvline(edge - 0.5, color="0.5", linewidth=0.6)
+                centres = (offsets[:-1] + offsets[1:]) / 2 - 0.5
+                ax.set_xticks(centres, names)
+                ax.set_yticks(centres, names)
+                ax.grid(False)
+                ax.set_title(titles[key], fontsize=plt.rcParams["axes.labelsize"])
+            fig.colorbar(image, ax=list(axes[row]), shrink=0.85, label="|entry|, log scale")
+        params = int(maps["offsets"][-1])
+        span = f"{names[0]}..{names[-1]}" if len(names) > 1 else names[0]
+        fig.suptitle(
+            f"{label}, step {step}: layers {span} ({params:,} parameters), "
+            f"λ = {float(maps['damping']):.3g}"
+        )
+        figs.add(
+            f"diagnostics_dense_{cell_id}",
+            fig,
+            f"{label} at step {step}: the exact Fisher F of layers {span} against K-FAC's "
+            "Kronecker approximation F̃ with every block (Martens & Grosse Fig. 2), and the exact "
+            "damped inverse against K-FAC's block-diagonal (factored damping) and "
+            "block-tridiagonal inverses (Fig. 3). |entries| max-pooled to at most 512 pixels, on "
+            "a log scale spanning 4 decades below the exact matrix's largest entry, per row; "
+            "errors are relative Frobenius norms.",
+        )
+
+
+def rank_figures(diag: pd.DataFrame, figs: Figures) -> None:
+    """SKFAC's errors against the rank of its factors (examples used), one line per layer, one
+    row of panels per reduction, for each cell at its last checkpoint."""
+    ranked = diag[diag["rank"].notna()]
+    if ranked.empty:
+        figs.omit("SKFAC's error against rank", "not measured in these runs (--no-rank)")
+        return
+    for cell_id, label, _ in _diagnosed(ranked, figs, "SKFAC's error against rank"):
+        rows = ranked[ranked["cell_id"] == cell_id]
+        step = int(rows["step"].max())
+        rows = rows[rows["step"] == step]
+        reductions = sorted(rows["approximation"].unique())
+        layers = list(dict.fromkeys(rows["layer"].astype(str)))
+        palette = sns.color_palette("viridis", len(layers))
+        fig, axes = plt.subplots(
+            len(reductions), len(_RANK_METRICS), figsize=(16, 3.6 * len(reductions) + 1.0),
+            squeeze=False, sharex=True,
+        )  # fmt: skip
+        ranks = sorted(int(r) for r in rows["rank"].unique())
+        for i, reduction in enumerate(reductions):
+            for ax, (metric, what) in zip(axes[i], _RANK_METRICS, strict=True):
+                panel = rows[(rows["approximation"] == reduction) & (rows["metric"] == metric)]
+                for color, layer in zip(palette, layers, strict=True):
+                    line = panel[panel["layer"] == layer].sort_values("rank")
+                    ax.plot(
+                        line["rank"].astype(float), line["value"], color=color, marker="o",
+                        markersize=3.5, linewidth=1.5, label=layer,
+                    )  # fmt: skip
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ranks, [str(r) for r in ranks])
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.set_ylim(bottom=0.0)
+                ax.set_title(what, fontsize=plt.rcParams["axes.labelsize"])
+                ax.grid(True, alpha=0.3)
+            axes[i, 0].set_ylabel(f"{reduction}\nrelative error vs K-FAC")
+        for ax in axes[-1]:
+            ax.set_xlabel("rank r (examples), log scale")
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(
+            handles, names, title="layer", loc="center left", bbox_to_anchor=(1.0, 0.5),
+            frameon=False,
+        )  # fmt: skip
+        fig.suptitle(f"{label}, step {step}: SKFAC's rank-r factors against K-FAC's")
+        fig.tight_layout()
+        figs.add(
+            f"diagnostics_rank_{cell_id}",
+            fig,
+            f"{label} at step {step}: SKFAC's factors from the first r examples of the diagnostic "
+            f"batch against K-FAC's from all {ranks[-1]}, per layer: relative Frobenius errors of "
+            "Ā, G and Ā ⊗ G, and of the damped inverse (√λ on each factor, both sides) applied "
+            "to the layer's gradient.",
+        )
+
+
+def diagnostic_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> None:
+    """The figures of ``kfacbench diagnose`` runs, when the report has any."""
+    if data.diagnostics is None:
+        figs.omit("curvature diagnostics", "no diagnose run in this report (kfacbench diagnose)")
+        return
+    quality_figures(data.diagnostics, colors, figs)
+    dense_figures(data, figs)
+    rank_figures(data.diagnostics, figs)
+
+
 def build_figures(data: ReportData) -> Figures:
     """Every figure of the report, as open matplotlib figures (the caller saves and closes
     them), with those left out and why."""
     sns.set_theme(style="whitegrid", context="notebook")
-    colors = optimizer_colors([str(o) for o in data.cells["optimizer"].unique()])
-    ttt = time_to_target_table(data.cells)
+    optimizers = set(data.cells["optimizer"].astype(str))
+    if data.diagnostics is not None:
+        optimizers |= set(data.diagnostics["optimizer"].astype(str))
+    colors = optimizer_colors(sorted(optimizers))
     figs = Figures()
-    loss_figures(data, colors, figs)
-    time_to_target_figure(ttt, data.cells, colors, figs)
-    phase_figure(data, figs)
-    scaling_figures(data, colors, figs)
-    kernel_figure(data, figs)
-    performance_profile_figure(ttt, colors, figs)
+    if data.cells.empty:
+        figs.omit(
+            "training loss, time to target, phases, scaling and performance profile",
+            "no timed run in this report (kfacbench run)",
+        )
+        kernel_figure(data, figs)
+    else:
+        ttt = time_to_target_table(data.cells)
+        loss_figures(data, colors, figs)
+        time_to_target_figure(ttt, data.cells, colors, figs)
+        phase_figure(data, figs)
+        scaling_figures(data, colors, figs)
+        kernel_figure(data, figs)
+        performance_profile_figure(ttt, colors, figs)
+    diagnostic_figures(data, colors, figs)
     return figs
 
 
@@ -995,6 +1307,12 @@ TTT_NOTE = (
 )
 
 
+NO_TIMED_RUN = (
+    "No timed run in this report (kfacbench run): it shows curvature diagnostics only "
+    "(kfacbench diagnose)."
+)
+
+
 def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     """Write the figures, ``index.html`` and ``summary.md`` for ``run_dirs`` into ``out``.
 
@@ -1012,15 +1330,54 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise KfacbenchError(f"{out}: cannot create the report folder ({exc.strerror})") from None
-    ttt = time_to_target_table(data.cells)
     built = build_figures(data)
     figures = [(_save(fig, out, name), caption) for name, fig, caption in built.drawn]
     omitted = built.omitted
-    steps = step_time_table(data)
-    peers = peer_table(data)
     env = _environment_lines(data)
-    suites = ", ".join(sorted(data.cells["suite"].unique()))
+    names = set(data.cells["suite"].astype(str))
+    if data.diagnostics is not None:
+        names |= set(data.diagnostics["suite"].astype(str))
+    suites = ", ".join(sorted(names))
     warnings = busy_warnings(data.cells)
+    timed = not data.cells.empty
+    if timed:
+        ttt = time_to_target_display(time_to_target_table(data.cells))
+        steps = step_time_table(data)
+        peers = peer_table(data)
+        timed_md = [
+            "## Time to target",
+            "",
+            TTT_NOTE,
+            "",
+            _markdown_table(ttt),
+            "## Step time (median; ratio to the best SGD step of the same workload)",
+            "",
+            _markdown_table(steps),
+            *(
+                [
+                    "## kfacbench vs peers (step ms: kfacbench / peer; ratio kfacbench / peer)",
+                    "",
+                    _markdown_table(peers),
+                ]
+                if not peers.empty
+                else []
+            ),
+        ]
+        peers_html = (
+            "<h2>kfacbench vs peers</h2>\n"
+            + peers.to_html(index=False, float_format=lambda v: f"{v:.3g}")
+            + "\n"
+            if not peers.empty
+            else ""
+        )
+        timed_html = (
+            f"<h2>Time to target</h2>\n<p>{html.escape(TTT_NOTE)}</p>\n"
+            f"{ttt.to_html(index=False, classes='ttt')}\n<h2>Step time</h2>\n"
+            f"{steps.to_html(index=False, float_format=lambda v: f'{v:.4g}')}\n{peers_html}"
+        )
+    else:
+        timed_md = [NO_TIMED_RUN, ""]
+        timed_html = f"<p>{html.escape(NO_TIMED_RUN)}</p>\n"
     md = [
         f"# kfacbench report: {suites}",
         "",
@@ -1028,23 +1385,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         f"- runs: {', '.join(str(p) for p in run_dirs)}",
         "",
         *(f"> **Warning**: {line}\n" for line in warnings),
-        "## Time to target",
-        "",
-        TTT_NOTE,
-        "",
-        _markdown_table(time_to_target_display(ttt)),
-        "## Step time (median; ratio to the best SGD step of the same workload)",
-        "",
-        _markdown_table(steps),
-        *(
-            [
-                "## kfacbench vs peers (step ms: kfacbench / peer; ratio kfacbench / peer)",
-                "",
-                _markdown_table(peers),
-            ]
-            if not peers.empty
-            else []
-        ),
+        *timed_md,
         "## Figures",
         "",
         *(f"![{name}]({name}.png)\n\n{caption}\n" for name, caption in figures),
@@ -1071,13 +1412,6 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
         f"<pre>{html.escape(text)}</pre></details>"
         for path, text in data.suites
     )
-    peers_html = (
-        "<h2>kfacbench vs peers</h2>\n"
-        + peers.to_html(index=False, float_format=lambda v: f"{v:.3g}")
-        + "\n"
-        if not peers.empty
-        else ""
-    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kfacbench report: {html.escape(suites)}</title>
 <style>
@@ -1095,12 +1429,7 @@ table.ttt td:nth-child(6) {{ white-space: normal; }}
 <ul>{"".join(f"<li>{html.escape(line)}</li>" for line in env)}</ul>
 {"".join(f'<p class="warning">Warning: {html.escape(line)}</p>' for line in warnings)}
 {suites_html}
-<h2>Time to target</h2>
-<p>{html.escape(TTT_NOTE)}</p>
-{time_to_target_display(ttt).to_html(index=False, classes="ttt")}
-<h2>Step time</h2>
-{steps.to_html(index=False, float_format=lambda v: f"{v:.4g}")}
-{peers_html}<h2>Figures</h2>
+{timed_html}<h2>Figures</h2>
 {images}
 {omitted_html}
 </body></html>

@@ -540,3 +540,105 @@ def test_time_to_target_over_seeds_says_how_many_reached_or_failed() -> None:
     assert shown.loc["kfac", "time to target"] == "not reached by 1 of 2 seeds in 70.0 s"
     assert shown.loc["sgd", "time to target"] == "diverged (1 of 2 seeds)"
     assert shown.loc["kfac", "speed-up vs best SGD"].startswith("unknown")  # SGD failed a seed
+
+
+# ---------------------------------------------------------------- curvature diagnostics
+@pytest.fixture(scope="module")
+def diagnosed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny `kfacbench run` and `kfacbench diagnose` of the same suite: (run dir, diagnose
+    dir)."""
+    from test_diagnose import SUITE, tiny_workload
+
+    from kfacbench.workloads import WORKLOADS
+
+    root = tmp_path_factory.mktemp("diagnosed")
+    suite = root / "dg.toml"
+    suite.write_text(SUITE.replace("at = [0, 3, 6]", "at = [0, 4]"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(WORKLOADS, "tiny_ae", tiny_workload())
+        assert cli.main(["run", str(suite), "--out", str(root / "runs")]) == 0
+        assert cli.main(["diagnose", str(suite), "--out", str(root / "d"), "--damping", "0.1"]) == 0
+    ((run_dir,), (diag_dir,)) = ((root / "runs" / "dg").iterdir(), (root / "d" / "dg").iterdir())
+    return run_dir, diag_dir
+
+
+def test_a_diagnose_run_is_reported_with_its_figures(
+    diagnosed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, diag_dir = diagnosed
+    dest = tmp_path / "report"
+    assert cli.main(["report", str(diag_dir), "-o", str(dest)]) == 0
+    ids = sorted(p.stem.split(".")[0] for p in (diag_dir / "dense").glob("*.s4.npz"))
+    assert len(ids) == 2  # sgd and kfac-fast, at their last checkpoint
+    expected = {
+        "diagnostics_quality_dg",
+        *(f"diagnostics_dense_{i}" for i in ids),
+        *(f"diagnostics_rank_{i}" for i in ids),
+    }
+    assert {p.stem for p in dest.glob("*.png")} == expected
+    for stem in expected:
+        with Image.open(dest / f"{stem}.png") as image:
+            image.verify()
+    page = (dest / "index.html").read_text()
+    assert page.count("<img") == len(expected) and "kfacbench report: dg" in page
+    assert "No timed run in this report" in page and "Time to target" not in page
+    md = (dest / "summary.md").read_text()
+    assert "training loss, time to target, phases, scaling and performance profile: no timed" in md
+
+
+def test_diagnostic_figures_beside_timed_runs(diagnosed: tuple[Path, Path]) -> None:
+    data = load_runs(list(diagnosed))
+    figs = build_figures(data)
+    try:
+        names = {n for n, _, _ in figs.drawn}
+        assert {"loss_tiny_ae", "time_to_target", "diagnostics_quality_dg"} <= names
+        for name, fig, _ in figs.drawn:
+            assert title_overflow(fig) == [], name
+        colors = optimizer_colors(["sgd", "kfac-fast"])
+        quality = drawn(figs, "diagnostics_quality_dg")
+        lines = {line.get_label(): line for line in quality.axes[0].get_lines()}
+        assert rgb(lines["gradient"].get_color()) == rgb(colors["sgd"])
+        assert rgb(lines["kfac[exact]"].get_color()) == rgb(colors["kfac"])
+        assert lines["kfac-exact-damping[exact]"].get_linestyle() == "--"
+        dense = next(fig for n, fig, _ in figs.drawn if n.startswith("diagnostics_dense_"))
+        titles = [ax.get_title() for ax in dense.axes if ax.get_title()]
+        assert len(titles) == 6 and titles[0] == "|F|, exact Fisher"
+        assert titles[4].startswith("|F̃⁻¹|, block-diagonal\nerror ")
+        assert ", off 1)" in titles[4]  # a block-diagonal inverse has no off-diagonal block
+        rank = next(fig for n, fig, _ in figs.drawn if n.startswith("diagnostics_rank_"))
+        assert rank.axes[0].get_xscale() == "log"
+        assert {line.get_label() for line in rank.axes[0].get_lines()} == {"0", "2"}
+    finally:
+        figs.close()
+
+
+def test_a_report_says_which_diagnostics_were_not_measured(
+    diagnosed: tuple[Path, Path],
+) -> None:
+    data = load_runs([diagnosed[0]])
+    figs = build_figures(data)
+    figs.close()
+    assert ("curvature diagnostics", "no diagnose run in this report (kfacbench diagnose)") in (
+        figs.omitted
+    )
+    data = load_runs([diagnosed[1]])
+    assert data.diagnostics is not None
+    data.diagnostics = data.diagnostics[data.diagnostics["layer"] == "all"]
+    figs = build_figures(data)
+    figs.close()
+    whats = {what for what, _ in figs.omitted}
+    assert {"dense Fisher heatmaps", "SKFAC's error against rank"} <= whats
+
+
+def test_a_damaged_heatmap_file_is_a_one_line_error(
+    diagnosed: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "dg" / "copy"
+    shutil.copytree(diagnosed[1], copy)
+    victim = sorted((copy / "dense").glob("*.s4.npz"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert cli.main(["report", str(copy), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{victim}: not a readable heatmap file" in err
