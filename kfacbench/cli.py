@@ -1026,7 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         metavar="RUN_DIR",
-        help="continue: checkpoints already diagnosed are not computed again",
+        help="continue: checkpoints already diagnosed are not computed again (each part on"
+        " its own: the scores, the dense diagnostics, SKFAC's rank ladder)",
     )
     diag.add_argument(
         "--dense-budget",

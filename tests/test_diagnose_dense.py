@@ -357,3 +357,24 @@ def test_kronecker_error_equals_the_dense_one() -> None:
     g, g_r = (torch.randn(3, 3, generator=gen, dtype=torch.float64) for _ in range(2))
     dense = (torch.kron(a_r, g_r) - torch.kron(a, g)).norm() / torch.kron(a, g).norm()
     assert diagnose_dense._kronecker_error(a_r, g_r, a, g) == pytest.approx(float(dense))
+
+
+def test_skfac_subsample_keeping_every_position_is_kfac_on_a_conv_layer() -> None:
+    """A conv with 4 output positions: ``subsample`` keeps all 4 (s = 4) and so gives K-FAC's
+    conv factors at full rank; ``sum`` does not (its factors are of summed patches)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4)).double()
+    problem = Problem(model, "categorical")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, 4, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=gen)
+    table = pd.DataFrame(
+        rank_rows(problem, x, y, damping=0.1, fisher="empirical", generator=torch.Generator())
+    )
+    assert set(table["approximation"]) == {"skfac-sum[empirical]", "skfac-subsample[empirical]"}
+    full = table[(table["rank"] == 16) & (table["layer"] == "0")].set_index(
+        ["approximation", "metric"]
+    )["value"]
+    for metric in ("factor_a_error", "factor_g_error", "kronecker_error", "inverse_error"):
+        assert full[("skfac-subsample[empirical]", metric)] < 1e-10
+        assert full[("skfac-sum[empirical]", metric)] > 1e-3
