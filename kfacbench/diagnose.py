@@ -19,6 +19,11 @@ scores an approximation's direction Δ by
 The approximations are those of the two papers, formed from Kronecker factors measured on the
 same batch (:func:`kfac_direction`), so the comparison isolates the structure of the
 approximation; a run's own (stale) inverses are scored through the optimizer itself.
+
+Along training (:func:`diagnose_cells`), further diagnostics join these scores at every
+checkpoint as parts (:class:`CheckpointPart`), each resumed on its own: the dense matrices F, F̃ and
+their damped inverses on a few layers, and SKFAC's factor error against rank
+(:mod:`kfacbench.diagnose_dense`).
 """
 
 from __future__ import annotations

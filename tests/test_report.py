@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 from seaborn.external import husl
+from test_diagnose import SUITE as DIAGNOSE_SUITE
+from test_diagnose import tiny_workload
 
 from kfacbench import cli
 from kfacbench.report import (
@@ -36,6 +38,7 @@ from kfacbench.report import (
     title_texts,
     wants_log_axis,
 )
+from kfacbench.workloads import WORKLOADS
 
 SUITE = """
 name = "r"
@@ -547,13 +550,9 @@ def test_time_to_target_over_seeds_says_how_many_reached_or_failed() -> None:
 def diagnosed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny `kfacbench run` and `kfacbench diagnose` of the same suite: (run dir, diagnose
     dir)."""
-    from test_diagnose import SUITE, tiny_workload
-
-    from kfacbench.workloads import WORKLOADS
-
     root = tmp_path_factory.mktemp("diagnosed")
     suite = root / "dg.toml"
-    suite.write_text(SUITE.replace("at = [0, 3, 6]", "at = [0, 4]"))
+    suite.write_text(DIAGNOSE_SUITE.replace("at = [0, 3, 6]", "at = [0, 4]"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(WORKLOADS, "tiny_ae", tiny_workload())
         assert cli.main(["run", str(suite), "--out", str(root / "runs")]) == 0
