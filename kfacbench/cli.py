@@ -524,9 +524,10 @@ def _kernels_table(kernels: pd.DataFrame, top: int, title: str) -> Table:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from kfacbench.report import write_report  # matplotlib is imported only when reporting
+    from kfacbench.claims import claims_table  # matplotlib is imported only when reporting
+    from kfacbench.report import write_report
 
-    index = write_report(args.run_dirs, args.output)
+    index = write_report(args.run_dirs, args.output, claims=claims_table if args.claims else None)
     console.print(f"report: {index} (and summary.md, PNG/SVG figures in {args.output})")
     return 0
 
@@ -914,6 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
     rep.add_argument(
         "-o", "--output", type=Path, required=True, help="output folder, e.g. reports/<name>/"
+    )
+    rep.add_argument(
+        "--claims",
+        action="store_true",
+        help="open the report with the K-FAC and SKFAC papers' claims, each set against what "
+        "the runs measured, with a verdict (suites/reproduction_cpu.toml measures them all)",
     )
     rep.set_defaults(func=cmd_report)
 

@@ -41,7 +41,7 @@ import html
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1065,6 +1065,22 @@ def _dense_titles(rows: pd.DataFrame) -> dict[str, str]:
     }
 
 
+DENSE_PIXELS = 256
+"""Largest side of a heatmap as drawn: the stored maps (up to 512) are max-pooled further, so a
+page of heatmaps stays a few hundred kB (at 512 pixels of noise-like entries, two such figures
+made an 8 MB page)."""
+
+
+def max_pool(values: np.ndarray, factor: int) -> np.ndarray:
+    """``values`` max-pooled over ``factor`` × ``factor`` tiles (edge tiles partial)."""
+    if factor == 1:
+        return values
+    rows, cols = -(-values.shape[0] // factor), -(-values.shape[1] // factor)
+    padded = np.full((rows * factor, cols * factor), -np.inf, dtype=values.dtype)
+    padded[: values.shape[0], : values.shape[1]] = values
+    return padded.reshape(rows, factor, cols, factor).max(axis=(1, 3))
+
+
 def dense_figures(data: ReportData, figs: Figures) -> None:
     """Martens & Grosse's Figs. 2–3 for each cell at its last checkpoint: |F|, |F̃| and their
     difference, and the damped inverses |(F + λI)⁻¹|, |F̃⁻¹|, |F̂⁻¹|, over the dense layers."""
@@ -1090,9 +1106,10 @@ def dense_figures(data: ReportData, figs: Figures) -> None:
         maps = read_heatmaps(path)
         rows = rows[rows["step"] == step]
         titles = _dense_titles(rows)
-        offsets = maps["offsets"] / int(maps["pool"])
+        shown = max(1, -(-maps["fisher"].shape[0] // DENSE_PIXELS))  # display pooling
+        offsets = maps["offsets"] / (int(maps["pool"]) * shown)
         names = [str(n) for n in maps["layers"]]
-        fig, axes = plt.subplots(2, 3, figsize=(15, 10.6), layout="constrained")
+        fig, axes = plt.subplots(2, 3, figsize=(12, 8.5), layout="constrained")
         grid = (
             ("fisher", "kronecker", "kronecker_difference"),
             ("inverse_exact", "inverse_kfac", "inverse_tridiag"),
@@ -1101,7 +1118,7 @@ def dense_figures(data: ReportData, figs: Figures) -> None:
             top = float(maps[keys[0]].max())  # the exact matrix's scale for the whole row
             norm = matplotlib.colors.LogNorm(vmin=max(top, 1e-300) * 1e-4, vmax=max(top, 1e-300))
             for ax, key in zip(axes[row], keys, strict=True):
-                values = np.ma.masked_less_equal(maps[key], 0.0)
+                values = np.ma.masked_less_equal(max_pool(maps[key], shown), 0.0)
                 image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
                 for edge in offsets[1:-1]:
                     ax.axhline(edge - 0.5, color="0.5", linewidth=0.6)
@@ -1124,7 +1141,7 @@ def dense_figures(data: ReportData, figs: Figures) -> None:
             f"{label} at step {step}: the exact Fisher F of layers {span} against K-FAC's "
             "Kronecker approximation F̃ with every block (Martens & Grosse Fig. 2), and the exact "
             "damped inverse against K-FAC's block-diagonal (factored damping) and "
-            "block-tridiagonal inverses (Fig. 3). |entries| max-pooled to at most 512 pixels, on "
+            "block-tridiagonal inverses (Fig. 3). |entries| max-pooled to at most 256 pixels, on "
             "a log scale spanning 4 decades below the exact matrix's largest entry, per row; "
             "errors are relative Frobenius norms.",
         )
@@ -1307,14 +1324,31 @@ TTT_NOTE = (
 )
 
 
+CLAIMS_NOTE = (
+    "Each claim of the two papers (Martens & Grosse 2015; Tang et al. 2021), the value these runs "
+    "measured, and the verdict by the rule given: the papers' experiments are GPU-sized, so a "
+    "verdict is about the direction and rough size of an effect at this scale."
+)
+
+
 NO_TIMED_RUN = (
     "No timed run in this report (kfacbench run): it shows curvature diagnostics only "
     "(kfacbench diagnose)."
 )
 
 
-def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
+def write_report(
+    run_dirs: Sequence[Path],
+    out: Path,
+    claims: Callable[[ReportData], pd.DataFrame] | None = None,
+) -> Path:
     """Write the figures, ``index.html`` and ``summary.md`` for ``run_dirs`` into ``out``.
+
+    Args:
+        run_dirs: the run directories (``run``, ``profile`` and ``diagnose`` runs).
+        out: the report folder.
+        claims: builds the table that opens both documents (``kfacbench.claims.claims_table``:
+            each paper claim against what the runs measured), or ``None`` for none.
 
     Returns:
         The path of ``index.html``.
@@ -1340,6 +1374,22 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     suites = ", ".join(sorted(names))
     warnings = busy_warnings(data.cells)
     timed = not data.cells.empty
+    claims_md: list[str] = []
+    claims_html = ""
+    if claims is not None:
+        table = claims(data)
+        claims_md = [
+            "## The papers' claims, measured here",
+            "",
+            CLAIMS_NOTE,
+            "",
+            _markdown_table(table),
+            "",
+        ]
+        claims_html = (
+            f"<h2>The papers' claims, measured here</h2>\n<p>{html.escape(CLAIMS_NOTE)}</p>\n"
+            f"{table.to_html(index=False, classes='claims')}\n"
+        )
     if timed:
         ttt = time_to_target_display(time_to_target_table(data.cells))
         steps = step_time_table(data)
@@ -1381,6 +1431,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
     md = [
         f"# kfacbench report: {suites}",
         "",
+        *claims_md,
         *(f"- {line}" for line in env),
         f"- runs: {', '.join(str(p) for p in run_dirs)}",
         "",
@@ -1424,9 +1475,10 @@ figcaption {{ color: #666; font-size: 0.8em; }} pre {{ background: #f7f7f7; padd
 table.ttt td {{ white-space: nowrap; }}
 table.ttt td:nth-child(5), table.ttt td:nth-child(6) {{ text-align: left; }}
 table.ttt td:nth-child(6) {{ white-space: normal; }}
+table.claims td {{ text-align: left; vertical-align: top; }}
 </style></head><body>
 <h1>kfacbench report: {html.escape(suites)}</h1>
-<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in env)}</ul>
+{claims_html}<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in env)}</ul>
 {"".join(f'<p class="warning">Warning: {html.escape(line)}</p>' for line in warnings)}
 {suites_html}
 {timed_html}<h2>Figures</h2>

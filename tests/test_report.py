@@ -641,3 +641,23 @@ def test_a_damaged_heatmap_file_is_a_one_line_error(
     assert cli.main(["report", str(copy), "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"{victim}: not a readable heatmap file" in err
+
+
+def test_claims_open_the_report(diagnosed: tuple[Path, Path], tmp_path: Path) -> None:
+    """`report --claims`: summary.md opens with the claims table (each claim with a verdict); a
+    claim whose cells are absent says "not run" rather than vanishing; without --claims there is
+    no such table."""
+    dest = tmp_path / "claims"
+    assert cli.main(["report", *map(str, diagnosed), "--claims", "-o", str(dest)]) == 0
+    md = (dest / "summary.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("# kfacbench report")
+    assert lines[2].startswith("## The papers' claims")
+    assert "| paper | claim | measured | verdict | why |" in md
+    assert "| not run | no SKFAC and K-FAC cells |" in md
+    assert "curves_ae: K-FAC reaches the target" in md  # the tiny run has no autoencoder: not run
+    page = (dest / "index.html").read_text()
+    assert page.index("The papers' claims") < page.index("Figures")
+    plain = tmp_path / "plain"
+    assert cli.main(["report", *map(str, diagnosed), "-o", str(plain)]) == 0
+    assert "claims" not in (plain / "summary.md").read_text()

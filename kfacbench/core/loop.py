@@ -35,6 +35,12 @@ EVAL_CHUNK = 1024
 about 64 KiB per example and layer)."""
 
 
+LOGGED = ("lr", "damping", "gamma", "mu", "rho")
+"""The optimizer scalars a curve row records (NaN where a method has none): the learning rate
+(K-FAC with re-scaling: α), λ, and K-FAC's γ, momentum coefficient μ and last
+Levenberg–Marquardt ratio ρ, so a run's adaptive rules can be traced step by step."""
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """How long and how often: the run settings of one cell that the loop needs."""
@@ -216,10 +222,9 @@ def train(
             "train_eval_loss": math.nan,
             "eval_loss": math.nan,
             "eval_metric": math.nan,
-            "lr": math.nan,
-            "damping": math.nan,
+            **dict.fromkeys(LOGGED, math.nan),
         }
-        row.update({k: v for k, v in method.log_values().items() if k in ("lr", "damping")})
+        row.update({k: v for k, v in method.log_values().items() if k in LOGGED})
         reason = ""
         if losses is not None and not bool(torch.isfinite(losses).all()):
             reason = f"non-finite loss by step {step}"

@@ -193,17 +193,20 @@ class KFAC:
         adapt_gamma: greedy search of γ over {ω₂γ, γ, γ/ω₂} every ``gamma_interval`` steps (§6.6).
         gamma_tracks_lambda: between searches γ moves with √(λ+η): γ = c·√(λ+η), and the search
             adapts c (with ``adapt_gamma``; ignored without it, where γ = √(λ+η)). The paper
-            starts γ at √(λ₀+η) and keeps it apart from λ (off: the literal rule). Its
+            starts γ at √(λ₀+η) and then keeps it apart from λ (off: the literal rule). Its
             ω₂ = (19/20)^(T2/2) is exactly how far √λ falls in T2 steps when Levenberg–Marquardt
-            lowers λ at every chance, so a γ that must climb back by ω₂ per search cannot follow
-            λ; on CURVES the literal rule keeps choosing the larger γ while λ falls 10⁴-fold
-            (one-step model reductions favour gradient-like steps on the plateau), γ ends ~10⁴ ×
-            √λ and K-FAC never leaves the plateau (README, "The γ search on CURVES").
+            lowers λ at every chance, so a γ moved only by the search can at best keep pace with
+            a falling λ, never catch up with it.
         gamma_interval: T2 (20 in the paper); ω₂ = sqrt(19/20)^T2.
-        gamma_criterion: how the γ candidates are scored: ``model``, the quadratic model value
-            M(δ) of each candidate's re-scaled update (§6.6, the default), or ``loss``, the
-            objective h(θ + δ) on the minibatch (one extra forward pass per candidate; the
-            "(or loss)" variant of ALGORITHMS.md (?)).
+        gamma_criterion: how the γ candidates are scored: ``loss``, the objective h(θ + δ) on
+            the minibatch of each candidate's re-scaled update (one extra forward pass per
+            candidate; the default), or ``model``, the damped quadratic model value M(δ)
+            (§6.6 names both and reports similar results). On CURVES the literal rule
+            (``model``, γ apart from λ) picks the larger γ at every search while λ falls
+            10⁴-fold: M includes (λ+η)‖δ‖², and while λ dominates the curvature the damped model
+            favours gradient-like steps; γ ends ~10⁴ × √λ and K-FAC stays on the plateau. With
+            γ tracking λ and candidates scored by h, it leaves the plateau as soon as γ fixed to
+            √(λ+η) does (README, "The γ search on CURVES").
         growing_batch: when > 0, the iteration from which the whole training set is the
             minibatch; m_k = min(m₁ exp((k − 1)/b), |S|) from the cell's batch size m₁ (§13,
             tensorflow/kfac's example uses 500). 0 keeps the batch size fixed.
@@ -244,7 +247,7 @@ class KFAC:
         adapt_gamma: bool = True,
         gamma_tracks_lambda: bool = True,
         gamma_interval: int = 20,
-        gamma_criterion: str = "model",
+        gamma_criterion: str = "loss",
         growing_batch: int = 0,
         polyak: float = 0.0,
         seed: int = 0,
@@ -334,6 +337,7 @@ class KFAC:
         self.average = IterateAverage(self.params, polyak) if polyak > 0 else None
         self.last_alpha = torch.zeros((), device=device)
         self.last_mu = torch.zeros((), device=device)
+        self.last_rho = torch.full((), math.nan, device=device)
         self.dist = dist
         self.pending: PendingMean | None = None
         # Inversions split over ranks by owner (block-diagonal only: tridiag couples the layers).
@@ -402,11 +406,18 @@ class KFAC:
         return loss.detach()
 
     def log_values(self) -> dict[str, float]:
-        """λ and the learning rate (α of the last step when re-scaling). Called at read-back
-        points only, right after the loop synchronised the device."""
+        """λ, γ and the learning rate (with re-scaling: α and μ of the last step, and ρ of the last
+        Levenberg–Marquardt check, NaN before the first). Called at read-back points only, right
+        after the loop synchronised the device."""
         if self.rescale:
-            return {"lr": float(self.last_alpha), "damping": float(self.lam)}
-        return {"lr": self.lr, "damping": float(self.lam)}
+            return {
+                "lr": float(self.last_alpha),
+                "damping": float(self.lam),
+                "gamma": float(self.gamma),
+                "mu": float(self.last_mu),
+                "rho": float(self.last_rho),
+            }
+        return {"lr": self.lr, "damping": float(self.lam), "gamma": float(self.gamma)}
 
     def batch_size_at(self, step: int, base: int, n: int) -> int:
         """The growing minibatch schedule (§13), or ``base`` when it is off."""
@@ -753,6 +764,7 @@ class KFAC:
         before = self._global_mean(loss) + 0.5 * self.eta * _dot(old, old)
         actual = self._objective(self.params, x, y) - before
         rho = actual / self._model_change
+        self.last_rho = rho
         lam = torch.where(rho > 0.75, self.lam * self.omega1, self.lam)
         lam = torch.where(rho < 0.25, self.lam / self.omega1, lam)
         lam = lam.clamp(*LAMBDA_RANGE)
@@ -802,7 +814,9 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
         "gamma_tracks_lambda": HParam(True, "γ = c·√(λ+η) between searches; the search adapts c"),
         "gamma_interval": HParam(20, "T2: steps between γ searches", bounds="[1, inf)"),
-        "gamma_criterion": HParam("model", "γ candidates scored by", choices=("model", "loss")),
+        "gamma_criterion": HParam(
+            "loss", "γ candidates scored by h(θ+δ) or by M(δ)", choices=("loss", "model")
+        ),
         "growing_batch": HParam(
             0, "iteration from which the batch is the full set (0: off)", bounds="[0, inf)"
         ),

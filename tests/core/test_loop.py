@@ -14,6 +14,7 @@ from kfacbench.core.loop import LoopConfig, MinibatchSampler, evaluate, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
+from kfacbench.optim.kfac import KFAC
 from kfacbench.optim.sgd import SGD
 
 CPU = torch.device("cpu")
@@ -290,3 +291,27 @@ def test_optional_method_hooks_set_batch_size_and_wrap_eval(
     sizes = [min(32 + 8 * k, 256) for k in range(10)]
     assert result.curves[-1]["examples"] == sum(sizes)
     assert method.evals_inside == 4  # train and test evals at steps 0 and 10
+
+
+def test_kfac_curves_trace_its_adaptive_rules() -> None:
+    """K-FAC rows carry λ, γ, α, μ and ρ (ρ once Levenberg–Marquardt has run); SGD rows have
+    NaN in K-FAC's columns."""
+    problem = classifier()
+    kfac = train(
+        problem,
+        KFAC(problem, lm_interval=5, gamma_interval=10, inv_interval=5),
+        blobs(),
+        config(max_steps=20, log_every=5),
+        metric="accuracy",
+        reached=lambda acc: False,
+    )
+    rows = kfac.curves
+    assert math.isnan(rows[0]["rho"]) and all(math.isfinite(r["rho"]) for r in rows[1:])
+    for r in rows[1:]:
+        assert r["damping"] > 0 and r["gamma"] > 0 and math.isfinite(r["mu"])
+    problem = classifier()
+    sgd = train(
+        problem, SGD(problem, lr=0.1), blobs(), config(max_steps=5), metric="accuracy",
+        reached=lambda acc: False,
+    )  # fmt: skip
+    assert all(math.isnan(sgd.curves[-1][k]) for k in ("gamma", "mu", "rho"))
