@@ -17,6 +17,7 @@ import pytest
 from shared_suites import PROFILED
 
 from kfacbench import cli, compare, regress, report
+from kfacbench.diagnose import diagnostics_frame
 from kfacbench.errors import RunDirError
 from kfacbench.profiling import kernels_frame
 from kfacbench.rundir import load_tables, read_env, read_table
@@ -76,6 +77,26 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for phase in ("forward", "backward")
     ]
     atomic_write_parquet(run / "kernels.parquet", kernels_frame(rows))
+    # A diagnostics table by hand too (the report reads it beside the timed tables).
+    diagnostics = [
+        {
+            "cell_id": c["cell_id"],
+            "label": c["label"],
+            "optimizer": c["optimizer"],
+            "step": step,
+            "approximation": "gradient",
+            "fisher": "exact",
+            "layer": "all",
+            "rank": None,
+            "metric": metric,
+            "value": 0.5,
+        }
+        for c in cells.to_dict("records")
+        for step in (0, 2)
+        for metric in ("cosine", "model_ratio")
+    ]
+    table = diagnostics_frame([pd.DataFrame(diagnostics)])
+    atomic_write_parquet(run / "diagnostics.parquet", table)
     return run
 
 
@@ -128,7 +149,8 @@ def fails_in_one_line(argv: list[str], capsys: pytest.CaptureFixture[str], *name
         for c, reads in READS.items()
         for t in reads
         for d in FILE_DAMAGE
-        if (c, t, d) != ("report", "kernels", "deleted")  # a report without kernels is fine
+        # A report without kernels or diagnostics is fine.
+        if (c, t, d) not in (("report", "kernels", "deleted"), ("report", "diagnostics", "deleted"))
     ],
 )
 def test_a_damaged_table_is_one_line(
