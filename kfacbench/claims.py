@@ -100,6 +100,18 @@ def _preset(cells: pd.DataFrame, workload: str, optimizer: str) -> pd.DataFrame:
     return cells[(cells["workload"] == workload) & (cells["optimizer"] == optimizer)]
 
 
+def _both(
+    cells: pd.DataFrame, first: str, second: str
+) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """(workload, cells of ``first``, cells of ``second``) for each autoencoder that has both."""
+    out = []
+    for workload in AUTOENCODERS:
+        a, b = _preset(cells, workload, first), _preset(cells, workload, second)
+        if not a.empty and not b.empty:
+            out.append((workload, a, b))
+    return out
+
+
 # ---------------------------------------------------------------- K-FAC (Martens & Grosse 2015)
 def kfac_vs_sgd(data: ReportData) -> list[Claim]:
     """Abstract and §13: K-FAC is much faster than well-tuned SGD with momentum on the deep
@@ -163,11 +175,7 @@ def kfac_step_cost(data: ReportData) -> list[Claim]:
     gradient's."""
     cells, rows = _ok(data.cells), []
     claim = "a K-FAC step costs only several times an SGD step"
-    for workload in AUTOENCODERS:
-        kfac = _preset(cells, workload, "kfac")
-        sgd = _preset(cells, workload, "sgd")
-        if kfac.empty or sgd.empty:
-            continue
+    for workload, kfac, sgd in _both(cells, "kfac", "sgd"):
         sgd_ms = sgd["median_step_ms"].astype(float)
         ratio = float(kfac["median_step_ms"].median() / sgd_ms.median())
         verdict = _grade(-ratio, -SEVERAL, -2 * SEVERAL)
@@ -188,11 +196,7 @@ def tridiag_vs_blockdiag(data: ReportData) -> list[Claim]:
     more progress per iteration than the block-diagonal one, at a somewhat higher step cost."""
     cells, rows = _ok(data.cells), []
     claim = "block-tridiagonal K-FAC makes more progress per iteration than block-diagonal"
-    for workload in AUTOENCODERS:
-        tri = _preset(cells, workload, "kfac-tridiag")
-        diag = _preset(cells, workload, "kfac")
-        if tri.empty or diag.empty:
-            continue
+    for workload, tri, diag in _both(cells, "kfac-tridiag", "kfac"):
         t_steps = min(_steps_to_target(data, list(tri["cell_id"])))
         d_steps = min(_steps_to_target(data, list(diag["cell_id"])))
         cost = float(tri["median_step_ms"].median() / diag["median_step_ms"].median())

@@ -55,6 +55,22 @@ def flat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.flatten() for t in ts])
 
 
+def output_hessian(distribution: str, z: Tensor, y: Tensor, kind: str) -> Tensor:
+    """B for one example with output ``z``: the loss Hessian w.r.t. the output (exact, formed
+    by hand per distribution) or r rᵀ with r the loss gradient (empirical)."""
+    if kind == "exact":
+        if distribution == "bernoulli":
+            return torch.diag(torch.sigmoid(z) * (1 - torch.sigmoid(z)))
+        if distribution == "gaussian":
+            return torch.eye(z.numel(), dtype=torch.float64)
+        p = torch.softmax(z, -1)
+        return torch.diag(p) - torch.outer(p, p)
+    zz = z.clone().requires_grad_(True)
+    loss = per_example_loss(distribution, zz[None], y).sum()  # type: ignore[arg-type]
+    (r,) = torch.autograd.grad(loss, zz)
+    return torch.outer(r, r)
+
+
 def brute_force_fisher(
     problem: Problem, params: list[Tensor], x: Tensor, y: Tensor, kind: str
 ) -> Tensor:
@@ -73,20 +89,7 @@ def brute_force_fisher(
 
         jac = torch.autograd.functional.jacobian(output, base)  # (outputs, parameters)
         z = output(base).detach()
-        if kind == "exact":
-            if problem.distribution == "bernoulli":
-                h = torch.diag(torch.sigmoid(z) * (1 - torch.sigmoid(z)))
-            elif problem.distribution == "gaussian":
-                h = torch.eye(z.numel(), dtype=torch.float64)
-            else:
-                p = torch.softmax(z, -1)
-                h = torch.diag(p) - torch.outer(p, p)
-        else:
-            zz = z.clone().requires_grad_(True)
-            loss = per_example_loss(problem.distribution, zz[None], y[i : i + 1]).sum()
-            (r,) = torch.autograd.grad(loss, zz)
-            h = torch.outer(r, r)
-        total += jac.T @ h @ jac
+        total += jac.T @ output_hessian(problem.distribution, z, y[i : i + 1], kind) @ jac
     return total / x.shape[0]
 
 

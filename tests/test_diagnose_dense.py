@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_diagnose import SUITE, tiny, tiny_workload
+from test_diagnose import SUITE, output_hessian, tiny, tiny_workload
 from torch import Tensor, nn
 
 from kfacbench import cli, diagnose, diagnose_dense
-from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.core.problem import Problem
 from kfacbench.diagnose_dense import (
     DenseSelection,
     choose_layers,
@@ -72,20 +72,7 @@ def brute_force_fisher(
 
         jac = torch.autograd.functional.jacobian(output, base)  # (outputs, parameters)
         z = output(base).detach()
-        if kind == "exact":
-            if problem.distribution == "bernoulli":
-                h = torch.diag(torch.sigmoid(z) * (1 - torch.sigmoid(z)))
-            elif problem.distribution == "gaussian":
-                h = torch.eye(z.numel(), dtype=torch.float64)
-            else:
-                p = torch.softmax(z, -1)
-                h = torch.diag(p) - torch.outer(p, p)
-        else:
-            zz = z.clone().requires_grad_(True)
-            loss = per_example_loss(problem.distribution, zz[None], y[i : i + 1]).sum()
-            (r,) = torch.autograd.grad(loss, zz)
-            h = torch.outer(r, r)
-        total += jac.T @ h @ jac
+        total += jac.T @ output_hessian(problem.distribution, z, y[i : i + 1], kind) @ jac
     return total / x.shape[0]
 
 
