@@ -198,6 +198,10 @@ class KFAC:
             lowers λ at every chance, so a γ moved only by the search can at best keep pace with
             a falling λ, never catch up with it.
         gamma_interval: T2 (20 in the paper); ω₂ = sqrt(19/20)^T2.
+        gamma_ratio_bound: m ≥ 1 keeps γ within ω₂^m and ω₂^−m of √(λ+η) at every step (the
+            paper's γ "near √(λ+η), corrected by a local search"); 0 leaves it unbounded (the
+            default). On the reproduction run's CURVES cell, where the unbounded search raised
+            γ/√(λ+η) again and stalled, m = 1 reached the target in 350 steps (README).
         gamma_criterion: how the γ candidates are scored: ``loss``, the objective h(θ + δ) on
             the minibatch of each candidate's re-scaled update (one extra forward pass per
             candidate; the default), or ``model``, the damped quadratic model value M(δ)
@@ -247,6 +251,7 @@ class KFAC:
         adapt_gamma: bool = True,
         gamma_tracks_lambda: bool = True,
         gamma_interval: int = 20,
+        gamma_ratio_bound: int = 0,
         gamma_criterion: str = "loss",
         growing_batch: int = 0,
         polyak: float = 0.0,
@@ -315,6 +320,7 @@ class KFAC:
         self.lm_include_damping = lm_include_damping
         self.adapt_gamma = adapt_gamma
         self.gamma_tracks_lambda = gamma_tracks_lambda
+        self.gamma_ratio_bound = gamma_ratio_bound
         self.gamma_interval = gamma_interval
         self.fixed_damping = not (adapt_damping or adapt_gamma)
         if gamma_criterion not in ("loss", "model"):
@@ -400,6 +406,11 @@ class KFAC:
             if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
                 with timer.phase("rescale"):
                     self._levenberg_marquardt(x, y, loss)
+            if self.rescale and self.adapt_gamma and self.gamma_ratio_bound:
+                # After LM: the bound holds for the γ the next step uses.
+                root = torch.sqrt(self.lam + self.eta)
+                width = self.omega2**self.gamma_ratio_bound
+                self.gamma = torch.clamp(self.gamma, min=root * width, max=root / width)
         if self.average is not None:
             self.average.update()
         self.steps += 1
@@ -728,6 +739,7 @@ class KFAC:
             self.gamma = torch.stack(gammas)[best]
             if self.structure == "tridiag":
                 self.tridiag = self._tridiag_pieces(self.gamma)
+
         self.last_alpha, self.last_mu = coef[0], coef[1]
         update = self._combine(cand, coef, use_prev)
         # The model change that Levenberg–Marquardt compares the actual change with (§6.5).
@@ -814,6 +826,9 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
         "gamma_tracks_lambda": HParam(True, "γ = c·√(λ+η) between searches; the search adapts c"),
         "gamma_interval": HParam(20, "T2: steps between γ searches", bounds="[1, inf)"),
+        "gamma_ratio_bound": HParam(
+            0, "m: γ kept within ω₂^±m of √(λ+η) (0: unbounded)", bounds="[0, 64]"
+        ),
         "gamma_criterion": HParam(
             "loss", "γ candidates scored by h(θ+δ) or by M(δ)", choices=("loss", "model")
         ),

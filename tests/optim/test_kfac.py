@@ -205,6 +205,23 @@ def test_gamma_tracks_lambda_between_searches_only_when_asked(tracks: bool) -> N
     assert opt.gamma.item() == pytest.approx(root if tracks else start, rel=1e-5)
 
 
+@pytest.mark.parametrize("bound", [0, 1, 2])
+def test_gamma_ratio_bound_pulls_a_runaway_gamma_back(bound: int) -> None:
+    """A γ that ran away to 100 √(λ+η) (as the unbounded search can on CURVES) is clamped to
+    ω₂^−m √(λ+η) at the next step when bounded, and left alone when not."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(32, 4)
+    y = x @ torch.randn(4, 2)
+    opt = KFAC(Problem(model, "gaussian"), damping=1.0, lm_interval=5, gamma_ratio_bound=bound)
+    one_step(opt, x, y)
+    opt.gamma = 100 * torch.sqrt(opt.lam + opt.eta)
+    for _ in range(3):  # no search before step 20
+        one_step(opt, x, y)
+    ratio = opt.gamma.item() / math.sqrt(opt.lam.item() + opt.eta)
+    assert ratio == pytest.approx(opt.omega2**-bound if bound else 100.0, rel=1e-5)
+
+
 def test_a_tracking_gamma_search_moves_the_ratio_to_sqrt_lambda() -> None:
     """With tracking, a search multiplies c = γ/√(λ+η) by one of {ω₂, 1, 1/ω₂} and LM steps
     leave c unchanged."""
