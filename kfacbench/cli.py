@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import fnmatch
 import math
 import os
 import shutil
@@ -32,6 +34,7 @@ from kfacbench.diagnose_dense import (
     rank_part,
 )
 from kfacbench.distributed import init, launched_by_torchrun
+from kfacbench.doctor import CheckResult, Doctor, run_check, write_results
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
 from kfacbench.machine_load import busy_cells, warning_line
@@ -57,6 +60,7 @@ from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
 DEFAULT_OUT = Path("results/runs")
+DOCTOR_OUT = Path("results/doctor")
 DIAGNOSE_AT = (0, 50, 200)
 """Checkpoints of ``kfacbench diagnose`` when neither --at nor the suite sets them."""
 BASELINES = Path("results/baselines")
@@ -75,6 +79,7 @@ EXAMPLES = """examples:
   kfacbench run dist --nproc 2          data-parallel through torchrun (gloo on CPU, nccl on GPUs)
   kfacbench run quick --submitit slurm  every cell a SLURM job (needs the cluster extra)
   kfacbench run peers                   kfacbench's K-FAC/SKFAC vs ASDL's (needs the peers extra)
+  kfacbench doctor --device cuda        check a GPU machine in ~3 minutes; exit 1 on a failure
   kfacbench list workloads
 """
 
@@ -681,6 +686,51 @@ SHOW_KERNELS = ("optimizer", "phase", "kernel", "category", "calls", "total_ms",
 """The columns of ``kernels`` that ``show --kernels`` uses."""
 
 
+def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
+    device = resolve_device(args.device)
+    out = args.out or DOCTOR_OUT / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    checks = Doctor(device, out).plan()
+    if args.only:
+        groups = ", ".join(dict.fromkeys(c.group for c in checks))
+        checks = [c for c in checks if fnmatch.fnmatchcase(f"{c.group}: {c.name}", args.only)]
+        if not checks:
+            raise KfacbenchError(
+                f"--only {args.only!r} matches no check; checks are named 'GROUP: CHECK'"
+                f" (groups: {groups})"
+            )
+    console.print(f"doctor: {len(checks)} checks on {device} -> {out}")
+    results: list[CheckResult] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("checks", total=len(checks))
+        for check in checks:
+            progress.update(task, description=f"{check.group}: {check.name}")
+            results.append(run_check(check))
+            progress.advance(task)
+    path = write_results(out, results)
+    console.print(_doctor_table(results, str(device)))
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skipped")}
+    seconds = sum(r.seconds for r in results)
+    console.print(
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped in"
+        f" {seconds:.0f} s; table: {path}"
+    )
+    for r in results:
+        if r.status == "fail":
+            print(f"kfacbench doctor: FAIL {r.group}: {r.check}: {r.detail}", file=sys.stderr)
+    return 1 if counts["fail"] else 0
+
+
+def _doctor_table(results: Sequence[CheckResult], device: str) -> Table:
+    table = Table(title=f"kfacbench doctor ({device})")
+    for column in ("group", "check", "status", "detail", "s"):
+        table.add_column(column, justify="right" if column == "s" else "left")
+    colours = {"pass": "green", "fail": "red", "skipped": "yellow"}
+    for r in results:
+        status = f"[{colours[r.status]}]{r.status}[/]"
+        table.add_row(r.group, escape(r.check), status, escape(r.detail), f"{r.seconds:.1f}")
+    return table
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     kernels_path = args.run_dir / "kernels.parquet"
     if args.kernels:
@@ -1062,6 +1112,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_placement(diag)
     diag.set_defaults(func=cmd_diagnose)
+
+    doc = sub.add_parser(
+        "doctor",
+        help="check a machine: every method, the CUDA paths, profiling, a process group",
+        description="A short acceptance of a machine (about 3 minutes on a GPU, 5 on a 2-core"
+        " CPU) on synthetic data: versions; every registered method on an MLP autoencoder and"
+        " ResNet-20 (finite, loss falling); a profiled K-FAC window whose kernels are attributed"
+        " to its phases; on CUDA no host sync in non-refresh steps, CUDA-event vs wall-clock step"
+        " times, peak memory, bf16 and TF32 cells; a torchrun group (gloo on CPU, nccl on CUDA)."
+        " Prints pass / fail / skipped per check, writes OUT/doctor.parquet and exits 1 on any"
+        " failure.",
+    )
+    doc.add_argument(
+        "--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (%(default)s)"
+    )
+    doc.add_argument(
+        "--out", type=Path, help=f"folder for the table and traces (default {DOCTOR_OUT}/<time>)"
+    )
+    doc.add_argument(
+        "--only", metavar="PATTERN", help="run the checks whose 'group: check' matches (glob)"
+    )
+    doc.set_defaults(func=cmd_doctor)
 
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", type=Path, help="a run directory (results/runs/<suite>/<time>)")

@@ -222,7 +222,12 @@ def kernel_rows(trace: Path, cell_id: str) -> list[dict[str, Any]]:
     except (OSError, ValueError, KeyError) as exc:
         raise KfacbenchError(f"cannot read the profiler trace {trace}: {exc}") from None
     spans_x = [e for e in events if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in spans_x if str(e.get("name", "")).startswith("ProfilerStep#")]
+    # Host ranges only: on CUDA, Kineto also emits each step as a GPU-side annotation.
+    steps = [
+        e
+        for e in spans_x
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("ProfilerStep#")
+    ]
     step_us = sum(e["dur"] for e in steps)
     if not steps or step_us <= 0:
         raise KfacbenchError(f"the trace {trace} holds no profiled steps (ProfilerStep# ranges)")

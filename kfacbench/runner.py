@@ -8,6 +8,7 @@ killed process) keeps every finished cell; ``kfacbench run --resume`` reruns onl
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import math
 import traceback
@@ -128,6 +129,8 @@ def prepare_cell(
     workload = get_workload(cell.workload)
     spec = get_method(cell.optimizer)
     if device.type == "cuda":
+        # The phase timer records its events on the current device's stream: make it this one.
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
         torch.backends.cudnn.allow_tf32 = settings.tf32
     splits = data.get(cell.workload, settings.data, device)
@@ -275,6 +278,19 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+def release_cuda(device: torch.device) -> str:
+    """Free what a failed CUDA cell left (after its frames are gone, so after the handler);
+    return why the CUDA context cannot be used again (a device-side assert poisons it for the
+    whole process), or ``""``."""
+    gc.collect()
+    try:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    except RuntimeError as exc:
+        return one_line(exc)
+    return ""
+
+
 def dist_device(device: torch.device, dist: Dist) -> torch.device:
     """This rank's device: ``cuda:<local rank>`` for a CUDA cell (one GPU per process)."""
     if device.type == "cuda":
@@ -387,7 +403,11 @@ def run_cells(
                     store.run_dir / DIST_DIR / "current.json",
                     {"cell_id": cell.id, "started_at": started},
                 )
+            # The capture hooks of the previous cell's method form reference cycles that keep its
+            # model and gradients alive (device memory, and a peak that is not this cell's).
+            gc.collect()
             monitor = LoadMonitor(peer_pids=peers)
+            lost = ""
             try:
                 result, source, info = run_cell(
                     cell, device, data, on_progress=show_steps, dist=dist, monitor=monitor
@@ -415,11 +435,18 @@ def run_cells(
                 curves, phases = [], []
                 if status == "error" and not isinstance(exc, KfacbenchError):
                     store.write_text(f"errors/{cell.id}.txt", traceback.format_exc())
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if row["status"] != "ok" and device.type == "cuda":
+                lost = release_cuda(device)
             if main:
                 row = _store_cell(store, cell, row, curves, phases, env, console)
             rows.append(row)
+            if lost:
+                left = len(todo) - len(rows)
+                raise KfacbenchError(
+                    f"the CUDA context is unusable after cell {cell.id} ({lost}); its row and"
+                    f" every finished cell are stored, the {left} cells left need a new process:"
+                    " rerun the same command with --resume"
+                )
             progress.remove_task(steps_task)
             progress.advance(overall)
             if row["status"] != "ok":

@@ -107,6 +107,8 @@ def test_cuda_kernels_go_to_the_phase_that_launched_them(tmp_path: Path) -> None
     ann = "user_annotation"
     events = [
         {"ph": "X", "cat": ann, "name": "ProfilerStep#3", "ts": 0, "dur": 100, "tid": 1},
+        # Kineto's GPU-side copy of the step range: not a second step
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#3", "ts": 3, "dur": 95},
         {
             "ph": "X",
             "cat": ann,

@@ -334,3 +334,23 @@ def test_other_commands_check_the_device_before_any_folder(
     assert cli.main([*argv, "--damping", "1"] if command == "diagnose" else argv) == 2
     assert "CUDA is not available" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_release_cuda_says_when_the_context_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed CUDA cell: a usable context is emptied (""), a poisoned one (a device-side
+    assert raises again at the next sync) is reported in one line, so the run stops for --resume
+    in a new process instead of failing every later cell."""
+    from kfacbench import runner
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    assert runner.release_cuda(torch.device("cuda")) == "" and emptied == [True]
+
+    def poisoned(device: object = None) -> None:
+        raise RuntimeError("CUDA error: device-side assert triggered\nCompile with ...")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", poisoned)
+    assert runner.release_cuda(torch.device("cuda")) == (
+        "RuntimeError: CUDA error: device-side assert triggered Compile with ..."
+    )

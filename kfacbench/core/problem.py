@@ -12,6 +12,7 @@ autoencoder experiments: reconstruction error per example).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,7 +54,7 @@ class Problem:
         module = self.wrapped if self.wrapped is not None and self.model.training else self.model
         if self.amp == "off":
             return module(x)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        with self.precision(x.device):
             out = module(x)
         return out.float()
 
@@ -69,13 +70,28 @@ class Problem:
         The draw is detached: the Fisher's expectation is over y ~ p(y|x, θ) with θ held fixed.
         """
         out = output.detach()
-        if self.distribution == "bernoulli":
-            return torch.bernoulli(torch.sigmoid(out), generator=generator)
         if self.distribution == "gaussian":
             noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
             return out + noise
-        probs = torch.softmax(out, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # A diverging run has NaN or infinite outputs. CUDA's samplers assert on such
+        # probabilities on the device, which loses the CUDA context for every later cell; the
+        # loop records the run as diverged at its next read-back, so sample from finite values.
+        out = torch.nan_to_num(out, nan=0.0)
+        if self.distribution == "bernoulli":
+            return torch.bernoulli(torch.sigmoid(out), generator=generator)
+        # Gumbel-max: argmax(logits + G), G ~ Gumbel(0, 1), is a draw of softmax(logits). Unlike
+        # torch.multinomial it has no host-side input checks (no sync) and no NaN assert.
+        u = torch.rand(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))
+        return torch.argmax(out + gumbel, dim=-1)
+
+    def precision(self, device: torch.device) -> AbstractContextManager[object]:
+        """The autocast context of this problem's forward pass (a no-op when ``amp`` is off), for
+        the extra forward passes an optimizer makes, so that they see the same precision as the
+        training forward (K-FAC's ρ compares losses from both)."""
+        if self.amp == "off":
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def per_example_loss(

@@ -503,6 +503,8 @@ class KFAC:
         self.factor_updates += 1
         eps = min(1 - 1 / self.factor_updates, self.ema_max)
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        olds: list[torch.Tensor] = []
+        news: list[torch.Tensor] = []
         for c, g in zip(self.curv, gs, strict=True):
             a = self.capture.inputs(c.layer)
             per_example = a.shape[0] // m  # conv: spatial positions per example
@@ -514,8 +516,8 @@ class KFAC:
             if c.a is None or c.g is None:
                 c.a, c.g = a_new, g_new
             else:
-                c.a.mul_(eps).add_(a_new, alpha=1 - eps)
-                c.g.mul_(eps).add_(g_new, alpha=1 - eps)
+                olds += (c.a, c.g)
+                news += (a_new, g_new)
         if self.structure == "tridiag":
             new_cross = [
                 cross_factors(a0, a1, g0, g1, n) for (a0, g0), (a1, g1) in itertools.pairwise(rows)
@@ -524,8 +526,10 @@ class KFAC:
                 self.cross = new_cross
             else:
                 for (ca, cg), (na, ng) in zip(self.cross, new_cross, strict=True):
-                    ca.mul_(eps).add_(na, alpha=1 - eps)
-                    cg.mul_(eps).add_(ng, alpha=1 - eps)
+                    olds += (ca, cg)
+                    news += (na, ng)
+        if olds:  # Ā ← εĀ + (1 − ε)Ā_new for every factor at once (one fused call per dtype)
+            torch._foreach_lerp_(olds, news, 1 - eps)
 
     def _refresh_inverses(self) -> None:
         """Decompositions (eigh) or damped inverses (cholesky/inv) of every factor."""
@@ -736,10 +740,15 @@ class KFAC:
             (coef, _, f2, n2, b), cand = solved[0], direction
         else:
             # Keep the γ whose update scores best, chosen on the device (§6.6).
-            best = torch.argmin(torch.stack([r[1] for r in solved]))
-            coef, _, f2, n2, b = (torch.stack([r[i] for r in solved])[best] for i in range(5))
-            cand = [torch.stack(ts)[best] for ts in zip(*directions, strict=True)]
-            self.gamma = torch.stack(gammas)[best]
+            # Indexing with a 0-dim device tensor would read it on the host (a sync).
+            best = torch.argmin(torch.stack([r[1] for r in solved])).reshape(1)
+
+            def pick(values: Sequence[torch.Tensor]) -> torch.Tensor:
+                return torch.stack(list(values)).index_select(0, best).squeeze(0)
+
+            coef, _, f2, n2, b = (pick([r[i] for r in solved]) for i in range(5))
+            cand = [pick(ts) for ts in zip(*directions, strict=True)]
+            self.gamma = pick(gammas)
             if self.structure == "tridiag":
                 self.tridiag = self._tridiag_pieces(self.gamma)
 
@@ -765,7 +774,9 @@ class KFAC:
         """h on the minibatch (ℓ2 cost included) with ``self.params`` set to ``values``, without
         touching θ or BatchNorm statistics."""
         params = self._by_name(values, fill=torch.Tensor.detach)
-        loss = self._global_mean(self.problem.loss(self._functional_forward(params, x), y))
+        with self.problem.precision(x.device):  # as the step's forward: ρ compares the two
+            output = self._functional_forward(params, x)
+        loss = self._global_mean(self.problem.loss(output.float(), y))
         return loss + 0.5 * self.eta * _dot(values, values)
 
     def _levenberg_marquardt(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:

@@ -315,3 +315,43 @@ def test_kfac_curves_trace_its_adaptive_rules() -> None:
         reached=lambda acc: False,
     )  # fmt: skip
     assert all(math.isnan(sgd.curves[-1][k]) for k in ("gamma", "mu", "rho"))
+
+
+def test_a_data_parallel_time_budget_is_decided_at_read_back_points_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Agreeing on "out of time" is a collective and a host sync: a data-parallel loop makes it
+    only at read-back points (every log_every steps), and stops at the first one past the
+    budget. The collectives are stubbed as a one-rank group."""
+    from kfacbench.core import loop
+    from kfacbench.distributed import Dist
+
+    asked: list[int] = []
+    steps = {"n": 0}
+    monkeypatch.setattr(loop, "shard", lambda idx, dist: idx)
+    monkeypatch.setattr(loop, "mean_losses", lambda losses, dist: losses)
+    monkeypatch.setattr(loop, "slowest", lambda values, dist: values)
+    monkeypatch.setattr(loop, "any_rank", lambda flag, device: asked.append(steps["n"]) or flag)
+    clock = {"t": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["t"])
+    problem = classifier()
+    sgd = SGD(problem, lr=0.1)
+    real_step = sgd.step
+
+    def step(x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
+        steps["n"] += 1
+        clock["t"] += 1.0  # one "second" per step
+        return real_step(x, y, timer)
+
+    sgd.step = step  # type: ignore[method-assign]
+    result = train(
+        problem,
+        sgd,
+        blobs(),
+        config(max_steps=None, max_seconds=7.5, log_every=5, eval_every=100),
+        metric="accuracy",
+        reached=lambda acc: False,
+        dist=Dist(rank=0, world=1, local_rank=0, backend="gloo"),
+    )
+    assert asked == [5, 10]
+    assert result.steps == 10

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kfacbench.core.problem import Distribution, Problem, per_example_loss
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.curvature import (
+    SYMMETRIC_MIN_DIM,
     Capture,
     Layer,
     cross_factors,
@@ -20,6 +21,7 @@ from kfacbench.optim.curvature import (
     factors,
     find_layers,
     grad_matrix,
+    gram,
     kronecker_factors,
     output_grads,
     split_matrix,
@@ -590,3 +592,16 @@ def test_factors_check_the_row_widths() -> None:
     layer = find_layers(nn.Linear(4, 3))[0][0]
     with pytest.raises(ValueError, match="expected 5 and 3"):
         factors(layer, torch.ones(2, 4), torch.ones(2, 3), 2)
+
+
+@pytest.mark.parametrize(("d", "blocks"), [(300, 4), (257, 3), (512, 5), (100, 4), (300, 1)])
+def test_gram_from_the_upper_block_triangle_equals_the_full_product(d: int, blocks: int) -> None:
+    """Uneven block edges included; narrow inputs take the plain GEMM."""
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    got = gram(x, blocks)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(got, got.T, rtol=0, atol=1e-12)
+    if blocks > 1 and d >= SYMMETRIC_MIN_DIM:  # the last block column mirrors the first rows
+        assert torch.equal(
+            got[d - d // blocks :, : d // blocks], got[: d // blocks, d - d // blocks :].T
+        )

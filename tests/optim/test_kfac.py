@@ -315,14 +315,15 @@ def test_no_host_sync_outside_the_inverse_phase() -> None:
     torch.manual_seed(0)
     model = deep_autoencoder((64, 32, 8)).to(device)
     x = torch.rand(128, 64, device=device).round()
-    opt = KFAC(Problem(model, "bernoulli"), inv_interval=1000)
+    # γ searches (every 2 steps) and LM checks (every 5) happen among the checked steps.
+    opt = KFAC(Problem(model, "bernoulli"), inv_interval=1000, gamma_interval=2)
     timer = PhaseTimer(device)
     for _ in range(4):  # past the first three steps, which refresh the inverses
         opt.step(x, x, timer)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(6):
+        for _ in range(8):
             opt.step(x, x, timer)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -431,3 +432,17 @@ def test_levenberg_marquardt_rule(rho: float, factor: str, monkeypatch: pytest.M
     want = {"down": 2.0 * opt.omega1, "same": 2.0, "up": 2.0 / opt.omega1}[factor]
     assert opt.lam.item() == pytest.approx(want, rel=1e-5)
     assert opt.gamma.item() == pytest.approx(math.sqrt(want + opt.eta), rel=1e-5)
+
+
+def test_bf16_objective_is_evaluated_like_the_training_forward() -> None:
+    """With a bf16 forward, the h(θ) of LM's ρ and of the γ search is the bf16 loss the step
+    computed (not an fp32 one): at unchanged parameters the two agree to float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    problem = Problem(model, "gaussian", amp="bf16")
+    opt = KFAC(problem, weight_decay=0.0)
+    training = problem.loss(problem.forward(x), y)
+    assert opt._objective(opt.params, x, y).item() == pytest.approx(training.item(), rel=1e-6)
+    full = Problem(model, "gaussian").loss(model(x), y)
+    assert abs(full.item() - training.item()) > 1e-6 * abs(full.item())  # bf16 does differ

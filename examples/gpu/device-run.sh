@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One call on a GPU machine that installs nothing (README, "A first run on a GPU machine").
+#
+#   bash examples/gpu/device-run.sh [--device cuda|cuda:N|cpu] [--out DIR] [--only PATTERN]
+#
+# Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
+# >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
+# with CUDA-only paths, the kfac_speed, skfac_speed and peers suites, and a report of the three
+# runs. Every stage has its own time limit and a failed stage does not stop the next; about 6
+# minutes on an H200. Results go to DIR (default $OUT when set, else results/gpu/<timestamp>):
+# log.txt, doctor.parquet, cells.parquet (the three suites' cells) and device-run.tar.gz (every
+# table, trace and the report), so that a machine that returns at most a few files returns all.
+# `--device cpu` runs the same code path minus the CUDA checks (a dry run); `--only` restricts
+# the suites' cells (a glob on labels, e.g. '*kfac-fast*').
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+device=cuda
+out="${OUT:-results/gpu/$(date +%Y%m%d-%H%M%S)}"
+only=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) device="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        --only) only=(--only "$2"); shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# ASDL (the peers) is pure Python: unpack its wheel into .carry/asdl to have the peers run.
+[ -d .carry/asdl ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/asdl"
+py="${PYTHON:-python3}"
+work="$(mktemp -d)/device-run"
+mkdir -p "$work" "$out"
+log="$out/log.txt"
+: > "$log"
+failed=()
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, note a failure
+    local name="$1" limit="$2"; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$log"
+    [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+stage environment 60 "$py" -c '
+import torch, kfacbench
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
+          "cudnn", torch.backends.cudnn.version(), "devices", torch.cuda.device_count())
+print("fp32 matmul precision", torch.get_float32_matmul_precision(), "threads", torch.get_num_threads())
+print("kfacbench", kfacbench.__version__, kfacbench.__file__)'
+stage doctor 240 "$py" -m kfacbench doctor --device "$device" --out "$work/doctor"
+cp "$work/doctor/doctor.parquet" "$out/" 2>/dev/null
+# The tests that have CUDA-only paths (skipped on CPU; here they run).
+mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
+stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
+runs=()
+for suite in kfac_speed skfac_speed peers; do
+    stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
+    latest="$(ls -d "$work/runs/$suite"/*/ 2>/dev/null | sort | tail -n 1)"
+    [ -n "$latest" ] && runs+=("$latest")
+done
+if [ ${#runs[@]} -gt 0 ]; then
+    stage report 120 "$py" -m kfacbench report "${runs[@]}" -o "$work/report"
+    "$py" -c '
+import sys, pandas as pd
+frames = [pd.read_parquet(f"{r}/cells.parquet") for r in sys.argv[2:]]
+pd.concat(frames, ignore_index=True).to_parquet(sys.argv[1])' "$out/cells.parquet" "${runs[@]}" \
+        >> "$log" 2>&1
+fi
+tar -czf "$out/device-run.tar.gz" -C "$(dirname "$work")" device-run
+echo "=== done: ${#failed[@]} failed stage(s)${failed[*]:+: ${failed[*]}}" | tee -a "$log"
+[ ${#failed[@]} -eq 0 ]
