@@ -340,6 +340,9 @@ def run_worker(
         run_cells(cells, store, options, quiet, dist=dist)
         if suite.profile is not None:
             profile_cells(cells, store.run_dir, options, suite.profile, dist=dist)
+        # Every rank past its last collective before any tears the group down (a rank that
+        # closes its gloo pairs while another's last message is in flight aborts that rank).
+        td.barrier()
     finally:
         td.destroy_process_group()
     return 0

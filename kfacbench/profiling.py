@@ -54,7 +54,9 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "solver",
         re.compile(
             r"eigh|syevd|syevj|cholesky|potr[fis]|getr[fs]|trsm|trtri|geqrf|linalg_|lu_|solve"
-            r"|cusolver|magma|inverse",
+            r"|cusolver|magma|inverse"
+            # cuSOLVER's symmetric eigensolver internals (tridiagonalise, divide and conquer, ...)
+            r"|sytrd|ormtr|stedc|steqr|sterf|lansy|larf[gbt]?|orgtr|orgqr",
             re.I,
         ),
     ),
@@ -62,7 +64,8 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         "gemm",
         re.compile(
             r"gemm|gemv|matmul|aten::(mm|bmm|addmm|addmv|baddbmm|linear|dot|mv)$|cutlass|cublas"
-            r"|sm\d+_xmma|conv|cudnn|winograd|implicit_?gemm|mkldnn",
+            r"|sm\d+_xmma|conv|cudnn|winograd|implicit_?gemm|mkldnn"
+            r"|nvjet",  # Hopper cuBLAS kernels (nvjet_tst_...)
             re.I,
         ),
     ),
@@ -85,7 +88,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "elementwise",
         re.compile(
-            r"elementwise|vectorized|unrolled|foreach|aten::(add|sub|mul|div|addcmul|addcdiv|pow"
+            r"elementwise|vectorized|unrolled|foreach|multi_tensor_apply|aten::(add|sub|mul|div|addcmul|addcdiv|pow"
             r"|sqrt|rsqrt|exp|log|sigmoid|tanh|relu|threshold|neg|where|clamp\w*|lerp|copysign"
             r"|abs|sign|square|reciprocal|mse_loss|binary_cross_entropy\w*|nll_loss\w*"
             r"|native_batch_norm\w*|batch_norm\w*|_foreach\w*)",

@@ -114,6 +114,10 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     try:
         state = train_steps(name, Dist(rank, world, rank, "gloo"))
         torch.save(state, Path(out) / f"rank{rank}.pt")
+        # Both ranks done with every collective before either tears its group down: a rank
+        # that destroys its gloo pairs while the other's last message is in flight aborts the
+        # other process ("terminate called without an active exception", seen once in CI).
+        td.barrier()
     finally:
         td.destroy_process_group()
 

@@ -117,26 +117,60 @@ def robust_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tenso
     return vals.clamp_min(0).to(mat.dtype), vecs.to(mat.dtype)
 
 
-def damped_inverse(
-    mat: torch.Tensor, damping: torch.Tensor, method: str, what: str
-) -> torch.Tensor:
-    """(mat + damping·I)⁻¹ by Cholesky or explicit inversion, with a float64 retry."""
-    eye = torch.eye(mat.shape[0], device=mat.device, dtype=mat.dtype)
-    damped = _symmetric(mat) + damping * eye
+def damped_inverses(
+    mats: Sequence[torch.Tensor], dampings: Sequence[torch.Tensor], method: str, what: Sequence[str]
+) -> list[torch.Tensor]:
+    """(mat_i + damping_i·I)⁻¹ of every factor by Cholesky or explicit inversion: one batched
+    call per size, with a float64 retry of the systems that failed.
 
-    def invert(x: torch.Tensor) -> torch.Tensor:
-        if method == "cholesky":
-            return torch.cholesky_inverse(torch.linalg.cholesky(x))
-        return torch.linalg.inv(x)
+    ``torch.linalg.cholesky`` and ``inv`` check their result on the host, one synchronisation per
+    matrix; their ``_ex`` variants leave the status on the device, so a refresh costs one check
+    per distinct size (and fewer launches on a GPU).
+    """
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    sizes: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, m in enumerate(mats):
+        sizes.setdefault((m.shape[0], m.dtype), []).append(i)
+    for (size, dtype), members in sizes.items():
+        eye = torch.eye(size, device=mats[members[0]].device, dtype=dtype)
+        stack = torch.stack([_symmetric(mats[i]) + dampings[i] * eye for i in members])
+        inverses, info = _invert_ex(stack, method)
+        failed = (info != 0).nonzero().flatten().tolist()  # the one check of this size
+        if failed:
+            names = ", ".join(what[members[j]] for j in failed)
+            warnings.warn(
+                f"K-FAC: {method} of damped {names} failed in float32; retrying in float64",
+                stacklevel=2,
+            )
+            # Formed again in float64: a small damping can vanish in the float32 sum already.
+            eye64 = eye.double()
+            again = [members[j] for j in failed]
+            stack64 = torch.stack(
+                [_symmetric(mats[i].double()) + dampings[i] * eye64 for i in again]
+            )
+            retry, info64 = _invert_ex(stack64, method)
+            if bool((info64 != 0).any()):
+                bad = ", ".join(
+                    what[members[j]] for j, ok in zip(failed, info64, strict=True) if ok
+                )
+                raise torch.linalg.LinAlgError(
+                    f"K-FAC: {method} of damped {bad} failed in float64 too"
+                    f" ({'not positive definite' if method == 'cholesky' else 'singular'})"
+                )
+            inverses[failed] = retry.to(dtype)
+        for j, i in enumerate(members):
+            out[i] = inverses[j]
+    return [inv for inv in out if inv is not None]
 
-    try:
-        return invert(damped)
-    except torch.linalg.LinAlgError:
-        warnings.warn(
-            f"K-FAC: {method} of damped {what} failed in float32; retrying in float64",
-            stacklevel=2,
-        )
-        return invert(damped.double()).to(mat.dtype)
+
+def _invert_ex(stack: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched inverses of SPD matrices and their status (0: success), without a host check."""
+    if method == "cholesky":
+        chol, info = torch.linalg.cholesky_ex(stack)
+        # cholesky_solve, not cholesky_inverse: the latter checks the diagonal on the host.
+        eye = torch.eye(stack.shape[-1], device=stack.device, dtype=stack.dtype)
+        return torch.cholesky_solve(eye.expand_as(stack), chol), info
+    return torch.linalg.inv_ex(stack)
 
 
 @dataclass
@@ -542,11 +576,18 @@ class KFAC:
         elif self.inverse_method == "eigh":
             self._batched_eigh()
         else:
-            for c in self._owned():
+            owned = self._owned()
+            mats: list[torch.Tensor] = []
+            dampings: list[torch.Tensor] = []
+            names: list[str] = []
+            for c in owned:
                 assert c.a is not None and c.g is not None and c.pi is not None
-                name, method = c.layer.name, self.inverse_method
-                c.a_inv = damped_inverse(c.a, c.pi * self.gamma, method, f"A of {name}")
-                c.g_inv = damped_inverse(c.g, self.gamma / c.pi, method, f"G of {name}")
+                mats += (c.a, c.g)
+                dampings += (c.pi * self.gamma, self.gamma / c.pi)
+                names += (f"A of {c.layer.name}", f"G of {c.layer.name}")
+            inverses = damped_inverses(mats, dampings, self.inverse_method, names)
+            for c, a_inv, g_inv in zip(owned, inverses[::2], inverses[1::2], strict=True):
+                c.a_inv, c.g_inv = a_inv, g_inv
 
     def _batched_eigh(self) -> None:
         """Eigendecompose all factors, one batched call per distinct size (fewer launches on a

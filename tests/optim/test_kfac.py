@@ -14,7 +14,7 @@ from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
 from kfacbench.optim.curvature import grad_matrix, kronecker_factors
-from kfacbench.optim.kfac import KFAC, fisher_quadratic
+from kfacbench.optim.kfac import KFAC, damped_inverses, fisher_quadratic
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 
 CPU = torch.device("cpu")
@@ -446,3 +446,29 @@ def test_bf16_objective_is_evaluated_like_the_training_forward() -> None:
     assert opt._objective(opt.params, x, y).item() == pytest.approx(training.item(), rel=1e-6)
     full = Problem(model, "gaussian").loss(model(x), y)
     assert abs(full.item() - training.item()) > 1e-6 * abs(full.item())  # bf16 does differ
+
+
+@pytest.mark.parametrize("method", ["cholesky", "inv"])
+def test_damped_inverses_batch_by_size_and_retry_failures_in_float64(method: str) -> None:
+    """Mixed sizes, one call per size; a system that fails in float32 (rank one plus a damping
+    below float32's rounding) is solved again in float64 with a warning; one that is not
+    positive definite at all fails naming it."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(n, 2 * n, generator=gen) for n in (3, 5, 3)]
+    mats = [m @ m.T / m.shape[1] for m in mats]
+    dampings = [torch.tensor(0.5), torch.tensor(0.1), torch.tensor(2.0)]
+    got = damped_inverses(mats, dampings, method, ["a", "b", "c"])
+    for m, d, inv in zip(mats, dampings, got, strict=True):
+        want = torch.linalg.inv(m.double() + d * torch.eye(m.shape[0], dtype=torch.float64))
+        torch.testing.assert_close(inv.double(), want, rtol=1e-4, atol=1e-5)
+
+    v = torch.full((1, 3), 100.0)
+    rank_one = v.T @ v  # 1e4 everywhere: a damping of 1e-6 vanishes in float32, not in float64
+    with pytest.warns(UserWarning, match=f"{method} of damped tiny failed in float32"):
+        (inv,) = damped_inverses([rank_one], [torch.tensor(1e-6)], method, ["tiny"])
+    assert inv.dtype == torch.float32 and torch.isfinite(inv).all()
+    with (
+        pytest.raises(torch.linalg.LinAlgError, match="damped bad failed in float64 too"),
+        pytest.warns(UserWarning),
+    ):
+        damped_inverses([-torch.eye(3)], [torch.tensor(1.0)], method, ["bad"])  # exactly 0
