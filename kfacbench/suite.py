@@ -100,7 +100,8 @@ class Settings:
         train_eval_size: training examples used for the train-set eval.
         eval_size: test examples used at each eval; ``None`` for the whole test set (a timing
             suite on synthetic data has no use for a full ResNet eval on 10,000 images).
-        tf32: allow TF32 matmuls and convolutions on CUDA.
+        tf32: allow TF32 matmuls and convolutions on CUDA, in the forward and backward passes
+            (K-FAC's and SKFAC's own arithmetic stays float32: ``optim.base.fp32_matmuls``).
         amp: autocast mode of the forward pass: ``off`` or ``bf16`` (fp16 would need loss
             scaling, which the core does not do, so it is not offered).
         diverge_factor: a read-back loss above this many times the cell's initial loss ends the

@@ -52,6 +52,24 @@ class Method(Protocol):
         ...
 
 
+@contextmanager
+def fp32_matmuls() -> Iterator[None]:
+    """Full-float32 CUDA matmuls inside the block, whatever the cell's ``tf32`` setting.
+
+    TF32 keeps 10 mantissa bits. That suits the forward and backward passes, but a second-order
+    method's own arithmetic takes differences of large terms: factors accumulated from many rows,
+    eigenbasis products, Woodbury updates, the exact-Fisher quadratic model. With TF32 there,
+    Cholesky factorisations fail more often and λ's ρ is noise. A flag write each way, no sync.
+    """
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
 def gradients(params: Sequence[torch.Tensor], weight_decay: float = 0.0) -> list[torch.Tensor]:
     """``.grad`` of each parameter (zeros for one the last backward pass did not reach), plus
     ``weight_decay`` times the parameter: ∇h = ∇(mean loss) + ηθ when η is part of the objective

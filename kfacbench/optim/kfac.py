@@ -49,7 +49,14 @@ from kfacbench.distributed import (
     mean_over_ranks,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, IterateAverage, MethodContext, MethodSpec, gradients
+from kfacbench.optim.base import (
+    HParam,
+    IterateAverage,
+    MethodContext,
+    MethodSpec,
+    fp32_matmuls,
+    gradients,
+)
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -406,48 +413,49 @@ class KFAC:
             for p in self.params:
                 p.grad = None
             loss.backward(retain_graph=update_cov and not keep)
-        if update_cov:
-            self._land_factors(timer)  # the EMA below must start from the all-reduced factors
-            with timer.phase("curvature"):
-                self._update_factors(output, x.shape[0])
-            if self.dist is not None:
-                # Launched now, awaited at the next refresh or factor update: between refreshes
-                # the all-reduce overlaps the rest of the step and the next ones.
-                self.pending = PendingMean(self._factor_tensors(), self.dist.world)
-        self.capture.clear()
-        if k < 3 or k % self.inv_interval == 0:
-            self._land_factors(timer)
-            with timer.phase("inverse"):
-                self._refresh_inverses()
-            if self.owners.shares_inverses:
-                with timer.phase("comm"):
-                    self._share_inverses()
-        with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
-            with timer.phase("precondition"):
-                grads = self._gradient()
-                nat = self._natural(grads, self.gamma)
-            if self.owners.shares_directions:
-                with timer.phase("comm"):
-                    nat = self.owners.share_directions(nat, self.device)
-            direction = self._assemble(nat, grads)
-            if self.rescale:
-                with timer.phase("rescale"):
-                    update = self._rescaled_update(x, y, output, grads, direction)
-            with timer.phase("update"):
+        with fp32_matmuls():  # the curvature arithmetic in full float32 (TF32: forward/backward)
+            if update_cov:
+                self._land_factors(timer)  # the EMA below must start from the all-reduced factors
+                with timer.phase("curvature"):
+                    self._update_factors(output, x.shape[0])
+                if self.dist is not None:
+                    # Launched now, awaited at the next refresh or factor update: between refreshes
+                    # the all-reduce overlaps the rest of the step and the next ones.
+                    self.pending = PendingMean(self._factor_tensors(), self.dist.world)
+            self.capture.clear()
+            if k < 3 or k % self.inv_interval == 0:
+                self._land_factors(timer)
+                with timer.phase("inverse"):
+                    self._refresh_inverses()
+                if self.owners.shares_inverses:
+                    with timer.phase("comm"):
+                        self._share_inverses()
+            with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
+                with timer.phase("precondition"):
+                    grads = self._gradient()
+                    nat = self._natural(grads, self.gamma)
+                if self.owners.shares_directions:
+                    with timer.phase("comm"):
+                        nat = self.owners.share_directions(nat, self.device)
+                direction = self._assemble(nat, grads)
                 if self.rescale:
-                    torch._foreach_add_(self.params, update)
-                    self.prev_update = update
-                else:
-                    assert self.sgd is not None
-                    self.sgd.apply([-d for d in direction], self.lr)
-            if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
-                with timer.phase("rescale"):
-                    self._levenberg_marquardt(x, y, loss)
-            if self.rescale and self.adapt_gamma and self.gamma_ratio_bound:
-                # After LM: the bound holds for the γ the next step uses.
-                root = torch.sqrt(self.lam + self.eta)
-                width = self.omega2**self.gamma_ratio_bound
-                self.gamma = torch.clamp(self.gamma, min=root * width, max=root / width)
+                    with timer.phase("rescale"):
+                        update = self._rescaled_update(x, y, output, grads, direction)
+                with timer.phase("update"):
+                    if self.rescale:
+                        torch._foreach_add_(self.params, update)
+                        self.prev_update = update
+                    else:
+                        assert self.sgd is not None
+                        self.sgd.apply([-d for d in direction], self.lr)
+                if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
+                    with timer.phase("rescale"):
+                        self._levenberg_marquardt(x, y, loss)
+                if self.rescale and self.adapt_gamma and self.gamma_ratio_bound:
+                    # After LM: the bound holds for the γ the next step uses.
+                    root = torch.sqrt(self.lam + self.eta)
+                    width = self.omega2**self.gamma_ratio_bound
+                    self.gamma = torch.clamp(self.gamma, min=root * width, max=root / width)
         if self.average is not None:
             self.average.update()
         self.steps += 1

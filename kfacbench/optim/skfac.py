@@ -68,7 +68,7 @@ from kfacbench.distributed import (
     gather_rows,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
+from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
     Capture,
     Layer,
@@ -363,30 +363,31 @@ class SKFAC:
             for p in self.params:
                 p.grad = None
             loss.backward(retain_graph=measure and not keep)
-        if measure:
-            with timer.phase("curvature"):
-                self._measure(output)
-            if self.dist is not None:
-                with timer.phase("comm"):
-                    self._gather_latest()
-        self.capture.clear()
-        if refresh:
-            with timer.phase("inverse"):
-                self._refresh()
-            if self.owners.shares_inverses:
-                with timer.phase("comm"):
-                    self._share_inverses()
-        with torch.no_grad():
-            with timer.phase("precondition"):
-                grads = gradients(self.params, self.eta)
-                nat = self._natural(grads)
-            if self.owners.shares_directions:
-                with timer.phase("comm"):
-                    nat = self.owners.share_directions(nat, self.device)
-            direction = self._assemble(nat, grads)
-            with timer.phase("update"):
-                self.sgd.lr = self.sgd.lr_at(k)
-                self.sgd.apply(direction, self.sgd.lr)
+        with fp32_matmuls():  # the curvature arithmetic in full float32 (TF32: forward/backward)
+            if measure:
+                with timer.phase("curvature"):
+                    self._measure(output)
+                if self.dist is not None:
+                    with timer.phase("comm"):
+                        self._gather_latest()
+            self.capture.clear()
+            if refresh:
+                with timer.phase("inverse"):
+                    self._refresh()
+                if self.owners.shares_inverses:
+                    with timer.phase("comm"):
+                        self._share_inverses()
+            with torch.no_grad():
+                with timer.phase("precondition"):
+                    grads = gradients(self.params, self.eta)
+                    nat = self._natural(grads)
+                if self.owners.shares_directions:
+                    with timer.phase("comm"):
+                        nat = self.owners.share_directions(nat, self.device)
+                direction = self._assemble(nat, grads)
+                with timer.phase("update"):
+                    self.sgd.lr = self.sgd.lr_at(k)
+                    self.sgd.apply(direction, self.sgd.lr)
         self.steps += 1
         return loss.detach()
 
