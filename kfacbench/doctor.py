@@ -47,12 +47,19 @@ import pandas as pd
 import torch
 
 import kfacbench
-from kfacbench.core.loop import synchronize, train
+from kfacbench.core.loop import TrainResult, synchronize
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.profiling import kernel_rows, profile_cell
-from kfacbench.runner import DataCache, PreparedCell, RunOptions, one_line, prepare_cell
+from kfacbench.runner import (
+    DataCache,
+    PreparedCell,
+    RunOptions,
+    one_line,
+    prepare_cell,
+    run_cell,
+)
 from kfacbench.store import atomic_write_parquet, environment
 from kfacbench.suite import Cell, ProfileWindow, parse_suite
 from kfacbench.workloads import WORKLOADS
@@ -386,16 +393,12 @@ class Doctor:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
 
-    def train(self, cell: Cell) -> Any:
-        p = self.prepared(cell)
-        return train(
-            p.problem,
-            p.method,
-            p.splits,
-            p.config,
-            metric=p.workload.metric,
-            reached=lambda value: False,
-        )
+    def train(self, cell: Cell) -> TrainResult:
+        """The cell trained as ``run`` trains it; a configuration the method rejects is a skip."""
+        try:
+            return run_cell(cell, self.device, self.data)[0]
+        except KfacbenchError as exc:
+            raise Skip(str(exc)) from None
 
     def finite_cell(self, cell: Cell) -> str:
         result = self.train(cell)
