@@ -377,7 +377,7 @@ def method_direction(method: object, grad: list[Tensor]) -> list[Tensor] | None:
     if precondition is not None and getattr(method, "gamma", None) is not None:
         if getattr(method, "steps", 0) == 0:
             return None  # no inverse yet
-        return list(precondition(grad, method.gamma))  # type: ignore[attr-defined]
+        return list(precondition(grad, method.gamma, True))  # type: ignore[attr-defined]
     natural = getattr(method, "_natural", None)
     if natural is not None and getattr(method, "roots", None) is not None:
         if any(c.a_inv is None for c in method.roots):  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ from rich.progress import (
 )
 from torch import nn
 
+from kfacbench.core.compiling import fresh_caches, phase_column
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
@@ -126,6 +127,14 @@ def prepare_cell(
         raise KfacbenchError(
             "amp = 'fp16' needs loss scaling, which kfacbench does not do; use bf16"
         )
+    if dist is not None and settings.compile != "off":
+        raise KfacbenchError(
+            f"compile = {settings.compile!r} is not supported in data-parallel runs"
+            " (compiled regions and DDP's gradient hooks are not measured together yet);"
+            " use compile = 'off' with --nproc"
+        )
+    if settings.compile != "off":
+        fresh_caches()
     workload = get_workload(cell.workload)
     spec = get_method(cell.optimizer)
     if device.type == "cuda":
@@ -144,8 +153,19 @@ def prepare_cell(
     hparams: dict[str, Any] = dict(cell.hparams)
     if spec.uses_inv_interval:
         hparams["inv_interval"] = cell.inv_interval
-    context = MethodContext(settings.max_steps, cell.seed, device, dist)
+    context = MethodContext(
+        settings.max_steps,
+        cell.seed,
+        device,
+        dist,
+        settings.compile,  # type: ignore[arg-type]
+    )
     method = spec.build(problem, hparams, context)
+    if settings.compile != "off" and not hasattr(method, "compiled_phases"):
+        raise KfacbenchError(
+            f"optimizer {cell.optimizer!r} has no compiled regions; compile ="
+            f" {settings.compile!r} applies to SGD, K-FAC and SKFAC (set compile = 'off' for it)"
+        )
     config = LoopConfig(
         batch_size=cell.batch_size,
         seed=cell.seed,
@@ -248,6 +268,8 @@ def cell_row(
         "backend": env.get("backend"),
         "tf32": cell.settings.tf32,
         "amp": cell.settings.amp,
+        "compile": cell.settings.compile,
+        "compile_s": result.compile_s if result else math.nan,
         "torch_version": env["torch_version"],
         "kfacbench_version": env["kfacbench_version"],
         "git_commit": env["git_commit"],
@@ -255,6 +277,12 @@ def cell_row(
         "started_at": started,
         "finished_at": now(),
     }
+
+
+def phase_rows(result: TrainResult) -> list[dict[str, Any]]:
+    """The ``phases`` table rows of a cell: its phase statistics and whether each phase ran
+    compiled (``all``, ``part`` or ``no``)."""
+    return [{**vars(p), "compiled": phase_column(result.compiled, p.phase)} for p in result.phases]
 
 
 def record_failure(
@@ -406,7 +434,8 @@ def run_cells(
             # The capture hooks of the previous cell's method form reference cycles that keep its
             # model and gradients alive (device memory, and a peak that is not this cell's).
             gc.collect()
-            monitor = LoadMonitor(peer_pids=peers)
+            # Inductor compiles in worker processes of its own: their CPU time is this cell's.
+            monitor = LoadMonitor(peer_pids=peers, include_children=cell.settings.compile != "off")
             lost = ""
             try:
                 result, source, info = run_cell(
@@ -421,7 +450,7 @@ def run_cells(
                     method_info=info,
                     load=monitor.record,
                 )
-                curves, phases = result.curves, [vars(p) for p in result.phases]
+                curves, phases = result.curves, phase_rows(result)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one cell's failure must not end the suite

@@ -50,7 +50,8 @@ CELL_COLUMNS = (
     "train_time_s", "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
     "final_eval_metric", "median_step_ms", "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", *LOAD_COLUMNS, "device_kind", "device_name", "world_size", "backend", "tf32",
-    "amp", "torch_version", "kfacbench_version", "git_commit", "host", "started_at", "finished_at",
+    "amp", "compile", "compile_s", "torch_version", "kfacbench_version", "git_commit", "host",
+    "started_at", "finished_at",
 )  # fmt: skip
 """Columns of the ``cells`` table, in order."""
 

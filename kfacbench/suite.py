@@ -15,6 +15,7 @@ training run. The schema (``suites/quick.toml`` is a working example)::
     batch_size = [100, 500]          # required
     seed = [0]                       # default [0]
     inv_interval = [20]              # default [20]; only for methods with uses_inv_interval
+    compile = ["off", "default"]     # optional: the compile setting as a sweep axis
     [optimizers.sgd]                 # one table per registered method, at least one
     lr = [0.01, 0.1]                 # a value or a list of values per hyperparameter
     [[exclude]]                      # drop the cells matching every key given
@@ -50,12 +51,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from kfacbench.core.compiling import COMPILE_MODES
 from kfacbench.errors import SuiteError
 from kfacbench.optim.base import Bounds, HParam, HParamValue, MethodSpec
 
 T = TypeVar("T")
 
-AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed")
+AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed", "compile")
 """The sweep axes of a cell; with hyperparameter names, the keys an ``[[exclude]]`` table takes."""
 
 _TOP_KEYS = (
@@ -70,7 +72,7 @@ _TOP_KEYS = (
     "diagnose",
 )
 _PROFILE_KEYS = ("wait", "warmup", "active")
-_SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval")
+_SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval", "compile")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 """The device specs a suite and ``--device`` take."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # names a results directory
@@ -111,6 +113,10 @@ class Settings:
         stop_at_target: end the cell at the first eval that reaches the workload's target (as
             AlgoPerf does): a time-to-target comparison then costs each cell only its own time
             to target, and the budget bounds the cells that never get there.
+        compile: ``off`` (eager), or the torch.compile mode of the regions of the step that can
+            be compiled: ``default``, ``max-autotune`` or ``reduce-overhead`` (CUDA graphs on a
+            GPU); see :mod:`kfacbench.core.compiling`. Also a sweep axis (``sweep.compile``), so
+            eager and compiled cells run side by side.
     """
 
     device: str = "auto"
@@ -125,11 +131,13 @@ class Settings:
     amp: str = "off"
     diverge_factor: float = 10.0
     stop_at_target: bool = False
+    compile: str = "off"
 
 
 LATER_SETTINGS = {
     "diverge_factor": Settings.diverge_factor,
     "stop_at_target": Settings.stop_at_target,
+    "compile": Settings.compile,
 }
 """Settings that cell ids include only when not at their default (see :attr:`Cell.id`)."""
 
@@ -246,6 +254,8 @@ class Cell:
         if self.inv_interval is not None:
             parts.append(f"inv={self.inv_interval}")
         parts += [f"{key}={self.hparams[key]}" for key in self.label_keys]
+        if self.settings.compile != "off":
+            parts.append(f"compile={self.settings.compile}")
         parts.append(f"seed={self.seed}")
         return " ".join(parts)
 
@@ -374,6 +384,11 @@ def parse_suite(
     )
 
     settings = _resolve_settings(r, names, data)
+    compiles: list[str | None] = [None]  # None: each workload's own setting
+    if "compile" in sweep:
+        compiles = [
+            *r.values(sweep["compile"], "sweep.compile", lambda v, p: r.string(v, p, COMPILE_MODES))
+        ]
     grids = _grids(r, data, methods)
     profile = None
     if "profile" in data:
@@ -398,6 +413,7 @@ def parse_suite(
         * len(batch_sizes)
         * (len(inv_intervals) if methods[optimizer].uses_inv_interval else 1)
         * len(seeds)
+        * len(compiles)
         for optimizer, combos in grids.items()
     )
     if len(names) * per_workload > MAX_CELLS:
@@ -407,10 +423,11 @@ def parse_suite(
         invs: list[int | None] = (
             [*inv_intervals] if methods[optimizer].uses_inv_interval else [None]
         )
-        for hparams, batch_size, inv, seed in itertools.product(combos, batch_sizes, invs, seeds):
-            cells.append(
-                Cell(name, workload, optimizer, batch_size, inv, seed, hparams, settings[workload])
-            )
+        for hparams, batch_size, inv, seed, mode in itertools.product(
+            combos, batch_sizes, invs, seeds, compiles
+        ):
+            run = settings[workload] if mode is None else replace(settings[workload], compile=mode)
+            cells.append(Cell(name, workload, optimizer, batch_size, inv, seed, hparams, run))
 
     kept = _exclude(r, data.get("exclude", []), cells, [methods[o] for o in grids])
     varying = {
@@ -525,6 +542,8 @@ def _exclude(
 
 def _value(cell: Cell, key: str) -> object:
     """The cell's value for an exclude key; ``None`` (which TOML cannot write) where it has none."""
+    if key == "compile":
+        return cell.settings.compile
     return getattr(cell, key) if key in AXES else cell.hparams.get(key)
 
 
@@ -694,5 +713,6 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "stop_at_target": _Reader.boolean,
     "tf32": _Reader.boolean,
     "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
+    "compile": lambda r, v, p: r.string(v, p, COMPILE_MODES),
 }
 """Converter per :class:`Settings` field: the keys ``[defaults]`` and ``[workloads.*]`` take."""

@@ -13,7 +13,8 @@ TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
 
 
 def varying_hparams(cells: pd.DataFrame) -> pd.Series:
-    """For each cell, the hyperparameters whose values differ within its optimizer's cells."""
+    """For each cell, the hyperparameters whose values differ within its optimizer's cells, and
+    its ``compile`` mode when not ``off``."""
     parsed = cells["hparams"].map(json.loads)
     out = pd.Series("", index=cells.index, dtype=object)
     for _, group in cells.groupby("optimizer"):
@@ -21,6 +22,10 @@ def varying_hparams(cells: pd.DataFrame) -> pd.Series:
         keys = sorted({k for d in hp for k in d})
         varying = [k for k in keys if len({json.dumps(d.get(k)) for d in hp}) > 1]
         out.loc[group.index] = hp.map(lambda d, v=varying: " ".join(f"{k}={d.get(k)}" for k in v))
+    if "compile" in cells:  # a run setting, and a sweep axis of its own (cells before: no column)
+        mode = cells["compile"].fillna("off").astype(str)
+        compiled = mode != "off"
+        out[compiled] = (out[compiled] + " compile=" + mode[compiled]).str.strip()
     return out
 
 
@@ -31,6 +36,8 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
     cells = cells.assign(
         setting=varying_hparams(cells), ok=cells["status"].eq("ok"), busy=cells.index.isin(busy)
     )
+    if "compile_s" not in cells:  # runs recorded before compiled steps existed
+        cells["compile_s"] = 0.0
     keys = ["workload", "optimizer", "batch_size", "inv_interval", "setting"]
     grouped = cells.groupby(keys, dropna=False, sort=True)
     frame = grouped.agg(
@@ -42,6 +49,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
         train_time_s=("train_time_s", "median"),
         time_to_target_s=("time_to_target_s", "median"),
         median_step_ms=("median_step_ms", "median"),
+        compile_s=("compile_s", "median"),
         busy=("busy", "sum"),
     ).reset_index()
     return frame
@@ -64,6 +72,8 @@ def rich_summary(cells: pd.DataFrame, title: str) -> Table:
         "time_to_target_s": "to target s",
         "median_step_ms": "step ms",
     }
+    if (frame["compile_s"] > 0).any():  # kept out of "train s" and "step ms"
+        headers["compile_s"] = "compile s"
     if frame["busy"].any():  # cells timed while other processes used the CPUs
         headers["busy"] = "busy"
     for key, head in headers.items():

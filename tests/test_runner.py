@@ -18,8 +18,10 @@ import torch
 
 from kfacbench import cli
 from kfacbench.core.problem import Problem
+from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
 from kfacbench.rundir import load_tables
+from kfacbench.runner import DataCache, RunOptions, prepare_cell
 from kfacbench.store import CELL_COLUMNS, TMP_SUFFIX, RunStore
 
 SUITE = """
@@ -354,3 +356,32 @@ def test_release_cuda_says_when_the_context_is_lost(monkeypatch: pytest.MonkeyPa
     assert runner.release_cuda(torch.device("cuda")) == (
         "RuntimeError: CUDA error: device-side assert triggered Compile with ..."
     )
+
+
+def test_compiled_cells_record_compile_time_and_compiled_phases(tmp_path: Path) -> None:
+    extra = "[optimizers.adamw]\n"
+    suite = write_suite(tmp_path, lrs="0.1", extra=extra)
+    text = suite.read_text().replace("seed = [0]", 'seed = [0]\ncompile = ["off", "default"]')
+    suite.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 1  # AdamW has no compiled regions
+    tables = load_tables(only_run_dir(out, "t"))
+    cells = tables["cells"].set_index(["optimizer", "compile"])
+    assert cells.loc[("sgd", "off"), "compile_s"] == 0.0
+    assert cells.loc[("sgd", "default"), "compile_s"] > 0.0
+    assert cells.loc[("sgd", "default"), "status"] == "ok"
+    assert cells.loc[("adamw", "off"), "status"] == "ok"
+    assert cells.loc[("adamw", "default"), "status"] == "error"
+    assert "has no compiled regions" in cells.loc[("adamw", "default"), "error"]
+    phases = tables["phases"].merge(tables["cells"][["cell_id", "optimizer", "compile"]])
+    sgd = phases[phases["optimizer"] == "sgd"].set_index(["compile", "phase"])["compiled"]
+    assert set(sgd.loc["off"]) == {"no"}
+    assert sgd.loc[("default", "update")] == "all" and sgd.loc[("default", "step")] == "part"
+
+
+def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path, lrs="0.1")
+    suite.write_text(suite.read_text().replace("max_steps", 'compile = "default"\nmax_steps'))
+    (cell,) = cli.read_suite(str(suite)).cells
+    with pytest.raises(KfacbenchError, match="not supported in data-parallel runs"):
+        prepare_cell(cell, torch.device("cpu"), DataCache(RunOptions()), dist=object())  # type: ignore[arg-type]

@@ -172,6 +172,7 @@ def test_every_setting_is_read() -> None:
         "amp": "bf16",
         "diverge_factor": 100.0,
         "stop_at_target": True,
+        "compile": "reduce-overhead",
     }
     assert set(values) == {f.name for f in fields(Settings)}
     defaults = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -278,6 +279,7 @@ def test_id_is_the_hash_of_the_config() -> None:
     # A setting added later is hashed only when set, so ids of earlier runs stay valid.
     assert config["settings"].pop("diverge_factor") == 10.0
     assert config["settings"].pop("stop_at_target") is False
+    assert config["settings"].pop("compile") == "off"
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     assert cell.id == hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -704,3 +706,42 @@ def test_a_diagnose_table_sets_the_checkpoints() -> None:
         parse(BASE + "[diagnose]\nat = [0, -1]\n")
     with pytest.raises(SuiteError, match="unknown key 'every'"):
         parse(BASE + "[diagnose]\nevery = 5\n")
+
+
+# --- the compile setting -----------------------------------------------------------------------
+
+
+def test_compile_is_a_setting_and_a_sweep_axis() -> None:
+    (eager,) = parse(BASE).cells
+    assert eager.settings.compile == "off" and "compile" not in eager.label
+    (set_once,) = parse(BASE.replace("max_steps = 10", 'max_steps = 10\ncompile = "default"')).cells
+    assert set_once.settings.compile == "default" and set_once.id != eager.id
+    swept = parse(
+        BASE.replace("batch_size = [100]", 'batch_size = [100]\ncompile = ["off", "max-autotune"]')
+    )
+    assert [c.settings.compile for c in swept.cells] == ["off", "max-autotune"]
+    assert labels(swept) == [
+        "curves_ae sgd bs=100 seed=0",
+        "curves_ae sgd bs=100 compile=max-autotune seed=0",
+    ]
+    assert swept.cells[0].id == eager.id
+    excluded = parse(
+        BASE.replace("batch_size = [100]", 'batch_size = [100]\ncompile = ["off", "default"]')
+        + '[[exclude]]\ncompile = "off"\n'
+    )
+    assert [c.settings.compile for c in excluded.cells] == ["default"]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (BASE.replace("max_steps = 10", 'max_steps = 10\ncompile = "fast"'), "defaults.compile"),
+        (
+            BASE.replace("batch_size = [100]", 'batch_size = [100]\ncompile = ["on"]'),
+            "sweep.compile",
+        ),
+    ],
+)
+def test_an_unknown_compile_mode_names_the_key(text: str, key: str) -> None:
+    with pytest.raises(SuiteError, match=rf"{key}.*'reduce-overhead'"):
+        parse(text)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch.func import jvp
 
+from kfacbench.core.compiling import CompileClock, PhaseCompiled
 from kfacbench.core.problem import Problem, per_example_loss, prediction
 from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead, summarise
 from kfacbench.data import Splits
@@ -73,6 +74,9 @@ class TrainResult:
         final: final train-subset loss, eval loss and eval metric.
         timer_overhead_ms: the timer's host cost per step.
         peak_mem_mb: peak device memory (CUDA only; NaN on CPU).
+        compile_s: seconds spent compiling (``compile`` setting), kept out of ``train_time_s``
+            and of the phase times: the steps a compilation fell into are dropped from them.
+        compiled: the phases that ran compiled (the method's ``compiled_phases()``).
     """
 
     status: Literal["ok", "diverged"]
@@ -85,6 +89,8 @@ class TrainResult:
     reason: str = ""
     timer_overhead_ms: float = math.nan
     peak_mem_mb: float = math.nan
+    compile_s: float = 0.0
+    compiled: dict[str, PhaseCompiled] = field(default_factory=dict)
 
 
 def synchronize(device: torch.device) -> None:
@@ -295,45 +301,51 @@ def train(
     record(0, with_eval=True)
     step = 0
     reason = ""
-    segment_start = time.perf_counter()
-    while True:
-        size = config.batch_size
-        if batch_size_at is not None:
-            size = batch_size_at(step, config.batch_size, sampler.n)
-        idx = sampler.next(size)
-        examples += idx.shape[0]
-        if dist is not None:
-            idx = shard(idx, dist)
-        with timer.step():
-            loss = method.step(data.train_x[idx], data.train_y[idx], timer)
-        pending_losses.append(loss)
-        step += 1
-        if on_step is not None:
-            on_step(step)
-        read_back = step % config.eval_every == 0 or step % config.log_every == 0
-        elapsed = train_time + time.perf_counter() - segment_start
-        out_of_time = config.max_seconds is not None and elapsed >= config.max_seconds
-        if dist is not None and config.max_seconds is not None:
-            # Every rank must stop at the same step, and agreeing costs a collective and a sync:
-            # decide at read-back points only (the budget may run over by < log_every steps).
-            out_of_time = read_back and any_rank(out_of_time, device)
-        done = (config.max_steps is not None and step >= config.max_steps) or out_of_time
-        if not (done or read_back):
-            continue
-        synchronize(device)
-        train_time += time.perf_counter() - segment_start
-        timer.flush()
-        if dist is None:
-            done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
-        reason = record(step, with_eval=done or step % config.eval_every == 0)
-        if on_progress is not None:
-            on_progress(step)
-        if reason:
-            status = "diverged"
-            break
-        if done or (config.stop_at_target and time_to_target is not None):
-            break
-        segment_start = time.perf_counter()
+    with CompileClock() as clock:
+        segment_start, segment_compile = time.perf_counter(), 0.0
+        while True:
+            size = config.batch_size
+            if batch_size_at is not None:
+                size = batch_size_at(step, config.batch_size, sampler.n)
+            idx = sampler.next(size)
+            examples += idx.shape[0]
+            if dist is not None:
+                idx = shard(idx, dist)
+            mark, compiles = timer.mark(), clock.events
+            with timer.step():
+                loss = method.step(data.train_x[idx], data.train_y[idx], timer)
+            if clock.events != compiles:  # the step compiled: its phase times are the compiler's
+                timer.discard_since(mark)
+            pending_losses.append(loss)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            read_back = step % config.eval_every == 0 or step % config.log_every == 0
+            # Compilation is kept off the training time (the compile_s column).
+            compiling = clock.seconds - segment_compile
+            elapsed = train_time + time.perf_counter() - segment_start - compiling
+            out_of_time = config.max_seconds is not None and elapsed >= config.max_seconds
+            if dist is not None and config.max_seconds is not None:
+                # Every rank must stop at the same step, and agreeing costs a collective and a sync:
+                # decide at read-back points only (the budget may run over by < log_every steps).
+                out_of_time = read_back and any_rank(out_of_time, device)
+            done = (config.max_steps is not None and step >= config.max_steps) or out_of_time
+            if not (done or read_back):
+                continue
+            synchronize(device)
+            train_time += time.perf_counter() - segment_start - (clock.seconds - segment_compile)
+            timer.flush()
+            if dist is None:
+                done = done or (config.max_seconds is not None and train_time >= config.max_seconds)
+            reason = record(step, with_eval=done or step % config.eval_every == 0)
+            if on_progress is not None:
+                on_progress(step)
+            if reason:
+                status = "diverged"
+                break
+            if done or (config.stop_at_target and time_to_target is not None):
+                break
+            segment_start, segment_compile = time.perf_counter(), clock.seconds
 
     durations = timer.all_durations()
     if dist is not None:
@@ -354,4 +366,6 @@ def train(
         reason=reason,
         timer_overhead_ms=overhead,
         peak_mem_mb=peak,
+        compile_s=clock.seconds,
+        compiled=method.compiled_phases() if hasattr(method, "compiled_phases") else {},
     )

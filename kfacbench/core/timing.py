@@ -108,6 +108,22 @@ class PhaseTimer:
         """Time a whole training step (recorded as phase ``"step"``)."""
         return self.phase(STEP)
 
+    def mark(self) -> tuple[dict[str, int], int]:
+        """A position in the record, for :meth:`discard_since`."""
+        return {name: len(ms) for name, ms in self._durations.items()}, len(self._pending)
+
+    def discard_since(self, mark: tuple[dict[str, int], int]) -> None:
+        """Forget every call recorded after ``mark`` (a step that compiled: its times are the
+        compiler's, not the step's)."""
+        counts, pending = mark
+        for name in list(self._durations):
+            del self._durations[name][counts.get(name, 0) :]
+            if not self._durations[name]:
+                del self._durations[name]
+        for _, start, end in self._pending[pending:]:
+            self._free_events += (start, end)
+        del self._pending[pending:]
+
     def _event(self) -> torch.cuda.Event:
         if self._free_events:
             return self._free_events.pop()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from kfacbench.core.compiling import CompileMode
     from kfacbench.core.problem import Problem
     from kfacbench.core.timing import PhaseTimer
     from kfacbench.distributed import Dist
@@ -37,6 +38,9 @@ class Method(Protocol):
     - ``batch_size_at(step, base, n) -> int``: the minibatch size of step ``step`` (K-FAC's
       growing minibatches); by default the cell's batch size.
     - ``averaged() -> ContextManager``: evaluation runs inside it (Polyak-averaged iterates).
+    - ``compiled_phases() -> dict``: which phases ran compiled (``all`` or ``part``) under the
+      cell's ``compile`` setting; the ``compiled`` column of the phases table. A method without
+      it cannot run a cell with ``compile`` on.
     """
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -192,12 +196,15 @@ class MethodContext:
         device: the device the model lives on.
         dist: the process group of a data-parallel run (``None``: one process). Methods with
             curvature share it over the ranks (:mod:`kfacbench.distributed`).
+        compile: the cell's ``compile`` setting: which torch.compile mode the method's
+            compilable regions use (:mod:`kfacbench.core.compiling`).
     """
 
     total_steps: int | None
     seed: int
     device: torch.device
     dist: Dist | None = None
+    compile: CompileMode = "off"
 
 
 @dataclass(frozen=True)

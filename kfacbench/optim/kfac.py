@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, jvp
 
+from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -270,6 +271,8 @@ class KFAC:
             preconditions every layer) or ``mem-opt`` (only the owner keeps a layer's inverses;
             it broadcasts the preconditioned gradient every step). The block-tridiagonal inverse
             couples all layers and is computed on every rank.
+        compile: the torch.compile mode of the compilable regions (:meth:`compiled_phases`);
+            ``off`` runs eagerly.
     """
 
     def __init__(
@@ -302,6 +305,7 @@ class KFAC:
         seed: int = 0,
         dist: Dist | None = None,
         dist_strategy: str = "comm-opt",
+        compile: CompileMode = "off",
     ) -> None:
         if inverse_method not in INVERSE_METHODS:
             raise KfacbenchError(
@@ -380,7 +384,13 @@ class KFAC:
         self.prev_update: list[torch.Tensor] | None = None
         self.tridiag: TridiagInverse | None = None
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.sgd = None if rescale else SGD(problem, lr=lr, momentum=momentum, params=self.params)
+        self.sgd = (
+            None
+            if rescale
+            else SGD(problem, lr=lr, momentum=momentum, params=self.params, compile=compile)
+        )
+        self._compiled_direction = compiled(self._direction, compile)
+        self.compile: CompileMode = compile
         if not 0.0 <= polyak < 1.0:
             raise KfacbenchError(f"polyak must be in [0, 1), got {polyak}")
         self.growing_batch = growing_batch
@@ -432,8 +442,7 @@ class KFAC:
                         self._share_inverses()
             with torch.no_grad():  # no autograd graph for the optimizer's own arithmetic
                 with timer.phase("precondition"):
-                    grads = self._gradient()
-                    nat = self._natural(grads, self.gamma)
+                    grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
                         nat = self.owners.share_directions(nat, self.device)
@@ -474,6 +483,18 @@ class KFAC:
                 "rho": float(self.last_rho),
             }
         return {"lr": self.lr, "damping": float(self.lam), "gamma": float(self.gamma)}
+
+    def compiled_phases(self) -> dict[str, PhaseCompiled]:
+        """Preconditioning is a compiled region, and so is the SGD update without re-scaling.
+        Forward and backward stay eager: the capture hooks record layer inputs and output
+        gradients, which tracing would remove. The rescale phase (torch.func JVPs) and the
+        inverse refresh (eigh/Cholesky with their host checks) are eager."""
+        if self.compile == "off":
+            return {}
+        phases: dict[str, PhaseCompiled] = {"precondition": "all"}
+        if self.sgd is not None:
+            phases["update"] = "all"
+        return phases
 
     def batch_size_at(self, step: int, base: int, n: int) -> int:
         """The growing minibatch schedule (§13), or ``base`` when it is off."""
@@ -638,16 +659,28 @@ class KFAC:
     def _owned(self) -> list[LayerCurvature]:
         return [c for i, c in enumerate(self.curv) if self.owners.mine(i)]
 
-    def _precondition(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor]:
-        """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others."""
-        nat = self._natural(grads, gamma)
+    def _direction(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """∇h and F̆⁻¹∇h at the current γ: the precondition phase (a compiled region when the cell
+        compiles)."""
+        grads = self._gradient()
+        return grads, self._natural(grads, self.gamma, current=True)
+
+    def _precondition(
+        self, grads: list[torch.Tensor], gamma: torch.Tensor, current: bool = False
+    ) -> list[torch.Tensor]:
+        """Δ = −F̆⁻¹∇h: the K-FAC direction for covered layers, −∇h for the others, at a candidate
+        γ of the search (or at the current γ: ``current``)."""
+        nat = self._natural(grads, gamma, current=current)
         if self.owners.shares_directions:
             nat = self.owners.share_directions(nat, self.device)
         return self._assemble(nat, grads)
 
-    def _natural(self, grads: list[torch.Tensor], gamma: torch.Tensor) -> list[torch.Tensor | None]:
+    def _natural(
+        self, grads: list[torch.Tensor], gamma: torch.Tensor, *, current: bool
+    ) -> list[torch.Tensor | None]:
         """F̆⁻¹∇h as gradient matrices per covered layer (``None`` for a layer another rank
-        preconditions under mem-opt)."""
+        preconditions under mem-opt). ``current``: ``gamma`` is the γ of the last refresh (its
+        tridiagonal pieces and fixed-damping inverses are formed), not a search candidate."""
         i = 0
         mats: list[torch.Tensor] = []
         for c in self.curv:
@@ -655,11 +688,11 @@ class KFAC:
             mats.append(grad_matrix(c.layer, grads[i : i + n]))
             i += n
         if self.structure == "tridiag":
-            tri = self.tridiag if gamma is self.gamma else self._tridiag_pieces(gamma)
+            tri = self.tridiag if current else self._tridiag_pieces(gamma)
             assert tri is not None
             return list(tridiag_apply(tri, mats))
         return [
-            self._apply_block(c, v, gamma) if self.owners.preconditions(i) else None
+            self._apply_block(c, v, gamma, current) if self.owners.preconditions(i) else None
             for i, (c, v) in enumerate(zip(self.curv, mats, strict=True))
         ]
 
@@ -674,9 +707,11 @@ class KFAC:
         covered = sum(len(c.layer.params()) for c in self.curv)
         return out + [-g for g in grads[covered:]]
 
-    def _apply_block(self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    def _apply_block(
+        self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor, current: bool
+    ) -> torch.Tensor:
         """(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ applied to the (out, in) gradient matrix: G⁻¹ V Ā⁻¹."""
-        if self.inverse_method == "eigh" and not (self.fixed_damping and gamma is self.gamma):
+        if self.inverse_method == "eigh" and not (self.fixed_damping and current):
             assert c.qa is not None and c.da is not None and c.qg is not None and c.dg is not None
             assert c.pi is not None
             v1 = c.qg.T @ v @ c.qa
@@ -910,7 +945,7 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
-    return KFAC(problem, **hp, seed=ctx.seed, dist=ctx.dist)
+    return KFAC(problem, **hp, seed=ctx.seed, dist=ctx.dist, compile=ctx.compile)
 
 
 def _spec(name: str, summary: str, hparams: dict[str, HParam]) -> MethodSpec:

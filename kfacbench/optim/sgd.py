@@ -18,11 +18,13 @@ instead of one per tensor, which matters for short steps on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
@@ -48,6 +50,8 @@ class SGD:
     Usable on its own: ``SGD(Problem(model, "categorical"), lr=0.1)`` then
     ``opt.step(x, y, PhaseTimer(device))``. ``params`` (default: the model's trainable
     parameters, in order) fixes which tensors ``apply`` updates, for methods that reuse it.
+    ``compile`` (:mod:`kfacbench.core.compiling`) compiles the forward pass with its loss (the
+    backward graph comes with it) and the update.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class SGD:
         lr_decay: float = 0.1,
         total_steps: int | None = None,
         params: Sequence[torch.Tensor] | None = None,
+        compile: CompileMode = "off",
     ) -> None:
         if form not in ("pytorch", "sutskever"):
             raise ValueError(f"unknown SGD form {form!r}; known: pytorch, sutskever")
@@ -85,6 +90,14 @@ class SGD:
         self.total_steps = total_steps
         self.steps = 0
         self.lr = self.lr_at(0)  # fail early on a schedule without a horizon
+        self._rule = MomentumRule(momentum, form, nesterov, weight_decay)
+        self._compiled_loss = compiled(self._loss, compile)
+        self._compiled_update = (
+            None if compile == "off" else compiled(torch.no_grad()(_momentum_update), compile)
+        )
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.problem.loss(self.problem.forward(x), y)
 
     def lr_at(self, step: int) -> float:
         return scheduled_lr(
@@ -99,7 +112,7 @@ class SGD:
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
         """Forward, backward and momentum update on one minibatch."""
         with timer.phase("forward"):
-            loss = self.problem.loss(self.problem.forward(x), y)
+            loss = self._compiled_loss(x, y)
         with timer.phase("backward"):
             for p in self.params:
                 p.grad = None
@@ -113,33 +126,83 @@ class SGD:
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor], lr: float) -> None:
         """Momentum update of the parameters with direction ``grads`` (gradients or
-        preconditioned gradients) at learning rate ``lr``; shared with K-FAC's fast variant."""
-        params, vel, mu = self.params, self.velocity, self.momentum
-        if self.weight_decay:
-            grads = list(torch._foreach_add(grads, params, alpha=self.weight_decay))
-        if self.form == "pytorch":
-            torch._foreach_mul_(vel, mu)
-            torch._foreach_add_(vel, grads)
-            direction = torch._foreach_add(grads, vel, alpha=mu) if self.nesterov else vel
-            torch._foreach_add_(params, direction, alpha=-lr)
+        preconditioned gradients) at learning rate ``lr``; shared with K-FAC's fast variant.
+
+        Compiled, the learning rate enters as a 0-dim device tensor: torch.compile specialises
+        on a Python float, and a schedule would recompile at every new value.
+        """
+        if self._compiled_update is None:
+            _momentum_update(self.params, self.velocity, grads, lr, self._rule, _axpy)
         else:
-            if self.nesterov:  # θ ← θ + μ²v − (1+μ)ηg, then v ← μv − ηg
-                torch._foreach_add_(params, vel, alpha=mu * mu)
-                torch._foreach_add_(params, grads, alpha=-(1 + mu) * lr)
-                torch._foreach_mul_(vel, mu)
-                torch._foreach_add_(vel, grads, alpha=-lr)
-            else:
-                torch._foreach_mul_(vel, mu)
-                torch._foreach_add_(vel, grads, alpha=-lr)
-                torch._foreach_add_(params, vel)
+            rate = torch.full((), lr, device=self.params[0].device, dtype=self.params[0].dtype)
+            self._compiled_update(self.params, self.velocity, grads, rate, self._rule, _axpy_t)
 
     def log_values(self) -> dict[str, float]:
         """Current learning rate."""
         return {"lr": self.lr}
 
+    def compiled_phases(self) -> dict[str, PhaseCompiled]:
+        """Forward (with the loss) and update are compiled regions; the backward pass runs the
+        backward graph AOTAutograd compiled with the forward."""
+        if self._compiled_update is None:
+            return {}
+        return {"forward": "all", "backward": "all", "update": "all"}
+
+
+@dataclass(frozen=True)
+class MomentumRule:
+    """The constants of a momentum update (hashable: torch.compile guards on them)."""
+
+    momentum: float
+    form: str
+    nesterov: bool
+    weight_decay: float
+
+
+Number = float | torch.Tensor
+Axpy = Callable[[list[torch.Tensor], list[torch.Tensor], Number], None]
+
+
+def _axpy(dst: list[torch.Tensor], src: list[torch.Tensor], coef: Number) -> None:
+    """dst += coef·src with a Python-number coefficient (one fused foreach kernel, eager)."""
+    torch._foreach_add_(dst, src, alpha=coef)  # type: ignore[arg-type]
+
+
+def _axpy_t(dst: list[torch.Tensor], src: list[torch.Tensor], coef: Number) -> None:
+    """dst += coef·src with a tensor coefficient (compiled: inductor fuses the product)."""
+    torch._foreach_add_(dst, torch._foreach_mul(src, coef))
+
+
+def _momentum_update(
+    params: list[torch.Tensor],
+    vel: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: Number,
+    rule: MomentumRule,
+    axpy: Axpy,
+) -> None:
+    """The two momentum forms of the module docstring, in place on ``params`` and ``vel``."""
+    mu = rule.momentum
+    if rule.weight_decay:
+        grads = list(torch._foreach_add(grads, params, alpha=rule.weight_decay))
+    if rule.form == "pytorch":
+        torch._foreach_mul_(vel, mu)
+        torch._foreach_add_(vel, grads)
+        direction = list(torch._foreach_add(grads, vel, alpha=mu)) if rule.nesterov else vel
+        axpy(params, direction, -lr)
+    elif rule.nesterov:  # θ ← θ + μ²v − (1+μ)ηg, then v ← μv − ηg
+        torch._foreach_add_(params, vel, alpha=mu * mu)
+        axpy(params, grads, -(1 + mu) * lr)
+        torch._foreach_mul_(vel, mu)
+        axpy(vel, grads, -lr)
+    else:
+        torch._foreach_mul_(vel, mu)
+        axpy(vel, grads, -lr)
+        torch._foreach_add_(params, vel)
+
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SGD:
-    return SGD(problem, **hp, total_steps=ctx.total_steps)
+    return SGD(problem, **hp, total_steps=ctx.total_steps, compile=ctx.compile)
 
 
 SPEC = MethodSpec(

@@ -59,6 +59,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -266,6 +267,8 @@ class SKFAC:
             layer's two inverses are formed by one owner rank (balanced by their cost), and
             ``dist_strategy`` decides who preconditions, as for K-FAC.
         dist_strategy: ``comm-opt`` or ``mem-opt`` (see :class:`~kfacbench.optim.kfac.KFAC`).
+        compile: the torch.compile mode of the compilable regions (:meth:`compiled_phases`);
+            ``off`` runs eagerly.
     """
 
     def __init__(
@@ -290,6 +293,7 @@ class SKFAC:
         seed: int = 0,
         dist: Dist | None = None,
         dist_strategy: str = "comm-opt",
+        compile: CompileMode = "off",
     ) -> None:
         for key, value, known in (
             ("reduction", reduction, REDUCTIONS),
@@ -339,7 +343,10 @@ class SKFAC:
             lr_decay=lr_decay,
             total_steps=total_steps,
             params=self.params,
+            compile=compile,
         )
+        self.compile: CompileMode = compile
+        self._compiled_direction = compiled(self._direction, compile)
         self.float64_systems = False
         self.steps = 0
         self.device = device
@@ -379,8 +386,7 @@ class SKFAC:
                         self._share_inverses()
             with torch.no_grad():
                 with timer.phase("precondition"):
-                    grads = gradients(self.params, self.eta)
-                    nat = self._natural(grads)
+                    grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
                         nat = self.owners.share_directions(nat, self.device)
@@ -512,6 +518,20 @@ class SKFAC:
         for i, c in enumerate(owned):
             c.a_inv, c.g_inv = inverses[2 * i], inverses[2 * i + 1]
 
+    def compiled_phases(self) -> dict[str, PhaseCompiled]:
+        """Preconditioning and the update are compiled regions. Forward and backward stay eager
+        (the capture hooks), and so do the curvature rows (random positions, the sampled
+        backward) and the refresh (Cholesky with its host check)."""
+        if self.compile == "off":
+            return {}
+        return {"precondition": "all", "update": "all"}
+
+    def _direction(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """∇h and G_δ⁻¹∇h Ā_δ⁻¹ per layer: the precondition phase (a compiled region when the cell
+        compiles)."""
+        grads = gradients(self.params, self.eta)
+        return grads, self._natural(grads)
+
     def _natural(self, grads: list[Tensor]) -> list[Tensor | None]:
         """G_δ⁻¹ ∇h Ā_δ⁻¹ as a gradient matrix per layer (``None`` for a layer another rank
         preconditions under mem-opt)."""
@@ -602,7 +622,14 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SKFAC:
-    return SKFAC(problem, **hp, total_steps=ctx.total_steps, seed=ctx.seed, dist=ctx.dist)
+    return SKFAC(
+        problem,
+        **hp,
+        total_steps=ctx.total_steps,
+        seed=ctx.seed,
+        dist=ctx.dist,
+        compile=ctx.compile,
+    )
 
 
 SPECS = (
