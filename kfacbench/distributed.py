@@ -23,11 +23,14 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as td
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kfacbench.optim.curvature import Layer
 
 from kfacbench.errors import KfacbenchError
 
@@ -186,13 +189,22 @@ def assign_owners(costs: Sequence[float], world: int) -> list[int]:
     return owners
 
 
+Layout = list[tuple[tuple[int, ...], torch.dtype]]
+"""The shapes and dtypes of one item's tensors."""
+
+
 def broadcast_from_owners(
-    items: list[list[Tensor]], owners: Sequence[int], dist: Dist, device: torch.device
+    items: list[list[Tensor]],
+    owners: Sequence[int],
+    dist: Dist,
+    device: torch.device,
+    layouts: Sequence[Layout] | None = None,
 ) -> list[list[Tensor]]:
     """Give every rank every item's tensors, each item computed by its owner.
 
     ``items[i]`` is filled on rank ``owners[i]`` and ignored elsewhere. Per owner, the shapes and
-    dtypes go first (a small object broadcast, so receivers need not know them), then one flat
+    dtypes go first (a small object broadcast, pickled, with a host sync), unless every rank
+    knows them already (``layouts``: a per-step broadcast must not pay that), then one flat
     buffer per dtype.
     """
     out = [list(item) for item in items]
@@ -201,9 +213,12 @@ def broadcast_from_owners(
         if not mine:
             continue
         meta: list[Any] = [None]
-        if dist.rank == src:
-            meta[0] = [[(tuple(t.shape), t.dtype) for t in items[i]] for i in mine]
-        td.broadcast_object_list(meta, src=src)
+        if layouts is not None:
+            meta[0] = [layouts[i] for i in mine]
+        else:
+            if dist.rank == src:
+                meta[0] = [[(tuple(t.shape), t.dtype) for t in items[i]] for i in mine]
+            td.broadcast_object_list(meta, src=src)
         layout = [
             (i, k, shape, dtype)
             for i, item in zip(mine, meta[0], strict=True)
@@ -299,17 +314,27 @@ class LayerOwners:
         """Whether this rank preconditions layer ``i`` (every layer, unless mem-opt)."""
         return not self.shares_directions or self.mine(i)
 
-    def broadcast(self, items: list[list[Tensor]], device: torch.device) -> list[list[Tensor]]:
+    def broadcast(
+        self,
+        items: list[list[Tensor]],
+        device: torch.device,
+        layouts: Sequence[Layout] | None = None,
+    ) -> list[list[Tensor]]:
         """Every layer's tensors from its owner (``items[i]`` is read on the owner only)."""
         assert self.dist is not None
-        return broadcast_from_owners(items, self.owners, self.dist, device)
+        return broadcast_from_owners(items, self.owners, self.dist, device, layouts)
 
     def share_directions(
-        self, nat: list[Tensor | None], device: torch.device
+        self, nat: list[Tensor | None], device: torch.device, layers: Sequence[Layer]
     ) -> list[Tensor | None]:
-        """mem-opt: every owner broadcasts its layers' preconditioned gradients."""
+        """mem-opt: every owner broadcasts its layers' preconditioned gradients, each an
+        ``(out, in)`` matrix of its weight's dtype: known on every rank, so no per-step object
+        broadcast (a pickle and a host sync)."""
         items = [[v] if v is not None else [] for v in nat]
-        return [t[0] for t in self.broadcast(items, device)]
+        layouts: list[Layout] = [
+            [((la.out_dim, la.in_dim), la.module.weight.dtype)] for la in layers
+        ]
+        return [t[0] for t in self.broadcast(items, device, layouts)]
 
     def info(self, names: Sequence[str]) -> dict[str, Any]:
         """The owners per layer name, for ``method_info`` (empty when not split)."""

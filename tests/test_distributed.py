@@ -26,7 +26,7 @@ from torch import nn
 
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.distributed import Dist, assign_owners, shard
+from kfacbench.distributed import Dist, assign_owners, broadcast_from_owners, shard
 from kfacbench.errors import KfacbenchError
 from kfacbench.launch import LaunchOptions, torchrun_args
 from kfacbench.optim import MethodContext, get_method
@@ -361,3 +361,28 @@ def test_an_exception_on_the_ranks_is_the_cells_error_and_the_suite_goes_on(
     assert cells.loc[63, "error"].startswith("rank ")
     assert "batch size 63 does not split evenly over 2 processes" in cells.loc[63, "error"]
     assert cells.loc[64, "status"] == "ok"
+
+
+def test_known_layouts_skip_the_object_broadcast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mem-opt's per-step broadcast of directions: shapes known on every rank, no pickle/sync."""
+    calls: list[str] = []
+
+    def object_broadcast(meta: list[Any], src: int) -> None:
+        calls.append("object")
+        meta[0] = [[((2, 3), torch.float32)]]
+
+    def broadcast(t: torch.Tensor, src: int) -> None:
+        calls.append(f"tensor from {src}")
+        t.fill_(float(src + 1))
+
+    monkeypatch.setattr(td, "broadcast_object_list", object_broadcast)
+    monkeypatch.setattr(td, "broadcast", broadcast)
+    receiver = Dist(rank=1, world=2, local_rank=1, backend="gloo")
+    items: list[list[torch.Tensor]] = [[], [torch.zeros(4)]]  # layer 0 owned by rank 0
+    layouts = [[((2, 3), torch.float32)], [((4,), torch.float32)]]
+    out = broadcast_from_owners(items, [0, 1], receiver, torch.device("cpu"), layouts)
+    assert calls == ["tensor from 0", "tensor from 1"]  # no object broadcast
+    assert out[0][0].shape == (2, 3) and bool((out[0][0] == 1.0).all())
+    calls.clear()
+    broadcast_from_owners([[], [torch.zeros(4)]], [0, 1], receiver, torch.device("cpu"))
+    assert calls.count("object") == 2  # without layouts: one per owner

@@ -330,6 +330,7 @@ class KFAC:
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
+        self._layers = layers
         self.curv = [LayerCurvature(layer) for layer in layers]
         self.capture = Capture(layers)
         self.other_params: list[torch.Tensor] = list(other_params(self.model, layers))
@@ -445,7 +446,7 @@ class KFAC:
                     grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
-                        nat = self.owners.share_directions(nat, self.device)
+                        nat = self.owners.share_directions(nat, self.device, self._layers)
                 direction = self._assemble(nat, grads)
                 if self.rescale:
                     with timer.phase("rescale"):
@@ -672,7 +673,7 @@ class KFAC:
         γ of the search (or at the current γ: ``current``)."""
         nat = self._natural(grads, gamma, current=current)
         if self.owners.shares_directions:
-            nat = self.owners.share_directions(nat, self.device)
+            nat = self.owners.share_directions(nat, self.device, self._layers)
         return self._assemble(nat, grads)
 
     def _natural(

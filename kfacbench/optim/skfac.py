@@ -312,6 +312,7 @@ class SKFAC:
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
+        self._layers = layers
         self.window = factor_window if factor_decay > 0 else 1
         self.roots = [LayerRoots(layer, deque(maxlen=self.window)) for layer in layers]
         self.capture = Capture(layers)
@@ -389,7 +390,7 @@ class SKFAC:
                     grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
-                        nat = self.owners.share_directions(nat, self.device)
+                        nat = self.owners.share_directions(nat, self.device, self._layers)
                 direction = self._assemble(nat, grads)
                 with timer.phase("update"):
                     self.sgd.lr = self.sgd.lr_at(k)
@@ -478,10 +479,20 @@ class SKFAC:
             for i, c in enumerate(self.roots)
         ]
         shared = self.owners.broadcast(items, self.device)
-        for c, tensors in zip(self.roots, shared, strict=True):
-            # A's form tag (a sync, at refresh): the Woodbury form sends R and W, the others one.
-            split = 4 if math.floor(float(tensors[1])) == FORM_TAGS["woodbury"] else 3
-            c.a_inv, c.g_inv = _unpack(tensors[:split]), _unpack(tensors[split:])
+        # A's part is δ, tag, then R and W (Woodbury: two (r, d) matrices) or the dense inverse
+        # followed by G's δ (0-dim): told apart by shape. The tags' values (float64, formed by
+        # Woodbury) are read in one transfer for all layers: one sync per refresh.
+        splits = [4 if tensors[3].dim() == 2 else 3 for tensors in shared]
+        tags = torch.stack(
+            [
+                t
+                for tensors, k in zip(shared, splits, strict=True)
+                for t in (tensors[1], tensors[k + 1])
+            ]
+        ).tolist()
+        for i, (c, tensors, k) in enumerate(zip(self.roots, shared, splits, strict=True)):
+            c.a_inv = _unpack(tensors[:k], tags[2 * i])
+            c.g_inv = _unpack(tensors[k:], tags[2 * i + 1])
 
     def _refresh(self) -> None:
         """Damped inverses of every factor (of this rank's layers, when distributed) from its
@@ -581,9 +592,9 @@ def _pack(inv: DampedInverse | None) -> list[Tensor]:
     return [*head, inv.dense]
 
 
-def _unpack(tensors: list[Tensor]) -> DampedInverse:
-    """The inverse :func:`_pack` sent."""
-    damping, tag = tensors[0], float(tensors[1])
+def _unpack(tensors: list[Tensor], tag: float) -> DampedInverse:
+    """The inverse :func:`_pack` sent, with its form tag already read (``tensors[1]``)."""
+    damping = tensors[0]
     wide = tag % 1 != 0
     if math.floor(tag) == FORM_TAGS["woodbury"]:
         return DampedInverse(damping, rows=tensors[2], solved=tensors[3], float64=wide)

@@ -101,7 +101,7 @@ def test_preconditioning_equals_explicit_damped_inverses(method: str) -> None:
     # The refreshed γ (precomputed inverses) and another γ (eigenbasis path for eigh).
     gammas = [opt.gamma] + ([opt.gamma * 1.5] if method == "eigh" else [])
     for gamma in gammas:
-        direction = opt._precondition(grads, gamma)
+        direction = opt._precondition(grads, gamma, current=gamma is opt.gamma)
         start = 0
         for c in opt.curv:
             n = len(c.layer.params())
