@@ -377,7 +377,13 @@ class Doctor:
         result = self.train(cell)
         if not (math.isfinite(result.peak_mem_mb) and result.peak_mem_mb > 0):
             raise Failed(f"peak_mem_mb is {result.peak_mem_mb}")
-        return f"kfac × {AUTOENCODER}: peak {result.peak_mem_mb:.1f} MiB"
+        added = result.peak_mem_mb - result.mem_baseline_mb
+        if not (math.isfinite(added) and added > 0):
+            raise Failed(f"peak {result.peak_mem_mb} MiB, baseline {result.mem_baseline_mb} MiB")
+        return (
+            f"kfac × {AUTOENCODER}: peak {result.peak_mem_mb:.1f} MiB, of which training added"
+            f" {added:.1f} MiB over the {result.mem_baseline_mb:.1f} MiB of data, model and state"
+        )
 
     def bf16(self) -> str:
         """K-FAC with a bf16-autocast forward trains a few steps with finite losses."""

@@ -261,6 +261,10 @@ def cell_row(
         "timer_overhead_ms": overhead,
         "timer_overhead_ratio": overhead / median_step if median_step else math.nan,
         "peak_mem_mb": result.peak_mem_mb if result else math.nan,
+        "mem_baseline_mb": result.mem_baseline_mb if result else math.nan,
+        "peak_mem_over_baseline_mb": (
+            result.peak_mem_mb - result.mem_baseline_mb if result else math.nan
+        ),
         **load.as_row(),
         "device_kind": env["device_kind"],
         "device_name": env["device_name"],

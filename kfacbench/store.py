@@ -49,9 +49,9 @@ CELL_COLUMNS = (
     "hparams", "config", "method_info", "data_mode", "data_source", "status", "error", "steps",
     "train_time_s", "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
     "final_eval_metric", "median_step_ms", "timer_overhead_ms", "timer_overhead_ratio",
-    "peak_mem_mb", *LOAD_COLUMNS, "device_kind", "device_name", "world_size", "backend", "tf32",
-    "amp", "compile", "compile_s", "torch_version", "kfacbench_version", "git_commit", "host",
-    "started_at", "finished_at",
+    "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
+    "device_name", "world_size", "backend", "tf32", "amp", "compile", "compile_s", "torch_version",
+    "kfacbench_version", "git_commit", "host", "started_at", "finished_at",
 )  # fmt: skip
 """Columns of the ``cells`` table, in order."""
 

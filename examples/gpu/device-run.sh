@@ -5,10 +5,11 @@
 #
 # Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
-# with CUDA-only paths, the kfac_speed, skfac_speed and peers suites, and a report of the three
-# runs. Every stage has its own time limit and a failed stage does not stop the next; about 6
-# minutes on an H200. Results go to DIR (default $OUT when set, else results/gpu/<timestamp>):
-# log.txt, doctor.parquet, cells.parquet (the three suites' cells) and device-run.tar.gz (every
+# with CUDA-only paths, the kfac_speed, skfac_speed, peers and compile_gpu suites, and a report
+# of the four runs. Every stage has its own time limit and a failed stage does not stop the next;
+# about 8 minutes on an H200 (compile_gpu's compilation included). Results go to DIR (default
+# $OUT when set, else results/gpu/<timestamp>):
+# log.txt, doctor.parquet, cells.parquet (the four suites' cells) and device-run.tar.gz (every
 # table, trace and the report), so that a machine that returns at most a few files returns all.
 # `--device cpu` runs the same code path minus the CUDA checks (a dry run); `--only` restricts
 # the suites' cells (a glob on labels, e.g. '*kfac-fast*').
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
         --device) device="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --only) only=(--only "$2"); shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -60,7 +61,7 @@ cp "$work/doctor/doctor.parquet" "$out/" 2>/dev/null
 mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
 stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
 runs=()
-for suite in kfac_speed skfac_speed peers; do
+for suite in kfac_speed skfac_speed peers compile_gpu; do
     stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
     latest="$(ls -d "$work/runs/$suite"/*/ 2>/dev/null | sort | tail -n 1)"
     [ -n "$latest" ] && runs+=("$latest")

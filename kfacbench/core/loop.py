@@ -74,6 +74,9 @@ class TrainResult:
         final: final train-subset loss, eval loss and eval metric.
         timer_overhead_ms: the timer's host cost per step.
         peak_mem_mb: peak device memory (CUDA only; NaN on CPU).
+        mem_baseline_mb: device memory allocated when training began: the data on the device,
+            the model and the state a method allocates when built (CUDA only). The peak minus
+            it is what training adds: activations, curvature factors, inverses, workspaces.
         compile_s: seconds spent compiling (``compile`` setting), kept out of ``train_time_s``
             and of the phase times: the steps a compilation fell into are dropped from them.
         compiled: the phases that ran compiled (the method's ``compiled_phases()``).
@@ -89,6 +92,7 @@ class TrainResult:
     reason: str = ""
     timer_overhead_ms: float = math.nan
     peak_mem_mb: float = math.nan
+    mem_baseline_mb: float = math.nan
     compile_s: float = 0.0
     compiled: dict[str, PhaseCompiled] = field(default_factory=dict)
 
@@ -223,8 +227,10 @@ def train(
     test = (data.test_x[: config.eval_size], data.test_y[: config.eval_size])
     problem.model.train()
     warm_up(device)
+    baseline = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device) / 2**20
 
     batch_size_at = getattr(method, "batch_size_at", None)
     averaged = getattr(method, "averaged", None)
@@ -366,6 +372,7 @@ def train(
         reason=reason,
         timer_overhead_ms=overhead,
         peak_mem_mb=peak,
+        mem_baseline_mb=baseline,
         compile_s=clock.seconds,
         compiled=method.compiled_phases() if hasattr(method, "compiled_phases") else {},
     )
