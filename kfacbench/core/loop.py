@@ -167,7 +167,8 @@ def evaluate(
     """Mean loss and metric over ``(x, y)`` in eval mode (BatchNorm uses running stats).
 
     The metric is ``recon_error`` (mean over examples of the summed squared error of the predicted
-    pixels) or ``accuracy``.
+    pixels), ``accuracy``, or ``bits_per_byte`` (a byte-level language model's mean next-byte
+    NLL in bits).
     """
     model = problem.model
     was_training = model.training
@@ -177,7 +178,11 @@ def evaluate(
     for start in range(0, x.shape[0], EVAL_CHUNK):
         xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
         out = problem.forward(xb)
-        loss_sum += per_example_loss(problem.distribution, out, yb).sum(dtype=torch.float64)
+        losses = per_example_loss(problem.distribution, out, yb).sum(dtype=torch.float64)
+        loss_sum += losses
+        if metric == "bits_per_byte":  # the per-token NLL in bits (every window is as long)
+            metric_sum += losses / math.log(2)
+            continue
         pred = prediction(problem.distribution, out)
         if metric == "accuracy":
             metric_sum += (pred == yb).sum()
@@ -207,7 +212,7 @@ def train(
         method: the optimizer under test, bound to ``problem``.
         data: the splits, already on the model's device.
         config: budgets and cadences.
-        metric: the workload's eval metric (``recon_error`` or ``accuracy``).
+        metric: the workload's eval metric (``recon_error``, ``accuracy`` or ``bits_per_byte``).
         reached: whether an eval-metric value meets the workload's target.
         on_progress: called with the step count at each read-back point (progress bars).
         on_step: called with the step count after every step, inside the timed segment (the

@@ -25,7 +25,9 @@ Distribution = Literal["bernoulli", "gaussian", "categorical"]
 
 - ``bernoulli``: outputs are logits of independent Bernoulli pixels (binary cross-entropy).
 - ``gaussian``: outputs are the mean of a unit-variance Gaussian (half squared error).
-- ``categorical``: outputs are class logits (softmax cross-entropy).
+- ``categorical``: outputs are class logits (softmax cross-entropy). Outputs of shape
+  ``(batch, positions, classes)`` with targets ``(batch, positions)`` are sequences (a language
+  model): an example's NLL is the mean over its positions, the per-token loss.
 """
 
 AmpMode = Literal["off", "bf16"]
@@ -103,6 +105,9 @@ def per_example_loss(
         return nll.flatten(1).sum(1)
     if distribution == "gaussian":
         return 0.5 * (output - target).pow(2).flatten(1).sum(1)
+    if output.dim() > 2:  # sequences: the per-token NLL, averaged over positions
+        nll = F.cross_entropy(output.flatten(0, -2), target.flatten().long(), reduction="none")
+        return nll.view(target.shape).flatten(1).mean(1)
     return F.cross_entropy(output, target, reduction="none")
 
 

@@ -17,7 +17,7 @@ from kfacbench.data import Splits
 def synthetic_splits(
     input_shape: tuple[int, ...],
     *,
-    target: Literal["input", "classes"],
+    target: Literal["input", "classes", "tokens"],
     n_train: int,
     n_test: int,
     seed: int,
@@ -28,16 +28,25 @@ def synthetic_splits(
     Args:
         input_shape: shape of one example.
         target: ``"input"`` for autoencoders (targets are the inputs, the same tensor object),
-            ``"classes"`` for classification (int64 labels in ``0..num_classes-1``).
+            ``"classes"`` for classification (int64 labels in ``0..num_classes-1``),
+            ``"tokens"`` for a language model (inputs and next-token targets both uint8 ids in
+            ``0..num_classes-1`` of shape ``(n, *input_shape)``).
         n_train: training examples.
         n_test: test examples.
         seed: seed of the CPU generator; the same arguments give the same tensors.
-        num_classes: number of classes when ``target == "classes"``.
+        num_classes: number of classes (or the vocabulary) for ``classes`` and ``tokens``.
 
     Returns:
-        Splits with float32 inputs uniform in [0, 1) and source ``"synthetic"``.
+        Splits with float32 inputs uniform in [0, 1) (token ids for ``tokens``) and source
+        ``"synthetic"``.
     """
     gen = torch.Generator().manual_seed(seed)
+    if target == "tokens":
+        train_x, train_y, test_x, test_y = (
+            torch.randint(num_classes, (n, *input_shape), generator=gen, dtype=torch.uint8)
+            for n in (n_train, n_train, n_test, n_test)
+        )
+        return Splits(train_x, train_y, test_x, test_y, "synthetic")
     train_x = torch.rand(n_train, *input_shape, generator=gen)
     test_x = torch.rand(n_test, *input_shape, generator=gen)
     if target == "input":

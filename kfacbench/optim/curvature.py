@@ -100,6 +100,15 @@ class Layer:
         return cast(list[nn.Parameter], params)
 
 
+SEQUENCE_OUTPUTS = (
+    "{method} on a sequence model ((batch, positions, classes) outputs, e.g. text_gpt) needs"
+    " Kronecker factors for weight-sharing layers (Eschenhagen et al. 2023, expand/reduce), which"
+    " are not implemented yet; use sgd or adamw for this workload"
+)
+"""The error of a curvature method given a sequence model: its factors, Fisher samples and
+exact-Fisher products assume one output vector per example."""
+
+
 def _is_supported(module: nn.Module) -> bool:
     """Linear layers, and Conv2d layers whose patches F.unfold can extract (zero padding) and
     whose weight is one (C_out, C_in·kh·kw) matrix (``groups=1``)."""

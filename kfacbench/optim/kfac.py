@@ -59,6 +59,7 @@ from kfacbench.optim.base import (
     gradients,
 )
 from kfacbench.optim.curvature import (
+    SEQUENCE_OUTPUTS,
     Capture,
     Layer,
     cross_factors,
@@ -419,6 +420,8 @@ class KFAC:
         with timer.phase("forward"):
             with self.capture.recording(update_cov, keep_grads=keep):
                 output = self.problem.forward(x)
+            if output.dim() > 2:
+                raise KfacbenchError(SEQUENCE_OUTPUTS.format(method="K-FAC"))
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:

@@ -71,6 +71,7 @@ from kfacbench.distributed import (
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
+    SEQUENCE_OUTPUTS,
     Capture,
     Layer,
     as_float,
@@ -366,6 +367,8 @@ class SKFAC:
         with timer.phase("forward"):
             with self.capture.recording(measure, keep_grads=keep):
                 output = self.problem.forward(x)
+            if output.dim() > 2:
+                raise KfacbenchError(SEQUENCE_OUTPUTS.format(method="SKFAC"))
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:

@@ -28,11 +28,13 @@ from kfacbench.data.curves import load_curves
 from kfacbench.data.faces import load_faces
 from kfacbench.data.idx import mnist_autoencoder_splits, mnist_classification_splits
 from kfacbench.data.synthetic import synthetic_splits
+from kfacbench.data.text import VOCAB, python_stdlib_splits
 from kfacbench.errors import KfacbenchError
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
+from kfacbench.workloads.transformer import byte_gpt
 
 DataMode = Literal["real", "synthetic"]
-Metric = Literal["recon_error", "accuracy"]
+Metric = Literal["recon_error", "accuracy", "bits_per_byte"]
 
 
 @dataclass(frozen=True)
@@ -45,14 +47,16 @@ class Workload:
         input_shape: shape of one example.
         distribution: output distribution (the loss is its NLL).
         metric: ``recon_error`` (mean over examples of the summed squared error of the predicted
-            pixels, as reported by Hinton & Salakhutdinov 2006; lower is better) or ``accuracy``
-            (higher is better).
+            pixels, as reported by Hinton & Salakhutdinov 2006; lower is better), ``accuracy``
+            (higher is better) or ``bits_per_byte`` (a language model's next-byte NLL in bits;
+            lower is better).
         target: eval-metric value that counts as reached for time-to-target.
         build_model: ``build_model(generator)`` -> a freshly initialised network.
         load_real: ``load_real(data_dir, cache_dir)`` -> the real (or generated) data.
         synthetic_sizes: (train, test) sizes of the synthetic data mode.
         target_note: where the target value comes from.
-        num_classes: classes for classification workloads (0 for autoencoders).
+        num_classes: classes for classification workloads, the vocabulary of a language model
+            (0 for autoencoders).
     """
 
     name: str
@@ -83,9 +87,12 @@ class Workload:
         if mode == "real":
             return self.load_real(data_dir, cache_dir)
         n_train, n_test = self.synthetic_sizes
+        target: Literal["input", "classes", "tokens"] = "classes" if self.num_classes else "input"
+        if self.metric == "bits_per_byte":
+            target = "tokens"
         return synthetic_splits(
             self.input_shape,
-            target="classes" if self.num_classes else "input",
+            target=target,
             n_train=n_train,
             n_test=n_test,
             seed=0,
@@ -125,6 +132,18 @@ def _fashion_classes(data_dir: Path | None, cache_dir: Path | None) -> Splits:
 
 def _cifar(data_dir: Path | None, cache_dir: Path | None) -> Splits:
     return cifar10_splits(data_dir)
+
+
+TEXT_CONTEXT = 128
+"""Bytes per example of ``text_gpt`` (its context length)."""
+
+
+def _stdlib_text(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+    return python_stdlib_splits(TEXT_CONTEXT)
+
+
+def _gpt(gen: torch.Generator) -> nn.Module:
+    return byte_gpt(context=TEXT_CONTEXT, width=256, depth=4, heads=4, generator=gen)
 
 
 MNIST_AE = (784, 1000, 500, 250, 30)
@@ -237,6 +256,20 @@ WORKLOADS: dict[str, Workload] = {
             load_real=_fashion_classes,
             synthetic_sizes=(60_000, 10_000),
             num_classes=10,
+        ),
+        Workload(
+            name="text_gpt",
+            summary="byte-level GPT (4 layers, width 256, 4 heads, context 128) on the Python"
+            " standard library's source",
+            input_shape=(TEXT_CONTEXT,),
+            distribution="categorical",
+            metric="bits_per_byte",
+            target=2.5,
+            target_note="provisional: not yet calibrated with tuned AdamW",
+            build_model=_gpt,
+            load_real=_stdlib_text,
+            synthetic_sizes=(50_000, 5_000),
+            num_classes=VOCAB,
         ),
         *(_wide_autoencoder(width) for width in WIDTHS),
     )

@@ -1,0 +1,91 @@
+"""The byte-level GPT: shapes, causality, initialisation, and its per-token loss and metric."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kfacbench.core.loop import evaluate
+from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.core.timing import PhaseTimer
+from kfacbench.errors import KfacbenchError
+from kfacbench.optim import MethodContext, get_method
+from kfacbench.workloads import get_workload
+from kfacbench.workloads.transformer import byte_gpt
+
+CPU = torch.device("cpu")
+
+
+def tiny(seed: int = 0) -> torch.nn.Module:
+    return byte_gpt(
+        context=16, width=32, depth=2, heads=4, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_logits_at_every_position_and_the_default_size() -> None:
+    ids = torch.randint(256, (3, 16), dtype=torch.uint8)
+    assert tiny()(ids).shape == (3, 16, 256)
+    n = sum(p.numel() for p in get_workload("text_gpt").build_model(torch.Generator()).parameters())
+    assert 3_000_000 < n < 4_000_000  # 4 layers × 12·256² + embeddings and the output layer
+
+
+def test_attention_is_causal() -> None:
+    model = tiny()
+    ids = torch.randint(256, (1, 16))
+    changed = ids.clone()
+    changed[0, 9] = (changed[0, 9] + 1) % 256
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])  # the past does not see the future
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_initialisation_is_seeded_and_gpt2_scaled() -> None:
+    a, b = tiny(1), tiny(1)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    big = byte_gpt(context=16, width=256, depth=4, heads=4, generator=torch.Generator())
+    big.requires_grad_(False)
+    assert float(big.blocks[0].fc.weight.std()) == pytest.approx(0.02, rel=0.02)
+    assert float(big.blocks[0].out.weight.std()) == pytest.approx(0.02 / math.sqrt(8), rel=0.03)
+    assert float(big.blocks[0].attn.qkv.bias.abs().max()) == 0.0
+    assert float((big.ln_f.weight - 1).abs().max()) == 0.0
+
+
+def test_sequence_loss_is_the_mean_per_token_nll_and_the_metric_its_bits() -> None:
+    out = torch.randn(4, 6, 256)
+    y = torch.randint(256, (4, 6), dtype=torch.uint8)
+    want = torch.stack([F.cross_entropy(out[i], y[i].long(), reduction="mean") for i in range(4)])
+    torch.testing.assert_close(per_example_loss("categorical", out, y), want)
+    problem = Problem(tiny(), "categorical")
+    x = torch.randint(256, (5, 16), dtype=torch.uint8)
+    loss, bits = evaluate(problem, x, y.new_zeros(5, 16).random_(256), "bits_per_byte")
+    assert bits == pytest.approx(loss / math.log(2))
+
+
+def build(name: str, problem: Problem, **hparams: object) -> object:
+    spec = get_method(name)
+    hp = {k: v.default for k, v in spec.hparams.items()} | hparams
+    if spec.uses_inv_interval:
+        hp["inv_interval"] = 10
+    return spec.build(problem, hp, MethodContext(None, 0, CPU))
+
+
+@pytest.mark.parametrize(("name", "lr"), [("adamw", 3e-3), ("sgd", 0.5)])
+def test_adamw_and_sgd_learn_a_fixed_batch(name: str, lr: float) -> None:
+    x = torch.randint(256, (8, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, dims=1)
+    method = build(name, Problem(tiny(), "categorical"), lr=lr)
+    timer = PhaseTimer(CPU)
+    losses = [float(method.step(x, y, timer)) for _ in range(30)]  # type: ignore[attr-defined]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("name", ["kfac-fast", "skfac"])
+def test_curvature_methods_refuse_sequence_models_with_a_clear_error(name: str) -> None:
+    method = build(name, Problem(tiny(), "categorical"))
+    x = torch.randint(256, (4, 16), dtype=torch.uint8)
+    with pytest.raises(KfacbenchError, match="weight-sharing layers"):
+        method.step(x, x, PhaseTimer(CPU))  # type: ignore[attr-defined]
