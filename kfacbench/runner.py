@@ -127,13 +127,13 @@ def prepare_cell(
         raise KfacbenchError(
             "amp = 'fp16' needs loss scaling, which kfacbench does not do; use bf16"
         )
-    if dist is not None and settings.compile != "off":
-        raise KfacbenchError(
-            f"compile = {settings.compile!r} is not supported in data-parallel runs"
-            " (compiled regions and DDP's gradient hooks are not measured together yet);"
-            " use compile = 'off' with --nproc"
-        )
     if settings.compile != "off":
+        if dist is not None:
+            raise KfacbenchError(
+                f"compile = {settings.compile!r} is not supported in data-parallel runs"
+                " (compiled regions and DDP's gradient hooks are not measured together yet);"
+                " use compile = 'off' with --nproc"
+            )
         fresh_caches()
     workload = get_workload(cell.workload)
     spec = get_method(cell.optimizer)

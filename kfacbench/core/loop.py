@@ -344,7 +344,7 @@ def train(
             if not (done or read_back):
                 continue
             synchronize(device)
-            train_time += time.perf_counter() - segment_start - (clock.seconds - segment_compile)
+            train_time += time.perf_counter() - segment_start - compiling
             timer.flush()
             if dist is None:
                 done = done or (config.max_seconds is not None and train_time >= config.max_seconds)

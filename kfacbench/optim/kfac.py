@@ -331,7 +331,6 @@ class KFAC:
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
-        self._layers = layers
         self.curv = [LayerCurvature(layer) for layer in layers]
         self.capture = Capture(layers)
         self.other_params: list[torch.Tensor] = list(other_params(self.model, layers))
@@ -449,7 +448,9 @@ class KFAC:
                     grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
-                        nat = self.owners.share_directions(nat, self.device, self._layers)
+                        nat = self.owners.share_directions(
+                            nat, self.device, [c.layer for c in self.curv]
+                        )
                 direction = self._assemble(nat, grads)
                 if self.rescale:
                     with timer.phase("rescale"):
@@ -676,7 +677,7 @@ class KFAC:
         γ of the search (or at the current γ: ``current``)."""
         nat = self._natural(grads, gamma, current=current)
         if self.owners.shares_directions:
-            nat = self.owners.share_directions(nat, self.device, self._layers)
+            nat = self.owners.share_directions(nat, self.device, [c.layer for c in self.curv])
         return self._assemble(nat, grads)
 
     def _natural(

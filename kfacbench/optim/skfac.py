@@ -313,7 +313,6 @@ class SKFAC:
         self.problem = problem
         self.model = problem.model
         layers, others = find_layers(self.model)
-        self._layers = layers
         self.window = factor_window if factor_decay > 0 else 1
         self.roots = [LayerRoots(layer, deque(maxlen=self.window)) for layer in layers]
         self.capture = Capture(layers)
@@ -393,7 +392,9 @@ class SKFAC:
                     grads, nat = self._compiled_direction()
                 if self.owners.shares_directions:
                     with timer.phase("comm"):
-                        nat = self.owners.share_directions(nat, self.device, self._layers)
+                        nat = self.owners.share_directions(
+                            nat, self.device, [c.layer for c in self.roots]
+                        )
                 direction = self._assemble(nat, grads)
                 with timer.phase("update"):
                     self.sgd.lr = self.sgd.lr_at(k)
