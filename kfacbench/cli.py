@@ -707,7 +707,17 @@ def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
         task = progress.add_task("checks", total=len(checks))
         for check in checks:
             progress.update(task, description=f"{check.group}: {check.name}")
-            results.append(run_check(check))
+            result = run_check(check)
+            results.append(result)
+            # Written and printed per check: a machine lent for minutes may be taken back (or
+            # the call cut off) before the last check, and what finished must survive.
+            write_results(out, results)
+            progress.console.print(
+                f"{result.status:>7}  {result.group}: {result.check} ({result.seconds:.1f} s)"
+                f"  {result.detail}",
+                highlight=False,
+                markup=False,
+            )
             progress.advance(task)
     path = write_results(out, results)
     console.print(_doctor_table(results, str(device)))

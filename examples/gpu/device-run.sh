@@ -2,6 +2,7 @@
 # One call on a GPU machine that installs nothing (README, "A first run on a GPU machine").
 #
 #   bash examples/gpu/device-run.sh [--device cuda|cuda:N|cpu] [--out DIR] [--only PATTERN]
+#                                   [--budget SECONDS]
 #
 # Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
@@ -12,18 +13,22 @@
 # log.txt, doctor.parquet, cells.parquet (the four suites' cells) and device-run.tar.gz (every
 # table, trace and the report), so that a machine that returns at most a few files returns all.
 # `--device cpu` runs the same code path minus the CUDA checks (a dry run); `--only` restricts
-# the suites' cells (a glob on labels, e.g. '*kfac-fast*').
+# the suites' cells (a glob on labels, e.g. '*kfac-fast*'). `--budget` caps the whole script:
+# each stage's limit shrinks to what is left (less 30 s to pack the results) and a stage with
+# under 20 s left is skipped, so a call with a hard time limit still returns every file.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 device=cuda
 out="${OUT:-results/gpu/$(date +%Y%m%d-%H%M%S)}"
 only=()
+budget=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --only) only=(--only "$2"); shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --budget) budget="$2"; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,6 +45,15 @@ failed=()
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, note a failure
     local name="$1" limit="$2"; shift 2
     local t0=$SECONDS
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - 30 - SECONDS))
+        if [ "$left" -lt 20 ]; then
+            echo "=== $name: skipped, ${left}s of the ${budget}s budget left" | tee -a "$log"
+            failed+=("$name (skipped: budget)")
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
     timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
     local rc=$?
@@ -61,16 +75,19 @@ cp "$work/doctor/doctor.parquet" "$out/" 2>/dev/null
 mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
 stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
 runs=()
-for suite in kfac_speed skfac_speed peers compile_gpu; do
+for suite in kfac_speed skfac_speed compile_gpu peers; do
     stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
     latest="$(ls -d "$work/runs/$suite"/*/ 2>/dev/null | sort | tail -n 1)"
-    [ -n "$latest" ] && runs+=("$latest")
+    # A suite cut off by its limit keeps its finished cells in parts/ (read back below).
+    [ -n "$latest" ] && ls "$latest"parts/* > /dev/null 2>&1 && runs+=("$latest")
 done
 if [ ${#runs[@]} -gt 0 ]; then
     stage report 120 "$py" -m kfacbench report "${runs[@]}" -o "$work/report"
     "$py" -c '
 import sys, pandas as pd
-frames = [pd.read_parquet(f"{r}/cells.parquet") for r in sys.argv[2:]]
+from pathlib import Path
+from kfacbench.rundir import load_tables
+frames = [load_tables(Path(r), {"cells": ()})["cells"] for r in sys.argv[2:]]
 pd.concat(frames, ignore_index=True).to_parquet(sys.argv[1])' "$out/cells.parquet" "${runs[@]}" \
         >> "$log" 2>&1
 fi
