@@ -138,8 +138,10 @@ def prepare_cell(
     workload = get_workload(cell.workload)
     spec = get_method(cell.optimizer)
     if device.type == "cuda":
-        # The phase timer records its events on the current device's stream: make it this one.
-        torch.cuda.set_device(device)
+        # The phase timer records its events on the current device's stream: make it this one
+        # (a plain "cuda" is the current device already; set_device refuses it).
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
         torch.backends.cudnn.allow_tf32 = settings.tf32
     splits = data.get(cell.workload, settings.data, device)

@@ -24,8 +24,10 @@ def varying_hparams(cells: pd.DataFrame) -> pd.Series:
         out.loc[group.index] = hp.map(lambda d, v=varying: " ".join(f"{k}={d.get(k)}" for k in v))
     if "compile" in cells:  # a run setting, and a sweep axis of its own (cells before: no column)
         mode = cells["compile"].fillna("off").astype(str)
-        compiled = mode != "off"
-        out[compiled] = (out[compiled] + " compile=" + mode[compiled]).str.strip()
+        # Element by element: a Python str added to an arrow-backed string column fails on
+        # some pandas versions (an empty object column becomes arrow's null type).
+        for i in mode.index[mode != "off"]:
+            out[i] = f"{out[i]} compile={mode[i]}".strip()
     return out
 
 

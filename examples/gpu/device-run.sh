@@ -62,7 +62,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, note 
 }
 
 stage environment 60 "$py" -c '
-import torch, kfacbench
+import torch, kfacbench, pandas, pyarrow
+print("pandas", pandas.__version__, "pyarrow", pyarrow.__version__)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability(),
