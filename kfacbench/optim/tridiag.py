@@ -108,15 +108,22 @@ def _check_shapes(
             )
 
 
-def _cholesky(mat: Tensor, what: str) -> Tensor:
-    """Lower Cholesky factor of a damped (hence positive definite) factor, symmetrised first."""
-    try:
-        return torch.linalg.cholesky(0.5 * (mat + mat.mT))
-    except torch.linalg.LinAlgError as err:
+def _choleskys(mats: Sequence[Tensor], whats: Sequence[str]) -> list[Tensor]:
+    """Lower Cholesky factors of damped (hence positive definite) factors, symmetrised first,
+    with one host read of all their error codes (not one per factor) and a ValueError naming
+    the first that is not positive definite."""
+    out, infos = [], []
+    for mat in mats:
+        chol, info = torch.linalg.cholesky_ex(0.5 * (mat + mat.mT))
+        out.append(chol)
+        infos.append(info)
+    failed = torch.stack(infos).ne(0)
+    if bool(failed.any()):
         raise ValueError(
-            f"tridiag_inverse: {what} is not positive definite even in float64; the diagonal"
-            " factors must be damped"
-        ) from err
+            f"tridiag_inverse: {whats[int(failed.nonzero()[0, 0])]} is not positive definite"
+            " even in float64; the diagonal factors must be damped"
+        )
+    return out
 
 
 def _pair(chol_1: Tensor, cross: Tensor, chol_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,8 +156,11 @@ def tridiag_inverse(
     """Precompute F̂⁻¹ = Ξᵀ Λ Ξ of a chain of ℓ layers (§4.3) for :func:`tridiag_apply`.
 
     The work runs in float64 (see the module docstring) and the results are cast back to the
-    factors' dtype. It synchronises with the host (decomposition error checks), as every inverse
-    refresh does; the apply path does not.
+    factors' dtype. It synchronises with the host (the decompositions' error checks: one read
+    for the Choleskys, one per ``eigh``, which torch has no error-code variant of), as every
+    inverse refresh does; the apply path does not. K-FAC's γ search calls it for each candidate,
+    so a tridiagonal K-FAC's search steps synchronise too (block-diagonal K-FAC reuses the
+    refresh's eigendecompositions and does not).
 
     Args:
         diag_a: damped Ā_{i-1,i-1} of layers i = 0..ℓ−1, ``(in_i, in_i)``, bias coordinate last.
@@ -169,8 +179,9 @@ def tridiag_inverse(
     _check_shapes(diag_a, diag_g, cross_a, cross_g)
     dtype = diag_a[0].dtype
     n = len(diag_a)
-    chol_a = [_cholesky(a.double(), f"Ā of layer {i}") for i, a in enumerate(diag_a)]
-    chol_g = [_cholesky(g.double(), f"G of layer {i}") for i, g in enumerate(diag_g)]
+    whats = [f"Ā of layer {i}" for i in range(n)] + [f"G of layer {i}" for i in range(n)]
+    chols = _choleskys([m.double() for m in (*diag_a, *diag_g)], whats)
+    chol_a, chol_g = chols[:n], chols[n:]
     psi_a, psi_g, k_a, k_g, scale = [], [], [], [], []
     # 1 − s_G s_A > 0 for consistent statistics; the floor only keeps broken ones finite.
     floor = torch.finfo(torch.float64).eps
