@@ -31,16 +31,22 @@ PhaseCompiled = Literal["all", "part", "no"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def compiled(fn: F, mode: CompileMode) -> F:
+def compiled(fn: F, mode: CompileMode, *, in_place: bool = False) -> F:
     """``fn`` compiled with torch.compile in ``mode``, or ``fn`` itself when ``mode`` is off.
 
     ``dynamic=False``: the shapes of a cell are fixed (K-FAC's growing minibatches recompile at
     most a few times, each timed by :class:`CompileClock`), and static shapes give the best
     kernels.
+
+    ``in_place``: ``fn`` only updates its inputs (an optimizer's parameters and buffers) and
+    returns nothing. Under ``reduce-overhead`` it is compiled without CUDA graphs: cudagraph
+    trees skip such a graph (mutated inputs) or, on its re-recording, crashed the process
+    (torch 2.11, H200: a segfault in inductor's static Triton launcher, 2026-11-30), and one
+    fused foreach launch per step has no launch overhead to save.
     """
     if mode == "off":
         return fn
-    torch_mode = None if mode == "default" else mode
+    torch_mode = None if mode == "default" or (in_place and mode == "reduce-overhead") else mode
     return cast(F, torch.compile(fn, mode=torch_mode, dynamic=False))
 
 

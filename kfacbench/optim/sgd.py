@@ -93,7 +93,9 @@ class SGD:
         self._rule = MomentumRule(momentum, form, nesterov, weight_decay)
         self._compiled_loss = compiled(self._loss, compile)
         self._compiled_update = (
-            None if compile == "off" else compiled(torch.no_grad()(_momentum_update), compile)
+            None
+            if compile == "off"
+            else compiled(torch.no_grad()(_momentum_update), compile, in_place=True)
         )
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from kfacbench.core.compiling import CompileClock, compiled, fresh_caches, phase_column
+from kfacbench.core.compiling import (
+    CompileClock,
+    CompileMode,
+    compiled,
+    fresh_caches,
+    phase_column,
+)
 from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP, PhaseTimer
@@ -168,3 +174,28 @@ def test_clock_counts_nothing_for_eager_code() -> None:
     with CompileClock() as clock:
         torch.ones(3).sum()
     assert clock.events == 0 and clock.seconds == 0.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "in_place", "want"),
+    [
+        ("default", False, None),
+        ("reduce-overhead", False, "reduce-overhead"),
+        ("reduce-overhead", True, None),
+        ("max-autotune", True, "max-autotune"),
+    ],
+)
+def test_in_place_updates_are_not_cuda_graphed(
+    monkeypatch: pytest.MonkeyPatch, mode: CompileMode, in_place: bool, want: str | None
+) -> None:
+    """An update that only mutates its inputs is compiled without CUDA graphs under
+    reduce-overhead (cudagraph trees crashed recording one on an H200); other modes pass."""
+    seen: list[str | None] = []
+
+    def fake_compile(fn: Any, mode: str | None = None, dynamic: bool | None = None) -> Any:
+        seen.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled(lambda: None, mode, in_place=in_place)
+    assert seen == [want]
