@@ -92,6 +92,7 @@ class SGD:
         self.lr = self.lr_at(0)  # fail early on a schedule without a horizon
         self._rule = MomentumRule(momentum, form, nesterov, weight_decay)
         self._compiled_loss = compiled(self._loss, compile)
+        self._graphed = compile == "reduce-overhead"
         self._compiled_update = (
             None
             if compile == "off"
@@ -112,7 +113,14 @@ class SGD:
         )
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
-        """Forward, backward and momentum update on one minibatch."""
+        """Forward, backward and momentum update on one minibatch.
+
+        Under ``reduce-overhead`` the loss is an output of a CUDA graph, whose memory the next
+        step's replay overwrites, while the loop keeps each step's loss on the device until its
+        next read-back: the step is marked as a new graph iteration and returns a copy.
+        """
+        if self._graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with timer.phase("forward"):
             loss = self._compiled_loss(x, y)
         with timer.phase("backward"):
@@ -123,7 +131,7 @@ class SGD:
             self.lr = self.lr_at(self.steps)
             self.apply(gradients(self.params), self.lr)
         self.steps += 1
-        return loss.detach()
+        return loss.detach().clone() if self._graphed else loss.detach()
 
     @torch.no_grad()
     def apply(self, grads: list[torch.Tensor], lr: float) -> None:

@@ -199,3 +199,22 @@ def test_in_place_updates_are_not_cuda_graphed(
     monkeypatch.setattr(torch, "compile", fake_compile)
     compiled(lambda: None, mode, in_place=in_place)
     assert seen == [want]
+
+
+def test_graphed_sgd_returns_losses_that_outlive_the_next_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under reduce-overhead each step starts a new CUDA-graph iteration and returns a copy of
+    its loss (on the H200 the loop's pending losses were overwritten by the next replay). On
+    CPU there are no graphs to overwrite anything: the marks are counted, the copy is checked
+    on CUDA (examples/gpu/device-run.sh's compile_gpu suite)."""
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = nn.Sequential(nn.Linear(4, 3))
+    problem = Problem(model, "categorical")
+    sgd = SGD(problem, lr=0.1, momentum=0.9, compile="reduce-overhead")
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    timer = PhaseTimer(torch.device("cpu"))
+    losses = [sgd.step(x, y, timer) for _ in range(3)]
+    assert len(marks) == 3
+    assert losses[0] > losses[2]
