@@ -111,6 +111,19 @@ def per_example_loss(
     return F.cross_entropy(output, target, reduction="none")
 
 
+def loss_terms(distribution: Distribution, output: torch.Tensor) -> int:
+    """P, the number of likelihood terms each example's loss *averages* over: the positions of a
+    sequence's per-token loss, 1 otherwise (Bernoulli pixels and Gaussian outputs are summed).
+
+    Curvature methods need it: the gradient of a mean of P terms is 1/P of the per-term
+    gradients, so its outer product under-counts the Fisher of the mean loss by a factor P
+    (Eschenhagen et al. 2023, the "mean" reduction's correction).
+    """
+    if distribution == "categorical" and output.dim() > 2:
+        return output.shape[1:-1].numel()
+    return 1
+
+
 def prediction(distribution: Distribution, output: torch.Tensor) -> torch.Tensor:
     """The model's point prediction: pixel means for autoencoders, class ids for classifiers."""
     if distribution == "bernoulli":

@@ -33,8 +33,26 @@ G = E[Σ_t g_t g_tᵀ] is summed over positions and averaged over examples. The 
 the same, and with the factored damping's π (K-FAC §6.3) the damped inverse is too (π absorbs any
 rescaling c·A, G/c); a damping without π (SKFAC's √λ per factor) does see the split. This one keeps
 A a plain second moment of the patches, on the scale of a Linear layer's A, and G on the scale of
-the per-example gradient. A Linear layer applied to inputs with
-extra leading dimensions (sequences) is treated the same way, the extra dimensions playing T.
+the per-example gradient.
+
+**Weight sharing** (Eschenhagen et al., NeurIPS 2023). A Linear layer applied to inputs with
+extra leading dimensions (a transformer's positions) shares its weight over R positions as a
+conv shares it over T. Two approximations of its Fisher block, chosen by ``weight_sharing``:
+
+- ``expand`` (positions as extra examples): Ā = (1/(mR)) Σ_{i,r} ā_{i,r} ā_{i,r}ᵀ and
+  G = (1/m) Σ_{i,r} g_{i,r} g_{i,r}ᵀ, exactly the KFC normalisation above (KFC is expand);
+- ``reduce`` (positions pooled first): Ā = (1/m) Σ_i â_i â_iᵀ with â_i = (1/R) Σ_r ā_{i,r}, and
+  G = (1/m) Σ_i ĝ_i ĝ_iᵀ with ĝ_i = Σ_r g_{i,r}: m rows instead of m·R, so cheaper factors.
+
+They agree when R = 1. Expand is exact for deep linear networks applied position-wise (the
+expand setting), reduce for ones that pool positions before the output (the reduce setting).
+
+**Per-token losses.** A sequence model's per-example loss *averages* P per-token terms
+(:func:`~kfacbench.core.problem.loss_terms`). Its gradient is 1/P of the per-term gradients, so
+the outer products of sampled or empirical g would under-count the Fisher of the mean loss,
+(1/(mP)) Σ_{i,p} J_{i,p}ᵀ H_{i,p} J_{i,p}, by P. Those rows are scaled by √P: curvlinops'
+correction for a "mean" loss reduction. The exact Fisher's rows need none, because they come
+from the Hessian of the per-example loss itself.
 
 All of it is batched: one forward with hooks, one extra ``torch.autograd.grad`` call w.r.t. the
 layer outputs (not the parameters, so no weight gradients are formed), one matmul per factor, and
@@ -51,6 +69,7 @@ training mode couples them; like all K-FAC implementations this module ignores t
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.core.problem import Problem, loss_terms, per_example_loss
 from kfacbench.errors import KfacbenchError
 
 KFAC_LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -100,13 +119,9 @@ class Layer:
         return cast(list[nn.Parameter], params)
 
 
-SEQUENCE_OUTPUTS = (
-    "{method} on a sequence model ((batch, positions, classes) outputs, e.g. text_gpt) needs"
-    " Kronecker factors for weight-sharing layers (Eschenhagen et al. 2023, expand/reduce), which"
-    " are not implemented yet; use sgd or adamw for this workload"
-)
-"""The error of a curvature method given a sequence model: its factors, Fisher samples and
-exact-Fisher products assume one output vector per example."""
+WeightSharing = Literal["expand", "reduce"]
+"""How a layer that shares its weight over positions is approximated; see the module docstring."""
+WEIGHT_SHARING: tuple[WeightSharing, ...] = ("expand", "reduce")
 
 
 def _is_supported(module: nn.Module) -> bool:
@@ -484,9 +499,20 @@ def output_grads(
         allow_unused=True,
         materialize_grads=True,
     )
+    scaled = per_term(grads, problem, output)
     if not as_rows:
-        return [as_float(g) for g in grads]
-    return [_grad_rows(layer, g) for layer, g in zip(layers, grads, strict=True)]
+        return [as_float(g) for g in scaled]
+    return [_grad_rows(layer, g) for layer, g in zip(layers, scaled, strict=True)]
+
+
+def per_term(grads: Sequence[Tensor], problem: Problem, output: Tensor) -> list[Tensor]:
+    """Gradients of per-example losses scaled by √P, P the per-token terms each averages
+    (:func:`~kfacbench.core.problem.loss_terms`; see "Per-token losses" in the module
+    docstring); unchanged when P = 1."""
+    terms = loss_terms(problem.distribution, output)
+    if terms == 1:
+        return list(grads)
+    return [g * math.sqrt(terms) for g in grads]
 
 
 def fisher_output_grads(
@@ -505,7 +531,9 @@ def fisher_output_grads(
     the graph retained). The graph is released afterwards. ``as_rows=False`` (gradient maps, as
     :func:`output_grads`) is for ``sampled`` and ``empirical``."""
     if fisher == "empirical":
-        return capture.loss_grads(layers, output.shape[0], as_rows=as_rows)
+        return per_term(
+            capture.loss_grads(layers, output.shape[0], as_rows=as_rows), problem, output
+        )
     if fisher == "exact":
         if not as_rows:
             raise ValueError("the exact Fisher's output gradients come as rows only")
@@ -528,15 +556,26 @@ def _loss_hessian_sqrt(problem: Problem, output: Tensor) -> Tensor:
 
     Bernoulli: H = diag(p(1−p)), L = diag(√(p(1−p))). Gaussian (unit variance): H = L = I.
     Categorical: H = diag(p) − p pᵀ and L = diag(√p) − p √pᵀ (L Lᵀ = H because Σ_k p_k = 1), whose
-    column k is √p_k (e_k − p).
+    column k is √p_k (e_k − p). Categorical sequences ``(m, P, V)`` with the per-token mean
+    loss: H is block diagonal over positions, each block (diag(p_t) − p_t p_tᵀ)/P, so column
+    (t, k) is √p_{t,k} (e_k − p_t)/√P at position t and zero elsewhere (K = P·V).
     """
-    z = output.detach().reshape(output.shape[0], -1)
+    m = output.shape[0]
+    z = output.detach().reshape(m, -1)
     k = z.shape[1]
     eye = torch.eye(k, dtype=z.dtype, device=z.device).unsqueeze(1)  # (K, 1, K): e_k
     if problem.distribution == "bernoulli":
         return eye * (torch.sigmoid(z) * torch.sigmoid(-z)).sqrt()  # p(1−p), stable in the tails
     if problem.distribution == "gaussian":
-        return eye.expand(k, z.shape[0], k)
+        return eye.expand(k, m, k)
+    if output.dim() > 2:
+        p = torch.softmax(output.detach().reshape(m, -1, output.shape[-1]), dim=-1)  # (m, P, V)
+        positions, classes = p.shape[1:]
+        onehot = torch.eye(classes, dtype=p.dtype, device=p.device)[:, None, None, :]
+        block = (onehot - p) * p.permute(2, 0, 1).sqrt().unsqueeze(-1)  # (V, m, P, V)
+        diag = torch.eye(positions, dtype=p.dtype, device=p.device)[:, None, None, :, None]
+        cols = diag * block / math.sqrt(positions)  # (P, V, m, P, V): zero off position t
+        return cols.reshape(k, m, k)
     p = torch.softmax(z, dim=-1)
     return (eye - p) * p.sqrt().T.unsqueeze(-1)
 
@@ -626,20 +665,30 @@ def gram(x: Tensor, blocks: int | None = None) -> Tensor:
     return out
 
 
-def factors(layer: Layer, a: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+def factors(
+    layer: Layer,
+    a: Tensor,
+    g: Tensor,
+    batch_size: int,
+    weight_sharing: WeightSharing = "expand",
+) -> tuple[Tensor, Tensor]:
     """The Kronecker factors ``(A, G)`` of one layer from its rows (Martens & Grosse 2015, §3).
 
-    A = āᵀā / rows(ā): the average over all input rows (examples, and positions for Conv2d).
-    G = gᵀg / m: summed over rows within an example (positions; the K columns of the exact
-    Fisher) and averaged over the ``batch_size`` examples. For Linear layers on plain
-    ``(m, features)`` inputs these are E[ā āᵀ] and E[g gᵀ]; for Conv2d see the module docstring
-    (KFC normalisation).
+    ``expand``: A = āᵀā / rows(ā), the average over all input rows (examples, and positions
+    for Conv2d and sequences). G = gᵀg / m: summed over rows within an example (positions; the
+    K columns of the exact Fisher) and averaged over the ``batch_size`` examples. For Linear
+    layers on plain ``(m, features)`` inputs these are E[ā āᵀ] and E[g gᵀ]; for Conv2d see the
+    module docstring (KFC normalisation). ``reduce`` averages each example's R input rows and
+    sums its output-gradient rows before the products (Eschenhagen et al. 2023; the module
+    docstring); with one row per example the two are the same.
 
     Args:
         layer: the layer (checks the widths).
-        a: rows from :meth:`Capture.inputs`, ``(rows, in_dim)``.
-        g: rows from :func:`output_grads` or :func:`exact_output_grads`, ``(rows', out_dim)``.
+        a: rows from :meth:`Capture.inputs`, ``(rows, in_dim)``, example-major.
+        g: rows from :func:`output_grads` or :func:`exact_output_grads`, ``(rows', out_dim)``,
+            in the same order (K blocks of them for the exact Fisher).
         batch_size: m, the number of examples the rows come from.
+        weight_sharing: ``expand`` or ``reduce``.
 
     Returns:
         ``A`` of shape ``(in_dim, in_dim)`` and ``G`` of shape ``(out_dim, out_dim)``.
@@ -649,6 +698,12 @@ def factors(layer: Layer, a: Tensor, g: Tensor, batch_size: int) -> tuple[Tensor
             f"layer {layer.name!r}: rows of width {a.shape[-1]} and {g.shape[-1]}, expected"
             f" {layer.in_dim} and {layer.out_dim}"
         )
+    if weight_sharing == "reduce":
+        positions = a.shape[0] // batch_size
+        a = a.reshape(batch_size, positions, -1).mean(1)
+        g = g.reshape(-1, positions, g.shape[-1]).sum(1)
+    elif weight_sharing != "expand":
+        raise ValueError(f"unknown weight_sharing {weight_sharing!r}; known: expand, reduce")
     return gram(a).div_(a.shape[0]), gram(g).div_(batch_size)
 
 
@@ -692,6 +747,7 @@ def kronecker_factors(
     *,
     fisher: Fisher = "sampled",
     generator: torch.Generator | None = None,
+    weight_sharing: WeightSharing = "expand",
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """The Kronecker factors ``(A, G)`` of every supported layer of ``model`` on one batch.
 
@@ -707,6 +763,7 @@ def kronecker_factors(
         y: data targets (used by ``fisher="empirical"`` only).
         fisher: ``"sampled"``, ``"empirical"`` or ``"exact"`` (see the module docstring).
         generator: the random source of sampled targets.
+        weight_sharing: ``expand`` or ``reduce`` for layers applied at several positions.
 
     Returns:
         ``{layer name: (A, G)}`` in :func:`find_layers` order.
@@ -733,7 +790,7 @@ def kronecker_factors(
             )
         m = output.shape[0]
         return {
-            layer.name: factors(layer, capture.inputs(layer), g, m)
+            layer.name: factors(layer, capture.inputs(layer), g, m, weight_sharing)
             for layer, g in zip(layers, gs, strict=True)
         }
     finally:

@@ -38,9 +38,10 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
-from kfacbench.core.problem import Distribution, Problem
+from kfacbench.core.problem import Distribution, Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
     STRATEGIES,
@@ -59,7 +60,7 @@ from kfacbench.optim.base import (
     gradients,
 )
 from kfacbench.optim.curvature import (
-    SEQUENCE_OUTPUTS,
+    WEIGHT_SHARING,
     Capture,
     Layer,
     cross_factors,
@@ -93,9 +94,10 @@ def fisher_quadratic(
     With u = Jδ₁ and v = Jδ₂ (Jacobian-vector products) this is δ₁ᵀ F δ₂ for the exact Fisher
     (generalised Gauss-Newton) of the mean loss — §6.4's "exact F" — without forming F.
     Bernoulli logits: H = diag(p(1−p)); Gaussian mean: H = I; softmax logits:
-    H = diag(p) − ppᵀ.
+    H = diag(p) − ppᵀ, per position for sequences, whose per-token mean loss divides each
+    position's block by the P positions (:func:`~kfacbench.core.problem.loss_terms`).
     """
-    m = output.shape[0]
+    m = output.shape[0] * loss_terms(distribution, output)
     out = output.detach().float()
     u, v = u.float(), v.float()
     if distribution == "bernoulli":
@@ -221,6 +223,9 @@ class KFAC:
             labels) or ``exact`` (type-2: one backward per output, for models with few outputs).
         cov_interval: steps between factor updates.
         cov_fraction: fraction of the minibatch used for the factor statistics.
+        weight_sharing: ``expand`` or ``reduce``, the factors of a layer applied at several
+            positions (sequences, conv maps; Eschenhagen et al. 2023, see
+            :mod:`~kfacbench.optim.curvature`).
         ema_max: cap of the moving-average weight ε_k = min(1 − 1/k, ema_max) (§5: 0.95).
         damping: initial λ (λ₀ = 150 in the paper); with ``adapt_gamma`` off, γ = sqrt(λ + η).
         weight_decay: η, the ℓ2 cost of the objective (1e-5 for the autoencoders).
@@ -285,6 +290,7 @@ class KFAC:
         fisher: str = "sampled",
         cov_interval: int = 1,
         cov_fraction: float = 1.0,
+        weight_sharing: str = "expand",
         ema_max: float = 0.95,
         damping: float = 150.0,
         weight_decay: float = 1e-5,
@@ -324,6 +330,10 @@ class KFAC:
             )
         if fisher not in FISHERS:
             raise KfacbenchError(f"unknown fisher {fisher!r}; known: {', '.join(FISHERS)}")
+        if weight_sharing not in WEIGHT_SHARING:
+            raise KfacbenchError(
+                f"unknown weight_sharing {weight_sharing!r}; known: {', '.join(WEIGHT_SHARING)}"
+            )
         if dist_strategy not in STRATEGIES:
             raise KfacbenchError(
                 f"unknown dist_strategy {dist_strategy!r}; known: {', '.join(STRATEGIES)}"
@@ -356,6 +366,7 @@ class KFAC:
         self.fisher = fisher
         self.cov_interval = cov_interval
         self.cov_fraction = cov_fraction
+        self.weight_sharing = weight_sharing
         self.ema_max = ema_max
         self.eta = weight_decay
         self.inv_interval = inv_interval
@@ -419,8 +430,6 @@ class KFAC:
         with timer.phase("forward"):
             with self.capture.recording(update_cov, keep_grads=keep):
                 output = self.problem.forward(x)
-            if output.dim() > 2:
-                raise KfacbenchError(SEQUENCE_OUTPUTS.format(method="K-FAC"))
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:
@@ -580,7 +589,7 @@ class KFAC:
             # Exact Fisher: K blocks of rows (one per output-Hessian column), each like ``a``.
             g = g.reshape(-1, m * per_example, g.shape[-1])[:, : n * per_example].flatten(0, 1)
             rows.append((a, g))
-            a_new, g_new = factors(c.layer, a, g, n)
+            a_new, g_new = factors(c.layer, a, g, n, self.weight_sharing)
             if c.a is None or c.g is None:
                 c.a, c.g = a_new, g_new
             else:
@@ -746,10 +755,15 @@ class KFAC:
         return out
 
     def _jvp(self, x: torch.Tensor, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
-        """J v: the change of the network output along ``tangents`` (forward mode)."""
+        """J v: the change of the network output along ``tangents`` (forward mode).
+
+        Attention runs in its composite (math) form here: the fused flash and memory-efficient
+        kernels have no forward-mode derivative (torch 2.11-2.13).
+        """
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         tangent = self._by_name(tangents, fill=torch.zeros_like)
-        out = jvp(lambda p: self._functional_forward(p, x), (params,), (tangent,))
+        with sdpa_kernel(SDPBackend.MATH):
+            out = jvp(lambda p: self._functional_forward(p, x), (params,), (tangent,))
         return out[1]
 
     def _quad_terms(
@@ -916,6 +930,9 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         ),
         "cov_interval": HParam(1, "steps between factor updates", bounds="[1, inf)"),
         "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", bounds="(0, 1]"),
+        "weight_sharing": HParam(
+            "expand", "factors of layers shared over positions", choices=WEIGHT_SHARING
+        ),
         "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", bounds="[0, 1)"),
         "damping": HParam(150.0, "initial λ (λ₀)", bounds="(0, inf)"),
         "weight_decay": HParam(1e-5, "η, the ℓ2 cost of the objective", bounds="[0, inf)"),

@@ -71,7 +71,7 @@ from kfacbench.distributed import (
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
-    SEQUENCE_OUTPUTS,
+    WEIGHT_SHARING,
     Capture,
     Layer,
     as_float,
@@ -165,6 +165,7 @@ def factor_rows(
     reduction: str = "sum",
     samples: int = 1,
     generator: torch.Generator | None = None,
+    weight_sharing: str = "reduce",
 ) -> tuple[Tensor, Tensor]:
     """The scaled rows (R_A, R_G) of one layer's per-batch factors Ā = R_AᵀR_A, G = R_GᵀR_G.
 
@@ -173,14 +174,19 @@ def factor_rows(
         x: its recorded input (:meth:`~kfacbench.optim.curvature.Capture.raw_input`).
         grad: the output-gradient of the per-example losses, shaped like the layer's output
             (:func:`~kfacbench.optim.curvature.output_grads` with ``as_rows=False``).
-        reduction: ``sum``, ``mean`` or ``subsample`` over positions (conv layers, and Linear
-            layers applied to inputs with extra position dimensions); see the module docstring.
+        reduction: ``sum``, ``mean`` or ``subsample`` over a conv layer's positions; see the
+            module docstring.
         samples: s, positions kept per example by ``subsample``.
         generator: the random source of ``subsample`` (on the layer's device).
+        weight_sharing: ``reduce`` or ``expand`` for a Linear layer applied to inputs with
+            extra position dimensions (a transformer's): the roots of K-FAC-reduce's or
+            K-FAC-expand's factors (Eschenhagen et al. 2023; :func:`~kfacbench.optim.curvature.
+            factors`).
 
     Returns:
         ``R_A`` of shape ``(r, in_dim)`` and ``R_G`` of shape ``(r, out_dim)`` with r = m, or
-        m·s under ``subsample`` (s capped at the number of positions).
+        m·s under ``subsample`` (s capped at the number of positions), or m·R for a Linear
+        layer at R positions under ``expand``.
     """
     x = as_float(x)
     m = x.shape[0]
@@ -206,16 +212,12 @@ def factor_rows(
         if layer.has_bias:
             a = torch.nn.functional.pad(a, (0, 1), value=1.0)
         g = grad.reshape(m, -1, layer.out_dim)
-        positions = a.shape[1]
-        if positions > 1:
-            if reduction == "subsample":
-                if generator is None:
-                    raise ValueError("reduction = 'subsample' needs a generator")
-                pos = sample_positions(m, positions, samples, generator)[..., None]
-                a = a.gather(1, pos.expand(-1, -1, a.shape[-1]))
-                g = g.gather(1, pos.expand(-1, -1, g.shape[-1]))
-            else:
-                a, g = a.sum(dim=1, keepdim=True), g.sum(dim=1, keepdim=True)
+        if weight_sharing == "reduce":  # â = mean of the positions' ā, ĝ = sum of their g
+            a, g = a.mean(dim=1, keepdim=True), g.sum(dim=1, keepdim=True)
+        elif weight_sharing != "expand":
+            raise ValueError(f"unknown weight_sharing {weight_sharing!r}; known: expand, reduce")
+        r = a.shape[0] * a.shape[1]  # expand: every position a row, Ā their mean
+        return a.reshape(r, -1) / math.sqrt(r), g.reshape(r, -1) / math.sqrt(m)
     if positions > 1 and reduction == "mean":
         a, g = a / positions, g / positions
     rows_per_example = a.shape[1]
@@ -257,6 +259,9 @@ class SKFAC:
         weight_decay: η, added to the gradient before preconditioning.
         fisher: ``sampled`` (targets drawn from the model) or ``empirical`` (data targets).
         reduction: ``sum``, ``mean`` or ``subsample`` for conv layers.
+        weight_sharing: ``reduce`` (rank m, the default: the low rank SKFAC is built on) or
+            ``expand`` (rank m·R) for Linear layers applied at R positions (Eschenhagen et al.
+            2023; :func:`factor_rows`).
         samples: s, the positions per example kept by ``subsample``.
         inv_interval: steps between refreshes of the factors and their inverses.
         factor_decay: ε of the moving average of the factors (0: per-batch factors).
@@ -287,6 +292,7 @@ class SKFAC:
         weight_decay: float = 0.0,
         fisher: str = "sampled",
         reduction: str = "sum",
+        weight_sharing: str = "reduce",
         samples: int = 4,
         inv_interval: int = 20,
         factor_decay: float = 0.0,
@@ -298,6 +304,7 @@ class SKFAC:
     ) -> None:
         for key, value, known in (
             ("reduction", reduction, REDUCTIONS),
+            ("weight_sharing", weight_sharing, WEIGHT_SHARING),
             ("damping_split", damping_split, DAMPING_SPLITS),
             ("fisher", fisher, FISHERS),
             ("dist_strategy", dist_strategy, STRATEGIES),
@@ -328,6 +335,7 @@ class SKFAC:
         self.eta = weight_decay
         self.fisher = fisher
         self.reduction = reduction
+        self.weight_sharing = weight_sharing
         self.samples = samples
         self.inv_interval = inv_interval
         self.decay = factor_decay
@@ -366,8 +374,6 @@ class SKFAC:
         with timer.phase("forward"):
             with self.capture.recording(measure, keep_grads=keep):
                 output = self.problem.forward(x)
-            if output.dim() > 2:
-                raise KfacbenchError(SEQUENCE_OUTPUTS.format(method="SKFAC"))
             loss = self.problem.loss(output, y)
         with timer.phase("backward"):
             for p in self.params:
@@ -446,6 +452,7 @@ class SKFAC:
                     self.capture.raw_input(c.layer),
                     g,
                     reduction=self.reduction,
+                    weight_sharing=self.weight_sharing,
                     samples=self.samples,
                     generator=self.position_generator,
                 )
@@ -623,6 +630,9 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
         ),
         "fisher": HParam("sampled", "Fisher estimate", choices=FISHERS),
         "reduction": HParam("sum", "conv dimension reduction", choices=REDUCTIONS),
+        "weight_sharing": HParam(
+            "reduce", "Linear layers shared over positions", choices=WEIGHT_SHARING
+        ),
         "samples": HParam(4, "positions per example kept by subsample", bounds="[1, inf)"),
         "factor_decay": HParam(
             0.0, "moving-average ε of the factors (0: per batch)", bounds="[0, 1)"

@@ -139,14 +139,19 @@ def test_subsampling_is_seeded() -> None:
     assert not torch.allclose(ra0, ra2)
 
 
-def test_linear_layer_on_sequences_reduces_positions() -> None:
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_linear_layer_on_sequences_gives_the_roots_of_kfacs_factors(weight_sharing: str) -> None:
+    """A Linear layer at R positions: R_AᵀR_A and R_GᵀR_G are K-FAC-expand's or -reduce's
+    factors of the same rows (Eschenhagen et al. 2023), of rank m·R or m."""
     layer = find_layers(nn.Linear(3, 2))[0][0]
-    x = torch.randn(4, 5, 3)
-    g = torch.randn(4, 5, 2)
-    ra, rg = factor_rows(layer, x, g, reduction="sum")
-    a = torch.cat([x, torch.ones(4, 5, 1)], -1).sum(1)
-    torch.testing.assert_close(ra * 2, a)  # 1/√m with m = 4
-    torch.testing.assert_close(rg * 2, g.sum(1))
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    g = torch.randn(4, 5, 2, dtype=torch.float64)
+    ra, rg = factor_rows(layer, x, g, weight_sharing=weight_sharing)
+    assert ra.shape[0] == rg.shape[0] == (20 if weight_sharing == "expand" else 4)
+    a_rows = torch.cat([x, torch.ones(4, 5, 1, dtype=x.dtype)], -1).reshape(20, 4)
+    a, gg = factors(layer, a_rows, g.reshape(20, 2), 4, weight_sharing)  # type: ignore[arg-type]
+    torch.testing.assert_close(ra.T @ ra, a)
+    torch.testing.assert_close(rg.T @ rg, gg)
 
 
 @pytest.mark.parametrize(
