@@ -29,6 +29,11 @@ under ``"sum"``):
   and G = (1/m) Σ_i g_i g_iᵀ, with g the per-example gradient (the official code's
   ``batch_coefficient`` 1/√m on both factors and ``dout·batch_size``). On a Linear layer these are
   exactly K-FAC's per-batch factors (:func:`~kfacbench.optim.curvature.factors`).
+- Linear layers applied at R positions (a transformer's): ``weight_sharing = "reduce"`` (the
+  default) R_A = â/√m, R_G = ĝ/√m with â the mean of an example's ā over positions and ĝ the
+  sum of its g, rank m; ``"expand"`` every position a row, R_A = ā/√(mR), R_G = g/√m, rank m·R:
+  the roots of K-FAC-reduce's and K-FAC-expand's factors (Eschenhagen et al. 2023; g of a
+  per-token mean loss carries the √P of :mod:`~kfacbench.optim.curvature`).
 - conv under ``"subsample"``: R_A = ā_S/√(m·s), R_G = g_S·√(|T|/(m·s)), so Ā and G are unbiased
   estimates of K-FAC's conv factors in this package's KFC normalisation (Ā the average over all
   patch rows, G summed over positions and averaged over examples), and equal them when s ≥ |T|.

@@ -255,3 +255,21 @@ def test_kfac_optimizer_measures_the_ggn_blocks(
         assert c.a is not None and c.g is not None
         want = ggn_block(before, problem, x, y, layer)
         torch.testing.assert_close(kron_block(c.a, c.g), want, msg=layer.name)
+
+
+def test_reduce_on_a_conv_layer_pools_each_examples_patches() -> None:
+    """K-FAC-reduce for convolutions: Ā from each example's mean im2col patch, G from its
+    output gradient summed over positions (Eschenhagen et al. 2023, §3 applied to conv)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(4, 2, 5, 5, dtype=F64)
+    y = torch.randn(4, 3, 5, 5, dtype=F64)
+    problem = Problem(conv, "gaussian")
+    got = kronecker_factors(conv, problem, x, y, fisher="empirical", weight_sharing="reduce")[""]
+    patches = F.unfold(x, 3, padding=1)  # (m, C_in·9, positions)
+    a_hat = torch.cat([patches.mean(2), torch.ones(4, 1, dtype=F64)], 1)
+    out = conv(x)
+    (grad,) = torch.autograd.grad(0.5 * (out - y).pow(2).sum(), out)
+    b_sum = grad.sum((2, 3))
+    torch.testing.assert_close(got[0], a_hat.T @ a_hat / 4)
+    torch.testing.assert_close(got[1], b_sum.T @ b_sum / 4)
