@@ -4,11 +4,12 @@ Each entry is a :class:`~kfacbench.optim.base.MethodSpec`; suites name them by k
 """
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import kfac, peers, sgd, skfac
+from kfacbench.optim import kfac, peers, peers_modern, sgd, skfac
 from kfacbench.optim.base import HParam, Method, MethodContext, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (sgd.SPEC, *kfac.SPECS, *skfac.SPECS, *peers.SPECS)
+    spec.name: spec
+    for spec in (sgd.SPEC, *kfac.SPECS, *skfac.SPECS, *peers.SPECS, *peers_modern.SPECS)
 }
 
 
