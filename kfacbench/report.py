@@ -91,8 +91,12 @@ def optimizer_colors(optimizers: Sequence[str] = ()) -> dict[str, Any]:
     """One colour per optimizer, the same in every figure and report: registered methods in
     registry order, then any other name (a peer) after them."""
     names = list(METHODS) + sorted(set(optimizers) - set(METHODS))
-    palette = sns.color_palette("colorblind", len(names))
-    return dict(zip(names, palette, strict=True))
+    # The colourblind palette has 10 colours and repeats itself after them: further names get
+    # the dark variants of the same hues (still told apart by lightness), then evenly spaced hues.
+    palette = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
+    if len(names) > len(palette):
+        palette += sns.color_palette("husl", len(names) - len(palette))
+    return dict(zip(names, palette[: len(names)], strict=True))
 
 
 @dataclass
