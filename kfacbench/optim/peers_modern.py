@@ -22,7 +22,6 @@ a one-line error naming the extra, and ``method_info`` records the package versi
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +31,7 @@ from kfacbench.core.problem import Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec
+from kfacbench.optim.peers import _version
 
 EXTRA = "pip install 'kfacbench[peers]'"
 SINGD_STRUCTURES = (
@@ -55,13 +55,6 @@ def _import(module: str, dist: str, who: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise KfacbenchError(f"{who} needs the {dist} package: {EXTRA}") from None
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _one_process(ctx: MethodContext, who: str) -> None:
