@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import tomllib
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -42,11 +43,15 @@ from kfacbench.optim import METHODS, HParam
 from kfacbench.profiling import profile_cells, top_kernels
 from kfacbench.regress import (
     FAIL_ABOVE,
+    KEYS,
     MIN_SHARE,
+    ab_records,
+    baseline_commit,
     baseline_for,
     busy_passes,
     check,
     combine,
+    export_commit,
     machine_kind,
     read_baseline,
     write_baseline,
@@ -663,19 +668,79 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
     bad = result[result["regressed"]]
     if not bad.empty:
         names = ", ".join(
-            f"{w} bs={b} {s} {p} ×{c:.2f}"
-            for w, b, s, p, c in zip(
-                bad["workload"],
-                bad["batch_size"],
-                bad["setting"],
-                bad["phase"],
-                bad["change"],
-                strict=True,
-            )
+            f"{s} {p} ×{c:.2f}"
+            for s, p, c in zip(bad["setting"], bad["phase"], bad["change"], strict=True)
         )
         console.print(f"[red]{len(bad)} regressions[/]: {names}")
-        return 1
+        if args.run or not args.confirm:
+            return 1
+        return _confirm_regressions(args, suite, baseline_path, root, bad, console)
     console.print(f"no regression above +{args.fail_above:g}%")
+    return 0
+
+
+def _confirm_regressions(
+    args: argparse.Namespace,
+    suite: Suite,
+    baseline_path: Path,
+    root: Path,
+    flagged: pd.DataFrame,
+    console: Console,
+) -> int:
+    """The A/B confirmation of lines flagged against the baseline file (module docstring of
+    :mod:`kfacbench.regress`): exit 1 only when the baseline's own commit, run here with the
+    current code in alternating passes, shows the regression too."""
+    rev = args.against or baseline_commit(baseline_path)
+    if rev is None or suite.path is None:
+        why = "no suite file" if suite.path is None else f"no git history of {baseline_path}"
+        console.print(f"[yellow]cannot confirm by an A/B run[/] ({why}; --against REV names one)")
+        return 1
+    console.print(
+        f"confirming on this machine: the baseline's commit {rev[:12]} and the current code,"
+        f" {args.repeats} alternating passes each (--no-confirm skips this)"
+    )
+
+    def on_pass(side: str, run_dir: Path) -> None:
+        console.print(f"  {'baseline commit' if side == 'old' else 'current code':15} {run_dir}")
+
+    new_source = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="kfacbench-ab-") as tmp:
+        old_source = export_commit(rev, baseline_path.resolve().parent, Path(tmp))
+        old, new = ab_records(
+            suite.path.resolve(),
+            old_source,
+            new_source,
+            args.repeats,
+            root / "ab",
+            args.device,
+            args.cache_dir,
+            on_pass,
+        )
+    ab = check(new, old, args.fail_above / 100, args.min_share / 100)
+    ab = ab.merge(flagged[[*KEYS, "change"]], on=KEYS, suffixes=("", "_file"))
+    table = Table(title=f"flagged lines, A/B on this machine: {rev[:12]} vs current code")
+    for col in ("setting", "phase", "vs file", "then / SGD", "now / SGD", "now passes", "A/B", ""):
+        table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")
+    for r in ab.to_dict("records"):
+        table.add_row(
+            str(r["setting"]),
+            str(r["phase"]),
+            f"{r['change_file']:.3f}",
+            f"{r['ratio_base']:.3f}",
+            f"{r['ratio_new']:.3f}",
+            f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}",
+            f"{r['change']:.3f}",
+            "[red]confirmed[/]" if r["regressed"] else "not confirmed",
+        )
+    console.print(table)
+    confirmed = ab[ab["regressed"]]
+    if not confirmed.empty:
+        console.print(f"[red]{len(confirmed)} regressions confirmed by the A/B run[/]")
+        return 1
+    console.print(
+        f"[yellow]no regression above +{args.fail_above:g}% in the A/B run[/]: the baseline file"
+        f" does not fit this machine; record one here (--update-baseline) to gate on it directly"
+    )
     return 0
 
 
@@ -1017,8 +1082,10 @@ def build_parser() -> argparse.ArgumentParser:
         "phase's median time by the SGD step of the same workload and batch size in the same "
         "pass, take the median over the passes, and compare with the baseline of this machine "
         "kind (results/baselines/<machine-kind>.parquet). Exits 1 when the whole step, or a "
-        "phase that is at least --min-share of its step, grew by more than --fail-above percent. "
-        "Record the baseline with --update-baseline on unchanged code, on the machine that gates.",
+        "phase that is at least --min-share of its step, grew by more than --fail-above percent "
+        "and an A/B run of the baseline's commit and the current code on this machine confirms it "
+        "(ratios of one CPU model differ between VMs). Record the baseline with --update-baseline "
+        "on unchanged code, on the machine that gates.",
     )
     reg.add_argument("suite", nargs="?", default="ci", help="suite file or name (%(default)s)")
     reg.add_argument(
@@ -1053,6 +1120,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=MIN_SHARE,
         metavar="PCT",
         help="phases below this share of their step are shown but do not gate (%(default)s)",
+    )
+    reg.add_argument(
+        "--no-confirm",
+        dest="confirm",
+        action="store_false",
+        help="exit 1 on lines flagged against the baseline file without confirming them by an"
+        " A/B run of the baseline's commit and the current code on this machine",
+    )
+    reg.add_argument(
+        "--against",
+        metavar="REV",
+        help="the commit the A/B confirmation runs (default: the one that last wrote the baseline)",
     )
     _add_placement(reg)
     reg.set_defaults(func=cmd_regress)

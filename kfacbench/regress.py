@@ -15,12 +15,23 @@ the phases above a share floor gate the check; the others are shown but never fa
 
 Baselines are parquet files keyed by machine kind (``cpu``, ``cuda-nvidia-h100-80gb-hbm3``, ...,
 from the run's ``env.json``), so a CPU baseline is never compared with a GPU run.
+
+A kind is not a machine, though: two VMs that both call their CPU "Intel Xeon Processor" can
+differ in cache and memory bandwidth, which moves a memory-bound phase (the momentum update)
+relative to the compute-bound SGD step by 1.7× on unchanged code. So a line flagged against the
+baseline file is only a suspicion: :func:`ab_records` confirms it by running the baseline's own
+commit and the current code on this machine, in alternating processes, and comparing the two.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
-from collections.abc import Sequence
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -223,3 +234,114 @@ def check(
     joined["regressed"] = joined["gated"] & (joined["change"] > 1 + fail_above)
     order = joined.assign(key=joined["change"].where(joined["gated"], -1.0))
     return order.sort_values("key", ascending=False, ignore_index=True).drop(columns="key")
+
+
+def baseline_commit(path: Path) -> str | None:
+    """The commit that last wrote the baseline file ``path``: the code it was measured on, since a
+    baseline is recorded on unchanged code and committed alone. ``None`` when git, the file's
+    history or the repository is not there (an untracked file, a shallow clone: there the
+    oldest commit present seems to have written every file, and an A/B run of it against the
+    current code would clear a real regression)."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args],
+            cwd=path.resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    try:
+        if git("rev-parse", "--is-shallow-repository") != "false":
+            return None
+        return git("log", "-1", "--format=%H", "--", path.name) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export_commit(rev: str, repo: Path, dest: Path) -> Path:
+    """Write the tree of commit ``rev`` of the git repository around ``repo`` into ``dest``.
+
+    Raises:
+        KfacbenchError: git is missing, or the commit is not in the repository.
+    """
+    try:
+        proc = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=repo, capture_output=True, timeout=120
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KfacbenchError(f"cannot export commit {rev}: {exc}") from None
+    if proc.returncode != 0:
+        why = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise KfacbenchError(f"cannot export commit {rev} of {repo}: {why[-1] if why else '?'}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def run_pass_in(
+    source: Path, suite: Path, out: Path, device: str | None, cache_dir: Path | None
+) -> Path:
+    """One pass of ``suite`` run by the kfacbench source tree ``source`` (the directory holding
+    the ``kfacbench`` package) in a fresh Python process; returns its run directory.
+
+    Raises:
+        KfacbenchError: the run did not finish every cell.
+    """
+    # -P: `python -m` would otherwise put the working directory, maybe a checkout of the current
+    # code, ahead of PYTHONPATH.
+    cmd = [sys.executable, "-P", "-m", "kfacbench", "run", str(suite), "--out", str(out)]
+    if device is not None:
+        cmd += ["--device", device]
+    if cache_dir is not None:
+        cmd += ["--cache-dir", str(cache_dir)]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    runs = sorted(p.parent for p in out.glob("*/*/cells.parquet"))
+    if proc.returncode != 0 or len(runs) != 1:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KfacbenchError(f"`kfacbench run` of {source} exited {proc.returncode}: {why}")
+    return runs[0]
+
+
+def ab_records(
+    suite: Path,
+    old_source: Path,
+    new_source: Path,
+    repeats: int,
+    out: Path,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    on_pass: Callable[[str, Path], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Regression records of two source trees measured together on this machine: ``repeats``
+    passes each, in the order old, new, new, old, old, ... so that a drift of the machine's
+    speed falls on both alike, every pass in its own process (no warm caches or compiled kernels
+    carried over). Busy passes are dropped, as in the check itself.
+
+    Returns:
+        The records of ``old_source`` and of ``new_source`` (:func:`combine`).
+
+    Raises:
+        KfacbenchError: a pass failed, or every pass of one side ran on a busy machine.
+    """
+    sides: dict[str, tuple[Path, list[Path]]] = {"old": (old_source, []), "new": (new_source, [])}
+    for i in range(repeats):
+        for side in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            source, dirs = sides[side]
+            run_dir = run_pass_in(source, suite, out / f"{side}-{i + 1}", device, cache_dir)
+            dirs.append(run_dir)
+            if on_pass is not None:
+                on_pass(side, run_dir)
+    records = []
+    for source, dirs in sides.values():
+        busy = busy_passes(dirs)
+        quiet = [d for d in dirs if d not in busy]
+        if not quiet:
+            raise KfacbenchError(f"every pass of {source} ran on a busy machine")
+        records.append(combine(quiet))
+    return records[0], records[1]

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+import kfacbench
 from kfacbench import cli
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.skfac import SKFAC
 from kfacbench.regress import (
+    ab_records,
+    baseline_commit,
     baseline_for,
     check,
     combine,
+    export_commit,
     machine_kind,
     normalised_phases,
     read_baseline,
+    write_baseline,
 )
 
 SUITE = """
@@ -275,3 +281,87 @@ def test_busy_passes_do_not_gate(
     assert "refusing to gate" in out
     assert cli.main([*argv, "--run", str(busy), "--update-baseline"]) == 3
     assert cli.main([*argv, "--run", str(busy), str(baseline_run)]) == 0  # the quiet pass gates
+
+
+def git(repo: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def source_copy(dest: Path, slow_skfac: bool = False) -> Path:
+    """A copy of the kfacbench package under ``dest``; ``slow_skfac`` adds a 20 ms sleep to
+    SKFAC's preconditioning (appended to the copy's module, so it runs in the copy's process)."""
+    pkg = Path(kfacbench.__file__).parent
+    shutil.copytree(pkg, dest / "kfacbench", ignore=shutil.ignore_patterns("__pycache__"))
+    if slow_skfac:
+        with (dest / "kfacbench/optim/skfac.py").open("a") as f:
+            f.write(
+                "\n_natural = SKFAC._natural\n\n"
+                "def _slowed(self, grads):\n"
+                "    import time\n\n    time.sleep(0.02)\n    return _natural(self, grads)\n\n"
+                "SKFAC._natural = _slowed\n"
+            )
+    return dest
+
+
+def test_the_baseline_commit_is_the_one_that_last_wrote_the_file(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "code.py").write_text("v = 1\n")
+    (repo / "base.parquet").write_text("baseline")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "code and baseline")
+    recorded = git(repo, "rev-parse", "HEAD")
+    (repo / "code.py").write_text("v = 2\n")
+    git(repo, "commit", "-qam", "later code")
+    assert baseline_commit(repo / "base.parquet") == recorded
+    assert baseline_commit(repo / "untracked.parquet") is None
+    assert baseline_commit(tmp_path / "elsewhere.parquet") is None  # not in a repository
+    shallow = tmp_path / "shallow"
+    git(tmp_path, "clone", "-q", "--depth", "1", repo.resolve().as_uri(), str(shallow))
+    assert baseline_commit(shallow / "base.parquet") is None  # its one commit wrote every file
+    tree = export_commit(recorded, repo, tmp_path / "then")
+    assert (tree / "code.py").read_text() == "v = 1\n"
+    with pytest.raises(KfacbenchError, match=r"cannot export commit 0{40}"):
+        export_commit("0" * 40, repo, tmp_path / "none")
+
+
+def test_an_ab_run_measures_a_slowdown_of_the_code_itself(suite: Path, tmp_path: Path) -> None:
+    """Old and new source trees run in alternating processes on this machine: a 20 ms sleep in
+    the new tree's SKFAC preconditioning is flagged, and nothing else."""
+    old = source_copy(tmp_path / "old")
+    new = source_copy(tmp_path / "new", slow_skfac=True)
+    passes: list[tuple[str, Path]] = []
+    before, after = ab_records(
+        suite, old, new, 2, tmp_path / "ab", on_pass=lambda s, d: passes.append((s, d))
+    )
+    assert [s for s, _ in passes] == ["old", "new", "new", "old"]
+    result = check(after, before, 0.5, 0.05)
+    bad = result[result["regressed"]]
+    assert ("skfac", "precondition") in set(zip(bad["optimizer"], bad["phase"], strict=True))
+    assert set(bad["optimizer"]) == {"skfac"}
+    assert (after["repeats"] == 2).all() and (before["repeats"] == 2).all()
+
+
+def test_a_baseline_that_does_not_fit_this_machine_is_cleared_by_the_ab_run(
+    suite: Path, baseline_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A committed baseline whose SKFAC step ratio is a third of this machine's (another VM) flags
+    the line; the A/B run of that commit's code (the same code) clears it, exit 0; without the
+    confirmation the flag fails the check."""
+    repo = source_copy(tmp_path / "repo")
+    record = combine([baseline_run])
+    low = (record["optimizer"] == "skfac") & (record["phase"] == "step")
+    record.loc[low, "ratio"] /= 3
+    write_baseline(record, repo / "base.parquet")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "code and its baseline")
+    argv = ["regress", str(suite), "--baseline", str(repo / "base.parquet"), "--repeats", "1"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(tmp_path / "o1")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 regressions" in out and "confirming on this machine" in out
+    assert "not confirmed" in out and "does not fit this machine" in out
+    assert cli.main([*argv, "--out", str(tmp_path / "o2"), "--no-confirm"]) == 1
