@@ -647,7 +647,13 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
     for col in ("setting", "phase", "share", "base / SGD", "now / SGD", "passes", "change", ""):
         table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")
     for r in result.to_dict("records"):
-        verdict = "[red]regressed[/]" if r["regressed"] else ("" if r["gated"] else "[dim]ungated")
+        verdict = (
+            "[red]regressed[/]"
+            if r["regressed"]
+            else "[red]missing[/]"
+            if r["missing"]
+            else ("" if r["gated"] else "[dim]ungated")
+        )
         table.add_row(
             str(r["setting"]),
             str(r["phase"]),
@@ -665,6 +671,16 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
             f"[yellow]baseline recorded on {then}, this run on {now}: ratios can differ between"
             " machines; re-record the baseline on the machine that gates[/]"
         )
+    missing = result[result["missing"]]
+    if not missing.empty:
+        names = ", ".join(
+            f"{s} {p}" for s, p in zip(missing["setting"], missing["phase"], strict=True)
+        )
+        console.print(
+            f"[red]{len(missing)} baseline lines not measured[/] (a failed cell, a phase no longer"
+            f" timed): {names}; if that is intended, re-record the baseline"
+        )
+        return 1
     bad = result[result["regressed"]]
     if not bad.empty:
         names = ", ".join(

@@ -218,8 +218,9 @@ def check(
 
     Only gated lines can be flagged: the whole step, and phases whose share of their step was at
     least ``min_share`` in the baseline or is now (a phase that grew from 1% to 30% of the step
-    is gated by its new share). Lines missing on either side are kept with a NaN change, never
-    flagged.
+    is gated by its new share). A gated line of the baseline that this record lacks is flagged
+    ``missing``: a cell that failed, or a phase no longer timed, would otherwise pass the check
+    unmeasured. Lines new in the record are kept with a NaN change, never flagged.
     """
     joined = baseline[[*KEYS, "optimizer", "ratio", "share"]].merge(
         record[[*KEYS, "optimizer", "ratio", "ratio_lo", "ratio_hi", "share"]],
@@ -232,6 +233,7 @@ def check(
     share = joined[["share_base", "share_new"]].max(axis=1)
     joined["gated"] = (joined["phase"] == STEP) | (share >= min_share)
     joined["regressed"] = joined["gated"] & (joined["change"] > 1 + fail_above)
+    joined["missing"] = joined["gated"] & joined["ratio_new"].isna()
     order = joined.assign(key=joined["change"].where(joined["gated"], -1.0))
     return order.sort_values("key", ascending=False, ignore_index=True).drop(columns="key")
 

@@ -383,6 +383,19 @@ def _plain_log_ticks(axis: Any, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> No
     axis.set_minor_formatter(NullFormatter())
 
 
+def short_labels(settings: list[str], prefix: str) -> tuple[dict[str, str], str]:
+    """Legend labels of ``settings`` without ``prefix`` (the workload) and without the
+    ``key=value`` parts every setting shares, and those shared parts (for the legend's title):
+    ``sgd bs=32 lr=0.1`` and ``adamw bs=32 lr=0.001`` become ``sgd lr=0.1``, ``adamw lr=0.001``
+    with ``bs=32`` in common."""
+    parts = {s: s.removeprefix(prefix).split() for s in settings}
+    shared = set.intersection(*(set(p[1:]) for p in parts.values())) if len(parts) > 1 else set()
+    first = next(iter(parts.values()), [])
+    common = " ".join(t for t in first[1:] if t in shared)
+    short = {s: " ".join(p[:1] + [t for t in p[1:] if t not in shared]) for s, p in parts.items()}
+    return short, common
+
+
 def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> None:
     """Training loss vs wall-clock and vs steps, one figure per workload."""
     styles = _styles(data.cells)
@@ -403,6 +416,7 @@ def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> Non
             s: [g.sort_values("step") for _, g in group.groupby("cell_id")]
             for _, s, group in groups
         }
+        short, common = short_labels([s for _, s, _ in groups], f"{workload} ")
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
         for ax, x, what in zip(
             axes,
@@ -423,7 +437,7 @@ def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> Non
                     color=shades[setting],
                     linestyle=styles[setting],
                     linewidth=2.0 if ranks[setting] == 0 else 1.6,
-                    label=setting.removeprefix(f"{workload} "),
+                    label=short[setting],
                 )
                 if len(runs[setting]) > 1:
                     ax.fill_between(grid, low, high, color=shades[setting], alpha=0.15)
@@ -437,15 +451,22 @@ def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> Non
             axes[0].set_yscale("log")
             _plain_log_ticks(axes[0].yaxis)
         fig.suptitle(f"{workload}: training loss (median over seeds; band: min to max)")
-        axes[1].legend(
-            title="setting",
-            loc="center left",
-            bbox_to_anchor=(1.02, 0.5),
+        fig.tight_layout()
+        # Below the axes, in as many columns as the longest label allows: settings of several
+        # optimizers make labels of 60+ characters, which beside the axes would squeeze them.
+        handles, labels = axes[0].get_legend_handles_labels()
+        longest = max(len(label) for label in labels)
+        fig.legend(
+            handles,
+            labels,
+            title="setting" + (f" (all: {common})" if common else ""),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            ncol=max(1, min(len(labels), 3, 120 // (longest + 8))),
             frameon=False,
             fontsize=plt.rcParams["axes.labelsize"],
             handlelength=3.0,
         )
-        fig.tight_layout()
         figs.add(
             f"loss_{workload}",
             fig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -142,8 +143,14 @@ def test_an_injected_delay_fails_the_check(
     (run_dir,) = (out / "regress" / "rg").iterdir()
     passes = sorted(run_dir.iterdir())
     assert [p.name for p in passes] == ["pass-1", "pass-2", "pass-3"]
-    result = check(combine(passes), read_baseline(base), 0.25).set_index(["optimizer", "phase"])
-    assert result.loc[("skfac", "precondition"), "change"] > 3  # the sleep, not noise
+    now = combine(passes)
+    result = check(now, read_baseline(base), 0.25).set_index(["optimizer", "phase"])
+    assert result.loc[("skfac", "precondition"), "regressed"]
+    key = ["optimizer", "phase"]
+    added = (now.set_index(key)["median_ms"] - read_baseline(base).set_index(key)["median_ms"])[
+        ("skfac", "precondition")
+    ]
+    assert 15 < added < 40  # the 20 ms sleep, not noise
 
 
 def test_missing_baseline_and_missing_sgd_are_clear_errors(
@@ -362,6 +369,27 @@ def test_a_baseline_that_does_not_fit_this_machine_is_cleared_by_the_ab_run(
     capsys.readouterr()
     assert cli.main([*argv, "--out", str(tmp_path / "o1")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "1 regressions" in out and "confirming on this machine" in out
+    assert re.search(r"\d+ regressions: [^;]*skfac bs=128 inv=5 step ×", out)
+    assert "confirming on this machine" in out
     assert "not confirmed" in out and "does not fit this machine" in out
     assert cli.main([*argv, "--out", str(tmp_path / "o2"), "--no-confirm"]) == 1
+
+
+def test_a_failed_cell_fails_the_check_instead_of_passing_unmeasured(
+    baseline_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "base.parquet"
+    argv = ["regress", "--baseline", str(base)]
+    assert cli.main([*argv, "--run", str(baseline_run), "--update-baseline"]) == 0
+    broken = shutil.copytree(baseline_run, tmp_path / "broken")
+    cells = pd.read_parquet(broken / "cells.parquet")
+    cells.loc[cells["optimizer"] == "skfac", "status"] = "error"
+    cells.to_parquet(broken / "cells.parquet")
+    result = check(combine([broken]), read_baseline(base), 0.5, 0.05)
+    missing = result[result["missing"]]
+    assert set(missing["optimizer"]) == {"skfac"} and "step" in set(missing["phase"])
+    assert not result.loc[result["optimizer"] == "sgd", "missing"].any()
+    capsys.readouterr()
+    assert cli.main([*argv, "--run", str(broken)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "baseline lines not measured" in out and "skfac bs=128 inv=5 step" in out

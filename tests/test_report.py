@@ -33,6 +33,7 @@ from kfacbench.report import (
     optimizer_colors,
     peer_table,
     performance_profile,
+    short_labels,
     time_to_target_display,
     time_to_target_table,
     title_texts,
@@ -441,8 +442,7 @@ def test_an_optimizer_has_one_colour_in_every_figure(only_kfac: Figures) -> None
     assert max(hues) - min(hues) <= 2
     assert not set(sgd) & {rgb(c) for o, c in colors.items() if o != "sgd"}
     # Legends are read: their text is as large as the axis labels.
-    legend = drawn(only_kfac, "loss_curves_ae").axes[1].get_legend()
-    assert legend is not None
+    (legend,) = drawn(only_kfac, "loss_curves_ae").legends
     sizes = {t.get_fontsize() for t in legend.get_texts()}
     assert sizes == {loss_ax.xaxis.label.get_fontsize()}
 
@@ -661,3 +661,21 @@ def test_claims_open_the_report(diagnosed: tuple[Path, Path], tmp_path: Path) ->
     plain = tmp_path / "plain"
     assert cli.main(["report", *map(str, diagnosed), "-o", str(plain)]) == 0
     assert "claims" not in (plain / "summary.md").read_text()
+
+
+def test_loss_legend_sits_below_the_axes_without_the_shared_parts(only_kfac: Figures) -> None:
+    """Long setting labels (several optimizers with their hyperparameters) go below the axes,
+    where they do not squeeze them, and lose the parts every setting shares."""
+    fig = drawn(only_kfac, "loss_curves_ae")
+    (legend,) = fig.legends
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    top = legend.get_window_extent(renderer).y1
+    assert all(top <= ax.get_tightbbox(renderer).y0 + 1 for ax in fig.axes)
+    assert all(ax.get_position().width > 0.3 for ax in fig.axes)
+    short, common = short_labels(["w sgd bs=32 lr=0.1", "w adamw bs=32 lr=0.001 wd=0.1"], "w ")
+    assert short == {
+        "w sgd bs=32 lr=0.1": "sgd lr=0.1",
+        "w adamw bs=32 lr=0.001 wd=0.1": "adamw lr=0.001 wd=0.1",
+    }
+    assert common == "bs=32"
+    assert short_labels(["w sgd bs=32"], "w ") == ({"w sgd bs=32": "sgd bs=32"}, "")
