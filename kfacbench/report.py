@@ -56,6 +56,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 from matplotlib.ticker import (
@@ -485,6 +486,9 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
     - ``outcome``: ``reached`` (every seed did), ``not reached``, or the failure (e.g.
       ``diverged``) when a seed failed: a failed cell never reaches the target;
     - ``time_to_target_s``: the median over seeds, NaN unless every seed reached the target;
+    - ``time_to_target_lo_s``: the median over seeds of the eval before, which had not reached
+      it (the crossing lies in between: the resolution the eval interval gives); NaN likewise,
+      and for runs recorded before the column existed;
     - ``train_time_s``: the median time the ok seeds trained, which is the budget a setting that
       did not reach the target spent (when every seed failed: how long they trained);
     - ``ttt_lower_bound_s``: the median over seeds of each seed's time to target, or of its
@@ -500,6 +504,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
     for (workload, optimizer, setting), g in cells.groupby(["workload", "optimizer", "setting"]):
         ok = (g["status"] == "ok").to_numpy()
         ttt = g["time_to_target_s"].astype(float).to_numpy()
+        lo = g.get("time_to_target_lo_s", pd.Series(math.nan, index=g.index)).astype(float)
         reached = ok & np.isfinite(ttt)
         trained = (
             g["train_time_s"].astype(float).to_numpy()
@@ -518,6 +523,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
                 "failed_seeds": int((~ok).sum()),
                 "outcome": "reached" if reached.all() else "/".join(failed) or "not reached",
                 "time_to_target_s": float(np.median(ttt)) if reached.all() else math.nan,
+                "time_to_target_lo_s": float(np.median(lo)) if reached.all() else math.nan,
                 "train_time_s": _median(trained[ok] if ok.any() else trained),
                 "ttt_lower_bound_s": float(np.median(bound)),
                 "median_step_ms": (
@@ -544,6 +550,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
             "failed_seeds",
             "outcome",
             "time_to_target_s",
+            "time_to_target_lo_s",
             "train_time_s",
             "ttt_lower_bound_s",
             "speedup_vs_best_sgd",
@@ -615,7 +622,10 @@ def _speedup(row: Any, table: pd.DataFrame) -> Speedup:
 def time_to_target_text(row: Any) -> str:
     """A setting's time to target for a reader: the time, or what happened instead."""
     if row.outcome == "reached":
-        return _seconds(row.time_to_target_s)
+        lo = getattr(row, "time_to_target_lo_s", math.nan)
+        return _seconds(row.time_to_target_s) + (
+            f" (not yet at {_seconds(lo)})" if math.isfinite(lo) else ""
+        )
     if row.outcome != "not reached":
         if row.failed_seeds < row.seeds:
             return f"{row.outcome} ({row.failed_seeds} of {row.seeds} seeds)"
@@ -674,6 +684,9 @@ def time_to_target_figure(
                 if short := _speedup(row, table).short:
                     note += f": {short}"
                 bar = ax.barh(i, end, height=0.7, color=color)
+                if math.isfinite(row.time_to_target_lo_s):  # where the crossing can lie
+                    ax.plot([row.time_to_target_lo_s, end], [i, i], color="0.15", linewidth=1.2)
+                    ax.plot([row.time_to_target_lo_s], [i], marker="|", color="0.15", ms=8)
             else:
                 trained = row.train_time_s if math.isfinite(row.train_time_s) else 0.0
                 end, note = trained, time_to_target_text(row)
@@ -710,6 +723,9 @@ def time_to_target_figure(
     if not table["outcome"].isin(("reached", "not reached")).all():
         handles.append(Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="0.3", hatch="xx"))
         labels.append("failed (diverged, oom, error)")
+    if table["time_to_target_lo_s"].notna().any():
+        handles.append(Line2D([0], [0], color="0.15", marker="|", markersize=8, linewidth=1.2))
+        labels.append("crossed between the eval\nbefore (|) and the bar's end")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle("Time to target, every setting (solid: reached; hatched: not reached)")
     fig.tight_layout()
@@ -719,7 +735,8 @@ def time_to_target_figure(
         "time_to_target",
         fig,
         "Time to target per setting: solid bars reached the target (with the speed-up over the "
-        "best SGD setting, or its bound when SGD did not reach it); hatched bars did not, and "
+        "best SGD setting, or its bound when SGD did not reach it), the line on a bar spanning "
+        "the eval interval in which the target was crossed; hatched bars did not reach it, and "
         "end at the time the setting trained.",
     )
 

@@ -254,6 +254,11 @@ def cell_row(
         "time_to_target_s": (
             result.time_to_target_s if result and result.time_to_target_s is not None else math.nan
         ),
+        "time_to_target_lo_s": (
+            result.time_to_target_lo_s
+            if result and result.time_to_target_lo_s is not None
+            else math.nan
+        ),
         "metric": workload.metric,
         "target": workload.target,
         "final_train_loss": final.get("final_train_loss", math.nan),

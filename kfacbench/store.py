@@ -47,8 +47,9 @@ TMP_SUFFIX = ".tmp"
 CELL_COLUMNS = (
     "cell_id", "suite", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed",
     "hparams", "config", "method_info", "data_mode", "data_source", "status", "error", "steps",
-    "train_time_s", "time_to_target_s", "metric", "target", "final_train_loss", "final_eval_loss",
-    "final_eval_metric", "median_step_ms", "timer_overhead_ms", "timer_overhead_ratio",
+    "train_time_s", "time_to_target_s", "time_to_target_lo_s", "metric", "target",
+    "final_train_loss", "final_eval_loss", "final_eval_metric", "median_step_ms",
+    "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
     "device_name", "world_size", "backend", "tf32", "amp", "compile", "compile_s", "torch_version",
     "kfacbench_version", "git_commit", "host", "started_at", "finished_at",

@@ -679,3 +679,20 @@ def test_loss_legend_sits_below_the_axes_without_the_shared_parts(only_kfac: Fig
     }
     assert common == "bs=32"
     assert short_labels(["w sgd bs=32"], "w ") == ({"w sgd bs=32": "sgd bs=32"}, "")
+
+
+def test_the_eval_interval_of_a_reached_target_is_shown() -> None:
+    """A time to target is read at evals: the table says when the eval before had not reached
+    it, and the figure draws that interval on the bar."""
+    data = synthetic(ONLY_KFAC)
+    kfac = data.cells["optimizer"] == "kfac"
+    data.cells["time_to_target_lo_s"] = np.where(kfac, 44.0, math.nan)
+    shown = time_to_target_display(time_to_target_table(data.cells)).set_index("setting")
+    assert shown.loc["curves_ae kfac bs=500", "time to target"] == "55.5 s (not yet at 44.0 s)"
+    assert shown.loc["curves_ae sgd bs=100 lr=0.01", "time to target"] == "not reached in 113 s"
+    figs = build_figures(data)
+    try:
+        (ax,) = drawn(figs, "time_to_target").axes
+        assert (44.0, 55.5) in [tuple(line.get_xdata()) for line in ax.get_lines()]
+    finally:
+        figs.close()

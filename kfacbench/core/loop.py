@@ -69,6 +69,9 @@ class TrainResult:
         steps: steps taken.
         train_time_s: wall-clock training time, eval excluded.
         time_to_target_s: training time at the first eval reaching the workload's target.
+        time_to_target_lo_s: training time at the eval before it, which had not: the target
+            was crossed in between, so evals every N steps resolve a time to target no finer
+            than that interval.
         curves: rows of the ``curves`` table (without the cell id).
         phases: per-phase statistics (including ``step``).
         final: final train-subset loss, eval loss and eval metric.
@@ -95,6 +98,7 @@ class TrainResult:
     mem_baseline_mb: float = math.nan
     compile_s: float = 0.0
     compiled: dict[str, PhaseCompiled] = field(default_factory=dict)
+    time_to_target_lo_s: float | None = None
 
 
 def synchronize(device: torch.device) -> None:
@@ -244,6 +248,8 @@ def train(
     pending_losses: list[torch.Tensor] = []
     train_time = 0.0
     time_to_target: float | None = None
+    unreached_at = 0.0  # training time of the latest eval that had not reached the target
+    target_lo: float | None = None
     status: Literal["ok", "diverged"] = "ok"
     last_eval: dict[str, float] = {}
 
@@ -255,7 +261,7 @@ def train(
         autoencoder's cross-entropy grow to 1e9 without ever overflowing. A diverged cell is
         evaluated where it stopped, so its final losses are those of the blown-up model.
         """
-        nonlocal time_to_target, last_eval
+        nonlocal time_to_target, target_lo, unreached_at, last_eval
         losses = torch.stack(pending_losses).double() if pending_losses else None
         if losses is not None:
             losses = (mean_losses(losses, dist) if dist is not None else losses).cpu()
@@ -286,13 +292,11 @@ def train(
                 "final_eval_metric": eval_metric,
             }
             reason = reason or too_large(row, "train_eval_loss")
-            if (
-                not reason
-                and time_to_target is None
-                and math.isfinite(eval_metric)
-                and reached(eval_metric)
-            ):
-                time_to_target = train_time
+            if time_to_target is None:
+                if not reason and math.isfinite(eval_metric) and reached(eval_metric):
+                    time_to_target, target_lo = train_time, unreached_at
+                else:
+                    unreached_at = train_time
         curves.append(row)
         return reason
 
@@ -371,6 +375,7 @@ def train(
         steps=step,
         train_time_s=train_time,
         time_to_target_s=time_to_target,
+        time_to_target_lo_s=target_lo,
         curves=curves,
         phases=phases,
         final=last_eval,

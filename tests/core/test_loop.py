@@ -99,6 +99,10 @@ def test_stop_at_target_ends_the_cell_at_the_first_eval_reaching_it(stop: bool) 
     evals = [r for r in result.curves if not math.isnan(r["eval_metric"])]
     first = next(r for r in evals if r["eval_metric"] >= 0.9)
     assert result.time_to_target_s == first["train_time_s"]
+    # The eval before had not reached it: the crossing lies between the two.
+    before = [r for r in evals if r["step"] < first["step"]]
+    assert before[-1]["eval_metric"] < 0.9
+    assert result.time_to_target_lo_s == before[-1]["train_time_s"] < result.time_to_target_s
     assert result.steps == (first["step"] if stop else 400)
     assert first["step"] < 400
 
@@ -115,7 +119,7 @@ def test_time_budget_stops_the_cell() -> None:
     )
     assert result.status == "ok"
     assert 0.2 <= result.train_time_s < 5.0
-    assert result.time_to_target_s is None
+    assert result.time_to_target_s is None and result.time_to_target_lo_s is None
     assert not math.isnan(result.curves[-1]["eval_metric"])  # final eval always runs
 
 
