@@ -11,7 +11,11 @@ Metrics (all lower-is-better):
   step times within each run, relative to the median, the larger of the two runs: a ratio inside
   ``1 ± noise`` is indistinguishable from no change on that machine.
 - ``time_to_target``: training seconds to the workload's target. A cell that reached it in BASE
-  and not in NEW regresses (ratio ∞); cells that reached it in neither are skipped.
+  and not in NEW regresses (ratio ∞); cells that reached it in neither are skipped. The time is
+  read at evals, so each run only shows that the target was crossed after the eval before
+  (``time_to_target_lo_s``) and by this one: the noise is the wider of the two runs' eval
+  intervals relative to their times, and a cell regresses only when NEW's eval before already
+  came later than ``1 + fail_above`` times BASE's time (one eval later is not a regression).
 - ``final_loss``: the final training-set loss (no noise estimate: one value per run).
 """
 
@@ -132,6 +136,9 @@ def compare_runs(
     if metric == "step_time":
         required["phases"] = NOISE_REQUIRED
     runs = [load_tables(path, required) for path in (base_dir, new_dir)]
+    for t in runs:  # runs from before the column: no interval known, the time itself counts
+        if metric == "time_to_target" and "time_to_target_lo_s" not in t["cells"]:
+            t["cells"]["time_to_target_lo_s"] = t["cells"][column]
     base, new = (t["cells"].set_index("cell_id") for t in runs)
     common = [c for c in base.index if c in new.index]
     if not common:
@@ -142,6 +149,9 @@ def compare_runs(
     if metric == "step_time":
         noise_b, noise_n = (_step_noise(t["phases"]) for t in runs)
         noise = pd.concat([noise_b.reindex(common), noise_n.reindex(common)], axis=1).max(axis=1)
+    if metric == "time_to_target":
+        widths = [1 - t["time_to_target_lo_s"] / t[column] for t in (base, new)]
+        noise = pd.concat([w.reindex(common) for w in widths], axis=1).max(axis=1)
     rows = []
     for cell in common:
         b, n = float(base[column][cell]), float(new[column][cell])
@@ -153,6 +163,10 @@ def compare_runs(
             ratio = math.inf  # diverged, failed, or target no longer reached
         else:
             ratio = n / b if b > 0 else math.nan
+        # Time to target: NEW crossed after its eval before; only that is surely later.
+        certain = ratio
+        if metric == "time_to_target" and math.isfinite(ratio):
+            certain = float(new["time_to_target_lo_s"][cell]) / b
         rows.append(
             {
                 "cell_id": cell,
@@ -161,7 +175,7 @@ def compare_runs(
                 "new": n,
                 "ratio": ratio,
                 "noise": float(noise.get(cell, math.nan)),
-                "regressed": ratio > 1 + fail_above,
+                "regressed": certain > 1 + fail_above,
             }
         )
     table = pd.DataFrame(

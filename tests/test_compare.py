@@ -104,3 +104,39 @@ def test_cells_match_by_config_and_errors_are_clear(base_run: Path, tmp_path: Pa
     with pytest.raises(KfacbenchError, match="not a kfacbench run directory"):
         compare_runs(base_run, tmp_path)
     assert cli.main(["compare", str(base_run), str(tmp_path)]) == 2
+
+
+def set_ttt(run_dir: Path, ttt: float, lo: float | None) -> str:
+    """Give cell 0 a time to target (and the eval before it, unless ``lo`` is None: a run from
+    before the column); return its label."""
+    path = run_dir / "cells.parquet"
+    cells = pd.read_parquet(path)
+    cells["time_to_target_s"] = [ttt, float("nan")]
+    if lo is None:
+        cells = cells.drop(columns="time_to_target_lo_s")
+    else:
+        cells["time_to_target_lo_s"] = [lo, float("nan")]
+    cells.to_parquet(path)
+    return str(cells.loc[0, "label"])
+
+
+def test_time_to_target_regresses_only_beyond_its_eval_interval(
+    base_run: Path, tmp_path: Path
+) -> None:
+    """Reached at 100 s (not yet at 50 s): one eval later (150 s, not yet at 100 s) may be the
+    same crossing, so it is noise, not a regression; 300 s (not yet at 250 s) surely is."""
+    base = copy_run(base_run, tmp_path / "base")
+    set_ttt(base, 100.0, 50.0)
+    later = copy_run(base_run, tmp_path / "later")
+    set_ttt(later, 150.0, 100.0)
+    result = compare_runs(base, later, "time_to_target", fail_above=0.10)
+    assert result.table["ratio"].tolist() == [1.5]  # cell 1 reached it in neither run: skipped
+    assert result.table["noise"].tolist() == [0.5] and result.regressions.empty
+    slower = copy_run(base_run, tmp_path / "slower")
+    label = set_ttt(slower, 300.0, 250.0)
+    assert list(compare_runs(base, slower, "time_to_target").regressions["label"]) == [label]
+    # Runs recorded before the eval interval was: the time itself decides, as it did.
+    old_base, old_later = copy_run(base, tmp_path / "ob"), copy_run(later, tmp_path / "ol")
+    set_ttt(old_base, 100.0, None)
+    set_ttt(old_later, 150.0, None)
+    assert list(compare_runs(old_base, old_later, "time_to_target").regressions["label"]) == [label]
