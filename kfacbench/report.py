@@ -710,9 +710,11 @@ def time_to_target_figure(
             )
             text.set_in_layout(False)  # room is made by the axis limit (_fit_notes), not layout
             notes.append((ax, float(end), text))
-        ax.set_yticks(range(len(rows)), [s.removeprefix(f"{workload} ") for s in rows["setting"]])
+        names, common = short_labels(list(rows["setting"]), f"{workload} ")
+        ax.set_yticks(range(len(rows)), [names[s] for s in rows["setting"]])
         ax.set_ylim(len(rows) - 0.5, -0.5)
-        ax.set_title(workload, loc="left", fontsize=plt.rcParams["axes.labelsize"])
+        title = f"{workload} (all: {common})" if common else workload
+        ax.set_title(title, loc="left", fontsize=plt.rcParams["axes.labelsize"])
         ax.set_xlabel("training time (s; median over seeds)")
         ax.grid(True, axis="x", alpha=0.3)
         ax.grid(False, axis="y")
@@ -728,9 +730,9 @@ def time_to_target_figure(
         labels.append("crossed between the eval\nbefore (|) and the bar's end")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle("Time to target, every setting (solid: reached; hatched: not reached)")
-    fig.tight_layout()
-    _fit_notes(fig, notes)
-    fig.tight_layout()
+    for _ in range(2):  # the layout moves the axes, and the notes must end inside them
+        fig.tight_layout()
+        _fit_notes(fig, notes)
     figs.add(
         "time_to_target",
         fig,
