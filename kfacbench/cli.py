@@ -12,10 +12,10 @@ import socket
 import sys
 import tempfile
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pandas as pd
 import torch.distributed as td
@@ -654,16 +654,7 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
             if r["missing"]
             else ("" if r["gated"] else "[dim]ungated")
         )
-        table.add_row(
-            str(r["setting"]),
-            str(r["phase"]),
-            f"{max(r['share_base'], r['share_new']):.0%}",
-            f"{r['ratio_base']:.3f}",
-            f"{r['ratio_new']:.3f}",
-            f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}",
-            f"{r['change']:.3f}",
-            verdict,
-        )
+        table.add_row(*_ratio_cells(r, f"{max(r['share_base'], r['share_new']):.0%}"), verdict)
     console.print(table)
     then, now = baseline["machine"].iloc[0], record["machine"].iloc[0]
     if then != now:
@@ -693,6 +684,20 @@ def cmd_regress(args: argparse.Namespace, console: Console) -> int:
         return _confirm_regressions(args, suite, baseline_path, root, bad, console)
     console.print(f"no regression above +{args.fail_above:g}%")
     return 0
+
+
+def _ratio_cells(r: Mapping[Hashable, Any], third: str) -> list[str]:
+    """A line of a regress table: setting, phase, ``third``, the two ratios, the passes' range
+    and the change."""
+    return [
+        str(r["setting"]),
+        str(r["phase"]),
+        third,
+        f"{r['ratio_base']:.3f}",
+        f"{r['ratio_new']:.3f}",
+        f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}",
+        f"{r['change']:.3f}",
+    ]
 
 
 def _confirm_regressions(
@@ -738,16 +743,8 @@ def _confirm_regressions(
     for col in ("setting", "phase", "vs file", "then / SGD", "now / SGD", "now passes", "A/B", ""):
         table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")
     for r in ab.to_dict("records"):
-        table.add_row(
-            str(r["setting"]),
-            str(r["phase"]),
-            f"{r['change_file']:.3f}",
-            f"{r['ratio_base']:.3f}",
-            f"{r['ratio_new']:.3f}",
-            f"{r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}",
-            f"{r['change']:.3f}",
-            "[red]confirmed[/]" if r["regressed"] else "not confirmed",
-        )
+        verdict = "[red]confirmed[/]" if r["regressed"] else "not confirmed"
+        table.add_row(*_ratio_cells(r, f"{r['change_file']:.3f}"), verdict)
     console.print(table)
     confirmed = ab[ab["regressed"]]
     if not confirmed.empty:
