@@ -725,18 +725,22 @@ def _confirm_regressions(
         console.print(f"  {'baseline commit' if side == 'old' else 'current code':15} {run_dir}")
 
     new_source = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="kfacbench-ab-") as tmp:
-        old_source = export_commit(rev, baseline_path.resolve().parent, Path(tmp))
-        old, new = ab_records(
-            suite.path.resolve(),
-            old_source,
-            new_source,
-            args.repeats,
-            root / "ab",
-            args.device,
-            args.cache_dir,
-            on_pass,
-        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="kfacbench-ab-") as tmp:
+            old_source = export_commit(rev, baseline_path.resolve().parent, Path(tmp))
+            old, new = ab_records(
+                suite.path.resolve(),
+                old_source,
+                new_source,
+                args.repeats,
+                root / "ab",
+                args.device,
+                args.cache_dir,
+                on_pass,
+            )
+    except KfacbenchError as exc:  # the flags stand: exit 1, not a bad-input 2
+        console.print(f"[yellow]cannot confirm by an A/B run[/]: {escape(str(exc))}")
+        return 1
     ab = check(new, old, args.fail_above / 100, args.min_share / 100)
     ab = ab.merge(flagged[[*KEYS, "change"]], on=KEYS, suffixes=("", "_file"))
     table = Table(title=f"flagged lines, A/B on this machine: {rev[:12]} vs current code")

@@ -373,6 +373,9 @@ def test_a_baseline_that_does_not_fit_this_machine_is_cleared_by_the_ab_run(
     assert "confirming on this machine" in out
     assert "not confirmed" in out and "does not fit this machine" in out
     assert cli.main([*argv, "--out", str(tmp_path / "o2"), "--no-confirm"]) == 1
+    capsys.readouterr()  # a commit that cannot be run leaves the flags standing: exit 1, not 2
+    assert cli.main([*argv, "--out", str(tmp_path / "o3"), "--against", "0" * 40]) == 1
+    assert "cannot confirm by an A/B run: cannot export commit" in capsys.readouterr().out
 
 
 def test_a_failed_cell_fails_the_check_instead_of_passing_unmeasured(
