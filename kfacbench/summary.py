@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 from rich.table import Table
@@ -40,6 +41,8 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
     )
     if "compile_s" not in cells:  # runs recorded before compiled steps existed
         cells["compile_s"] = 0.0
+    if "time_to_target_lo_s" not in cells:  # ... and before the eval interval was recorded
+        cells["time_to_target_lo_s"] = math.nan
     keys = ["workload", "optimizer", "batch_size", "inv_interval", "setting"]
     grouped = cells.groupby(keys, dropna=False, sort=True)
     frame = grouped.agg(
@@ -50,6 +53,7 @@ def summary_frame(cells: pd.DataFrame) -> pd.DataFrame:
         final_eval_metric=("final_eval_metric", "median"),
         train_time_s=("train_time_s", "median"),
         time_to_target_s=("time_to_target_s", "median"),
+        time_to_target_lo_s=("time_to_target_lo_s", "median"),
         median_step_ms=("median_step_ms", "median"),
         compile_s=("compile_s", "median"),
         busy=("busy", "sum"),
@@ -74,6 +78,12 @@ def rich_summary(cells: pd.DataFrame, title: str) -> Table:
         "time_to_target_s": "to target s",
         "median_step_ms": "step ms",
     }
+    if frame["time_to_target_lo_s"].notna().any():  # the eval before, which had not reached it
+        headers = {
+            **{k: v for k, v in headers.items() if k != "median_step_ms"},
+            "time_to_target_lo_s": "not yet at s",
+            "median_step_ms": "step ms",
+        }
     if (frame["compile_s"] > 0).any():  # kept out of "train s" and "step ms"
         headers["compile_s"] = "compile s"
     if frame["busy"].any():  # cells timed while other processes used the CPUs

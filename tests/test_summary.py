@@ -1,0 +1,50 @@
+"""The run summary (`kfacbench show`, the end of `kfacbench run`): one row per setting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+from rich.console import Console
+
+from kfacbench.summary import rich_summary, summary_frame
+
+
+def cells(**extra: list[float]) -> pd.DataFrame:
+    """Two seeds of one SGD setting that reached the target, as the cells table holds them."""
+    return pd.DataFrame(
+        {
+            "workload": "curves_ae",
+            "optimizer": "sgd",
+            "batch_size": 100,
+            "inv_interval": math.nan,
+            "seed": [0, 1],
+            "hparams": json.dumps({"lr": 0.01}),
+            "status": "ok",
+            "final_train_loss": [60.0, 62.0],
+            "final_eval_metric": [1.0, 1.1],
+            "train_time_s": [100.0, 110.0],
+            "time_to_target_s": [80.0, 90.0],
+            "median_step_ms": [10.0, 12.0],
+            **extra,
+        }
+    )
+
+
+def rendered(frame: pd.DataFrame) -> str:
+    console = Console(width=200, record=True)
+    console.print(rich_summary(frame, "t"))
+    return console.export_text()
+
+
+def test_the_eval_before_the_target_is_shown_where_recorded() -> None:
+    frame = summary_frame(cells(time_to_target_lo_s=[60.0, 70.0]))
+    assert frame.loc[0, "time_to_target_s"] == 85.0
+    assert frame.loc[0, "time_to_target_lo_s"] == 65.0
+    text = rendered(cells(time_to_target_lo_s=[60.0, 70.0]))
+    assert "not yet at s" in text and " 65 " in text
+    # A run recorded before the column: no such column in the summary, nothing invented.
+    old = summary_frame(cells())
+    assert math.isnan(old.loc[0, "time_to_target_lo_s"])
+    assert "not yet at s" not in rendered(cells())
