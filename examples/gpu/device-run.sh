@@ -2,7 +2,7 @@
 # One call on a GPU machine that installs nothing (README, "A first run on a GPU machine").
 #
 #   bash examples/gpu/device-run.sh [--device cuda|cuda:N|cpu] [--out DIR] [--only PATTERN]
-#                                   [--budget SECONDS]
+#                                   [--budget SECONDS] [--suites "NAME ..."]
 #
 # Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
@@ -16,25 +16,29 @@
 # the suites' cells (a glob on labels, e.g. '*kfac-fast*'). `--budget` caps the whole script:
 # each stage's limit shrinks to what is left (less 30 s to pack the results) and a stage with
 # under 20 s left is skipped, so a call with a hard time limit still returns every file.
+# `--suites` replaces the four suites (e.g. "compile_gpu kfac_inverse modern_speed", the second
+# run's). The peers need their packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 device=cuda
 out="${OUT:-results/gpu/$(date +%Y%m%d-%H%M%S)}"
 only=()
 budget=0
+suites=(kfac_speed skfac_speed compile_gpu peers)
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --only) only=(--only "$2"); shift 2 ;;
         --budget) budget="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --suites) read -r -a suites <<< "$2"; shift 2 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# ASDL (the peers) is pure Python: unpack its wheel into .carry/asdl to have the peers run.
-[ -d .carry/asdl ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/asdl"
+# The peers' packages are pure Python: examples/gpu/carry-peers.sh puts them in .carry/peers.
+[ -d .carry/peers ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/peers"
 py="${PYTHON:-python3}"
 work="$(mktemp -d)/device-run"
 mkdir -p "$work" "$out"
@@ -76,7 +80,7 @@ cp "$work/doctor/doctor.parquet" "$out/" 2>/dev/null
 mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
 stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
 runs=()
-for suite in kfac_speed skfac_speed compile_gpu peers; do
+for suite in "${suites[@]}"; do
     stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
     latest="$(ls -d "$work/runs/$suite"/*/ 2>/dev/null | sort | tail -n 1)"
     # A suite cut off by its limit keeps its finished cells in parts/ (read back below).
