@@ -59,7 +59,9 @@ def run_one(run_dir: str, cell_id: str, options: RunOptions) -> str:
     cells = [c for c in suite.cells if c.id == cell_id]
     if not cells:
         raise KfacbenchError(f"cell {cell_id} is not in {run_dir}/suite.toml")
-    rows = run_cells(cells, RunStore(Path(run_dir)), options, Console(stderr=True, quiet=True))
+    console = Console(stderr=True, quiet=True)
+    # The other cells' jobs write into the same directory now: their temporary files are live.
+    rows = run_cells(cells, RunStore(Path(run_dir)), options, console, other_writers=True)
     return str(rows[0]["status"]) if rows else "ok"
 
 
@@ -99,6 +101,7 @@ def submit_cells(
         console.print("every cell has its results: nothing to submit")
         return
     executor = _executor(store.run_dir / "jobs", cluster)
+    store.remove_stale_files()  # before the jobs start writing: they leave temporary files alone
     with executor.batch():
         jobs = [executor.submit(run_one, str(store.run_dir), c.id, options) for c in todo]
     console.print(f"submitted {len(jobs)} jobs ({cluster.executor}); logs: {store.run_dir}/jobs")

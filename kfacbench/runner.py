@@ -375,8 +375,14 @@ def run_cells(
     options: RunOptions,
     console: Console | None = None,
     dist: Dist | None = None,
+    *,
+    other_writers: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every cell not yet finished in ``store``; return the rows of the cells run now.
+
+    ``other_writers``: other processes write into the same run directory at the same time
+    (cluster jobs, one per cell): the temporary files in it may be theirs, live, so they are left
+    alone (the launcher removed the stale ones before submitting).
 
     In a data-parallel run (``dist``) every rank calls this with the same cells: they train each
     cell together, rank 0 decides which cells are left, shows progress and writes the results.
@@ -389,7 +395,8 @@ def run_cells(
     main = dist is None or dist.is_main
     console = console or Console(stderr=True, quiet=not main)
     if main:
-        store.remove_stale_files()
+        if not other_writers:
+            store.remove_stale_files()
 
         def rerun(cell_id: str, message: str) -> None:
             console.print(

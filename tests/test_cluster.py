@@ -12,6 +12,11 @@ import pytest
 from shared_suites import PROFILED
 
 from kfacbench import cli, cluster
+from kfacbench.optim import METHODS
+from kfacbench.runner import RunOptions
+from kfacbench.store import RunStore
+from kfacbench.suite import load_suite
+from kfacbench.workloads import WORKLOADS
 
 pytest.importorskip("submitit", reason="needs the cluster extra (pip install 'kfacbench[cluster]')")
 
@@ -72,3 +77,18 @@ def test_submitit_and_nproc_do_not_combine(tmp_path: Path) -> None:
     suite.write_text(SUITE)
     argv = ["run", str(suite), "--submitit", "local", "--nproc", "2", "--out", str(tmp_path)]
     assert cli.main(argv) == 2
+
+
+def test_a_job_leaves_the_other_jobs_temporary_files_alone(tmp_path: Path) -> None:
+    """Cluster jobs write into one run directory at once. A job that removed "stale" temporary
+    files deleted another job's live one mid-write (FileNotFoundError in CI); now only the
+    launcher removes them, before submitting."""
+    store = RunStore(tmp_path / "run")
+    store.write_text("suite.toml", SUITE)
+    suite = load_suite(store.run_dir / "suite.toml", workloads=WORKLOADS, methods=METHODS)
+    live = store.run_dir / ".env.json.another-job.tmp"  # another job's write in flight
+    live.write_text("{")
+    status = cluster.run_one(str(store.run_dir), suite.cells[0].id, RunOptions(device="cpu"))
+    assert status == "ok" and live.exists()
+    # A run of its own (no other writers) does remove a killed writer's leftovers.
+    assert store.remove_stale_files() == 1 and not live.exists()
