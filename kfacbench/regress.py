@@ -40,7 +40,7 @@ from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.machine_load import warning_line
 from kfacbench.rundir import load_tables, read_env, read_table
-from kfacbench.store import atomic_write_parquet, settings_of
+from kfacbench.store import atomic_write_parquet, command_output, settings_of
 
 KEYS = ["workload", "batch_size", "setting", "phase"]
 """What identifies one line of the regression record."""
@@ -244,24 +244,10 @@ def baseline_commit(path: Path) -> str | None:
     history or the repository is not there (an untracked file, a shallow clone: there the
     oldest commit present seems to have written every file, and an A/B run of it against the
     current code would clear a real regression)."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args],
-            cwd=path.resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return out.stdout.strip()
-
-    try:
-        if git("rev-parse", "--is-shallow-repository") != "false":
-            return None
-        return git("log", "-1", "--format=%H", "--", path.name) or None
-    except (OSError, subprocess.SubprocessError):
+    where = path.resolve().parent
+    if command_output(["git", "rev-parse", "--is-shallow-repository"], where) != "false":
         return None
+    return command_output(["git", "log", "-1", "--format=%H", "--", path.name], where)
 
 
 def export_commit(rev: str, repo: Path, dest: Path) -> Path:

@@ -283,7 +283,7 @@ def settings_of(labels: pd.Series) -> pd.Series:
     return labels.str.replace(r" seed=\d+$", "", regex=True)
 
 
-def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
+def command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
     """First line of a helper command's output, or ``None`` if it is absent or fails."""
     try:
         out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
@@ -296,7 +296,7 @@ def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
 def git_commit() -> str | None:
     """The commit of the kfacbench source tree (with ``-dirty`` if modified), if in git."""
     src = Path(kfacbench.__file__).resolve().parent.parent
-    return _command_output(["git", "describe", "--always", "--dirty", "--abbrev=12"], src)
+    return command_output(["git", "describe", "--always", "--dirty", "--abbrev=12"], src)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -319,7 +319,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        env["driver_version"] = _command_output(query)
+        env["driver_version"] = command_output(query)
     return env
 
 
