@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fnmatch
+import json
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from kfacbench.cluster import EXECUTORS, ClusterOptions, submit_cells
 from kfacbench.compare import METRICS, compare_runs
+from kfacbench.core import subnormals
 from kfacbench.diagnose import CheckpointPart, diagnose_cells
 from kfacbench.diagnose_dense import (
     DENSE_BUDGET,
@@ -58,9 +60,9 @@ from kfacbench.regress import (
 )
 from kfacbench.rundir import load_tables, read_table
 from kfacbench.runner import RunOptions, one_line, record_failure, resolve_device, run_cells
-from kfacbench.store import RunStore, fresh_dir
+from kfacbench.store import RunStore, environment, fresh_dir
 from kfacbench.suite import DEVICE, Cell, ProfileWindow, Suite, load_suite
-from kfacbench.summary import rich_summary
+from kfacbench.summary import rich_summary, time_shares
 from kfacbench.workloads import WORKLOADS
 
 DEFAULT_SUITE = "quick"
@@ -131,6 +133,13 @@ def check_devices(override: str | None, cells: Sequence[Cell]) -> None:
     any folder: a rejected command must not leave an empty run for a bare ``--resume`` to pick."""
     for device in {override or c.settings.device for c in cells}:
         resolve_device(device)
+
+
+def write_env(store: RunStore, override: str | None, cells: Sequence[Cell]) -> None:
+    """``env.json`` of a profiling or diagnostics run (the first cell's device): versions, the
+    machine, and whether this process flushes subnormal floats."""
+    device = resolve_device(override or cells[0].settings.device)
+    store.write_text("env.json", json.dumps(environment(device), indent=2) + "\n")
 
 
 def check_resumable(run_dir: Path, suite: str) -> None:
@@ -219,6 +228,7 @@ def _run_in(
     """The body of ``run`` once its run directory exists."""
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
+    write_env(store, args.device, cells)
     if args.rerun_busy and store.finished_ids():
         busy = busy_cells(load_tables(store.run_dir, {"cells": ["cell_id"]})["cells"])
         selected = {c.id for c in cells}
@@ -262,6 +272,8 @@ def _run_in(
         )
     cells_table = load_tables(store.run_dir)["cells"]
     console.print(rich_summary(cells_table, f"{suite.name} ({store.run_dir})"))
+    if shares := time_shares(cells_table):
+        console.print(shares)
     _warn_busy(console, cells_table)
     console.print(
         f"tables: {store.run_dir}/{{cells,curves,phases}}.parquet  "
@@ -405,6 +417,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     store = new_store(args.out, suite.name)
     if suite.path is not None:
         store.write_text("suite.toml", suite.path.read_text())
+    write_env(store, args.device, cells)
     console.print(
         f"profiling {len(cells)} cells of {suite.name} ({window.active} steps each, after"
         f" {window.wait} skipped and {window.warmup} warm-up) -> {store.run_dir}"
@@ -473,6 +486,7 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
         store = new_store(args.out, suite.name)
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
+    write_env(store, args.device, cells)
     console.print(
         f"diagnosing {len(cells)} cells of {suite.name} at steps {', '.join(map(str, at))}"
         f" ({args.fisher} Fisher) -> {store.run_dir}"
@@ -838,6 +852,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         return 0
     cells = load_tables(args.run_dir, {"cells": SHOW_CELLS})["cells"]
     console.print(rich_summary(cells, str(args.run_dir)))
+    if shares := time_shares(cells):
+        console.print(shares)
     failed = cells[cells["status"] != "ok"]
     for rec in failed.to_dict("records"):
         console.print(f"[yellow]{rec['label']}[/]: {rec['status']} {rec['error']}")
@@ -1258,6 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
+        # Before any torch work: the CPU threads copy the setting when they start.
+        subnormals.apply()
         return int(args.func(args, console))
     except KfacbenchError as exc:
         print(f"kfacbench: error: {exc}", file=sys.stderr)  # one line, never wrapped

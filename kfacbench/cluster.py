@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kfacbench.core import subnormals
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.runner import RunOptions, one_line, record_failure, run_cells
@@ -55,6 +56,7 @@ class ClusterOptions:
 
 def run_one(run_dir: str, cell_id: str, options: RunOptions) -> str:
     """The job: run cell ``cell_id`` of the suite stored in ``run_dir``; return its status."""
+    subnormals.apply()  # a job is a fresh process: before its first kernel
     suite = load_suite(Path(run_dir) / "suite.toml", workloads=WORKLOADS, methods=METHODS)
     cells = [c for c in suite.cells if c.id == cell_id]
     if not cells:

@@ -8,7 +8,8 @@ broken path costs a minute instead of a suite.
 
 Checks, in order (:func:`plan`):
 
-- ``environment``: versions, device, threads; every kfacbench module imports.
+- ``environment``: versions, device, threads; every kfacbench module imports; after a training
+  step every CPU thread flushes subnormal floats (:mod:`kfacbench.core.subnormals`).
 - ``methods``: every registered method (peers where installed) × an MLP autoencoder (CURVES,
   Bernoulli) and ResNet-20 (CIFAR-10 shapes, categorical): a few steps on one fixed batch, every
   loss finite and the last below the first. A method that does not apply to a model (the
@@ -47,6 +48,7 @@ import pandas as pd
 import torch
 
 import kfacbench
+from kfacbench.core import subnormals
 from kfacbench.core.loop import TrainResult, synchronize
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
@@ -202,6 +204,7 @@ class Doctor:
         checks = [
             Check("environment", "versions and device", self.versions),
             Check("environment", "kfacbench modules import", imports),
+            Check("environment", "subnormal floats flushed", self.subnormals_flushed),
         ]
         for workload in (AUTOENCODER, RESNET):
             checks += [
@@ -423,7 +426,7 @@ class Doctor:
     def train(self, cell: Cell) -> TrainResult:
         """The cell trained as ``run`` trains it; a configuration the method rejects is a skip."""
         try:
-            return run_cell(cell, self.device, self.data)[0]
+            return run_cell(cell, self.device, self.data).result
         except KfacbenchError as exc:
             raise Skip(str(exc)) from None
 
@@ -469,10 +472,29 @@ class Doctor:
         row = pd.read_parquet(tables[-1]).iloc[0]
         if row["status"] != "ok":
             raise Failed(f"cell {row['status']}: {row['error']}")
+        if bool(row["flush_denormal"]) != subnormals.wanted():
+            raise Failed(f"the workers' cell recorded flush_denormal = {row['flush_denormal']}")
         return (
             f"{row['world_size']} × {row['backend']}: {row['steps']} steps,"
             f" median step {row['median_step_ms']:.1f} ms"
         )
+
+    def subnormals_flushed(self) -> str:
+        """A cell built as ``run`` builds it takes a step; then every CPU thread of this process
+        flushes subnormal floats (or keeps them, with ``$KFACBENCH_FLUSH_DENORMAL=0``)."""
+        cell = doctor_cell(
+            AUTOENCODER, "sgd", self.device, batch_size=self.batch[AUTOENCODER], steps=1
+        )
+        p = self.prepared(cell)
+        p.method.step(*self.fixed_batch(p, cell.batch_size), PhaseTimer(self.device))
+        want, now = subnormals.wanted(), subnormals.flushing()
+        threads = f"{torch.get_num_threads()} CPU threads"
+        if now != want:
+            raise Failed(subnormals.mismatch())
+        where = " (the host's; the GPU handles subnormals at full speed)" if self.cuda else ""
+        if not want:
+            return f"kept on {threads}{where}: {subnormals.ENV}=0, step times include their stalls"
+        return f"flushed on {threads}{where}"
 
 
 def pythonpath() -> str:

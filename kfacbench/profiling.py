@@ -151,13 +151,14 @@ def profile_cell(
     """
     p = prepare_cell(cell, device, data, dist)
     steps = window.steps
+    subset = p.config.train_eval_size
     config = replace(
         p.config,
         max_steps=steps,
         max_seconds=None,
         eval_every=steps,
         log_every=steps,
-        train_eval_size=min(p.config.train_eval_size, 256),
+        train_eval_size=256 if subset is None else min(subset, 256),
     )
     out = traces / cell.id
     out.mkdir(parents=True, exist_ok=True)

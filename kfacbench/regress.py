@@ -94,11 +94,14 @@ def baseline_for(root: Path, kind: str) -> Path:
 
 def machine_of(run_dir: Path) -> str:
     """The facts that move normalised ratios between machines of one kind: the device's model,
-    the number of CPU threads and the torch build (e.g. ``AMD EPYC, 2 threads, torch 2.13.0``)."""
+    the number of CPU threads, the torch build and whether subnormal floats were flushed (e.g.
+    ``AMD EPYC, 2 threads, torch 2.13.0, subnormals flushed``)."""
     env = read_env(run_dir)
+    flushed = env.get("flush_denormal")
+    subnormals = "?" if flushed is None else "flushed" if flushed else "kept"
     return (
         f"{env.get('device_name', '?')}, {env.get('torch_threads', '?')} threads,"
-        f" torch {env.get('torch_version', '?')}"
+        f" torch {env.get('torch_version', '?')}, subnormals {subnormals}"
     )
 
 

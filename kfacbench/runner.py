@@ -11,6 +11,7 @@ import datetime as dt
 import gc
 import json
 import math
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -32,12 +33,13 @@ from rich.progress import (
 )
 from torch import nn
 
-from kfacbench.core.compiling import fresh_caches, phase_column
+from kfacbench.core import subnormals
+from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
 from kfacbench.data import Splits
-from kfacbench.distributed import Dist, broadcast_object, local_peer_pids
+from kfacbench.distributed import Dist, any_rank, broadcast_object, local_peer_pids
 from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, write_json
 from kfacbench.machine_load import LoadMonitor, LoadRecord
@@ -183,6 +185,26 @@ def prepare_cell(
     return PreparedCell(workload, problem, method, splits, config)
 
 
+@dataclass
+class CellOutcome:
+    """What training one cell gave (:func:`run_cell`).
+
+    Attributes:
+        result: the loop's result.
+        data_source: where the data came from (the ``data_source`` column).
+        method_info: the method's description of itself (the ``method_info`` column).
+        flush_denormal: whether subnormal floats were flushed on every CPU thread of every
+            process that trained it (measured after training: :mod:`kfacbench.core.subnormals`).
+        build_s: seconds building the cell (data on the device, model, method).
+    """
+
+    result: TrainResult
+    data_source: str
+    method_info: dict[str, Any]
+    flush_denormal: bool
+    build_s: float
+
+
 def run_cell(
     cell: Cell,
     device: torch.device,
@@ -190,12 +212,14 @@ def run_cell(
     on_progress: Callable[[int], None] | None = None,
     dist: Dist | None = None,
     monitor: LoadMonitor | None = None,
-) -> tuple[TrainResult, str, dict[str, Any]]:
-    """Build and train one cell; return its result, the data source and the method's info.
+) -> CellOutcome:
+    """Build and train one cell.
 
     ``monitor`` spans the training (not the build): the machine's load while the cell was timed.
     """
+    started = time.perf_counter()
     p = prepare_cell(cell, device, data, dist)
+    build_s = time.perf_counter() - started
     real = cell.settings.data == "real"
     with monitor if monitor is not None else nullcontext():
         result = train(
@@ -210,7 +234,10 @@ def run_cell(
             dist=dist,
         )
     info = p.method.info() if hasattr(p.method, "info") else {}
-    return result, p.splits.source, info
+    flushed = subnormals.flushing()
+    if dist is not None:
+        flushed = not any_rank(not flushed, device)
+    return CellOutcome(result, p.splits.source, info, flushed, build_s)
 
 
 def cell_row(
@@ -224,9 +251,14 @@ def cell_row(
     status: str = "ok",
     error: str = "",
     load: LoadRecord | None = None,
+    flush_denormal: bool | None = None,
+    build_s: float = math.nan,
+    wall_s: float = math.nan,
 ) -> dict[str, Any]:
     """The ``cells`` table row of a finished (or failed) cell; ``load`` is the machine's load
-    while it trained (not measured when it failed before)."""
+    while it trained (not measured when it failed before), ``flush_denormal`` whether subnormal
+    floats were flushed while it trained (by default: in this process now), ``build_s`` and
+    ``wall_s`` the seconds building it and in all (building, training, compiling, evaluating)."""
     load = load or LoadRecord.not_measured("not measured (the cell did not train)")
     workload = get_workload(cell.workload)
     step = next((s for s in result.phases if s.phase == STEP), None) if result else None
@@ -277,10 +309,14 @@ def cell_row(
         "device_name": env["device_name"],
         "world_size": env.get("world_size", 1),
         "backend": env.get("backend"),
+        "flush_denormal": (subnormals.flushing() if flush_denormal is None else flush_denormal),
         "tf32": cell.settings.tf32,
         "amp": cell.settings.amp,
         "compile": cell.settings.compile,
         "compile_s": result.compile_s if result else math.nan,
+        "build_s": build_s,
+        "eval_s": result.eval_s if result else math.nan,
+        "wall_s": wall_s,
         "torch_version": env["torch_version"],
         "kfacbench_version": env["kfacbench_version"],
         "git_commit": env["git_commit"],
@@ -422,7 +458,14 @@ def run_cells(
             envs[dev].update(world_size=dist.world, backend=dist.backend)
     if envs and main:
         store.write_text("env.json", json.dumps(next(iter(envs.values())), indent=2) + "\n")
+        if todo and subnormals.wanted() != envs[next(iter(envs))]["flush_denormal"]:
+            console.print(f"[yellow]warning:[/] {subnormals.mismatch()}")
     data = DataCache(options)
+    if todo:
+        load_compiler()
+        # What the process holds now (torch's modules above all) lives as long as it does: out of
+        # the collector's sight, the full collection before each cell takes ms instead of 0.15 s.
+        gc.freeze()
     peers = local_peer_pids(dist) if dist is not None else ()  # ranks here are this run's work
     rows: list[dict[str, Any]] = []
     columns = (
@@ -455,20 +498,24 @@ def run_cells(
             # Inductor compiles in worker processes of its own: their CPU time is this cell's.
             monitor = LoadMonitor(peer_pids=peers, include_children=cell.settings.compile != "off")
             lost = ""
+            clock = time.perf_counter()
             try:
-                result, source, info = run_cell(
+                outcome = run_cell(
                     cell, device, data, on_progress=show_steps, dist=dist, monitor=monitor
                 )
                 row = cell_row(
                     cell,
                     env,
                     started,
-                    result=result,
-                    data_source=source,
-                    method_info=info,
+                    result=outcome.result,
+                    data_source=outcome.data_source,
+                    method_info=outcome.method_info,
                     load=monitor.record,
+                    flush_denormal=outcome.flush_denormal,
+                    build_s=outcome.build_s,
+                    wall_s=time.perf_counter() - clock,
                 )
-                curves, phases = result.curves, phase_rows(result)
+                curves, phases = outcome.result.curves, phase_rows(outcome.result)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one cell's failure must not end the suite

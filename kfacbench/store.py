@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 import kfacbench
+from kfacbench.core import subnormals
 from kfacbench.errors import KfacbenchError
 from kfacbench.machine_load import COLUMNS as LOAD_COLUMNS
 
@@ -51,8 +52,9 @@ CELL_COLUMNS = (
     "final_train_loss", "final_eval_loss", "final_eval_metric", "median_step_ms",
     "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
-    "device_name", "world_size", "backend", "tf32", "amp", "compile", "compile_s", "torch_version",
-    "kfacbench_version", "git_commit", "host", "started_at", "finished_at",
+    "device_name", "world_size", "backend", "flush_denormal", "tf32", "amp", "compile", "compile_s",
+    "build_s", "eval_s", "wall_s", "torch_version", "kfacbench_version", "git_commit", "host",
+    "started_at", "finished_at",
 )  # fmt: skip
 """Columns of the ``cells`` table, in order."""
 
@@ -315,6 +317,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # This process's CPU threads flush subnormal floats (measured: core.subnormals).
+        "flush_denormal": subnormals.flushing(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

@@ -99,9 +99,16 @@ class Settings:
             least one of the two budgets.
         eval_every: steps between evals (off the clock).
         log_every: steps between loss read-backs and divergence checks (each one syncs the device).
-        train_eval_size: training examples used for the train-set eval.
-        eval_size: test examples used at each eval; ``None`` for the whole test set (a timing
-            suite on synthetic data has no use for a full ResNet eval on 10,000 images).
+        train_eval_size: training examples of the train-set eval: a fixed random subset, the
+            same for every cell (``core.loop.eval_subset``); ``None`` (``"all"`` in a suite) for
+            the whole training set, ``0`` for no train-set eval.
+        eval_size: test examples of each eval, chosen the same way; ``None`` (``"all"``) for the
+            whole test set, ``0`` for none. Evaluation is off the training clock but not off
+            the wall clock: 1,024 each keeps it a few percent of a cell on the workloads here,
+            where whole splits made a short run mostly evaluation (a 10-step text_gpt cell:
+            7 s of training in 3 minutes). On synthetic data, both default to 0: the data are
+            random, there is no metric to reach, and divergence is still checked on the
+            minibatch losses (:data:`SYNTHETIC_EVAL`).
         tf32: allow TF32 matmuls and convolutions on CUDA, in the forward and backward passes
             (K-FAC's and SKFAC's own arithmetic stays float32: ``optim.base.fp32_matmuls``).
         amp: autocast mode of the forward pass: ``off`` or ``bf16`` (fp16 would need loss
@@ -125,14 +132,18 @@ class Settings:
     max_seconds: float | None = None
     eval_every: int = 50
     log_every: int = 25
-    train_eval_size: int = 10_000
-    eval_size: int | None = None
+    train_eval_size: int | None = 1024
+    eval_size: int | None = 1024
     tf32: bool = False
     amp: str = "off"
     diverge_factor: float = 10.0
     stop_at_target: bool = False
     compile: str = "off"
 
+
+SYNTHETIC_EVAL: dict[str, Any] = {"train_eval_size": 0, "eval_size": 0}
+"""The evaluation sizes of a workload on synthetic data whose suite does not set them: none (a
+timing-only run measures steps; its evals would measure nothing but wall time)."""
 
 LATER_SETTINGS = {
     "diverge_factor": Settings.diverge_factor,
@@ -453,14 +464,20 @@ def _resolve_settings(
     r: _Reader, names: Sequence[str], data: Mapping[str, Any]
 ) -> dict[str, Settings]:
     """Settings per workload: ``[defaults]`` then ``[workloads.<name>]``, each with a budget."""
-    base = r.settings(data.get("defaults", {}), "defaults", Settings())
+    defaults = data.get("defaults", {})
+    base = r.settings(defaults, "defaults", Settings())
     resolved = dict.fromkeys(names, base)
+    given = dict.fromkeys(names, set(defaults) if isinstance(defaults, dict) else set())
     for workload, table in r.table(data.get("workloads", {}), "workloads").items():
         path = f"workloads.{workload}"
         if workload not in names:
             r.fail(path, f"workload {workload!r} is not in sweep.workload ({', '.join(names)})")
         resolved[workload] = r.settings(table, path, base)
+        given[workload] = given[workload] | set(table)
     for workload, s in resolved.items():
+        if s.data == "synthetic":
+            unset = {k: v for k, v in SYNTHETIC_EVAL.items() if k not in given[workload]}
+            resolved[workload] = s = replace(s, **unset)
         if s.max_steps is None and s.max_seconds is None:
             r.fail(
                 "defaults",
@@ -652,6 +669,14 @@ class _Reader:
             self.fail(path, f"expected an integer in {interval}, got {_show(value)}")
         return value
 
+    def size(self, value: object, path: str) -> int | None:
+        """A number of examples (``0`` for none), or ``"all"`` (``None``: the whole split)."""
+        if value == "all":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(path, f"expected a number of examples >= 0 or 'all', got {_show(value)}")
+        return self.integer(value, path, "[0, inf)")
+
     def number(self, value: object, path: str, bounds: str = "(-inf, inf)") -> float:
         """A finite float in ``bounds``; an integer is accepted and converted (``lr = 1`` means
         ``1.0``). ``inf`` and ``nan`` never are: an infinite damping or learning rate would run
@@ -707,8 +732,8 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "max_seconds": lambda r, v, p: r.number(v, p, f"(0, {MAX_SECONDS}]"),
     "eval_every": lambda r, v, p: r.integer(v, p, "[1, inf)"),
     "log_every": lambda r, v, p: r.integer(v, p, "[1, inf)"),
-    "train_eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
-    "eval_size": lambda r, v, p: r.integer(v, p, "[1, inf)"),
+    "train_eval_size": lambda r, v, p: r.size(v, p),
+    "eval_size": lambda r, v, p: r.size(v, p),
     "diverge_factor": lambda r, v, p: r.number(v, p, "(1, inf)"),
     "stop_at_target": _Reader.boolean,
     "tf32": _Reader.boolean,

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from kfacbench.core import subnormals
 from kfacbench.machine_load import usable_cpus
+
+# As every kfacbench entry point does, before the session's first kernel starts the CPU threads.
+subnormals.apply()
 
 SPIN = "import sys\nsys.stdout.write('go\\n')\nsys.stdout.flush()\nwhile True: pass\n"
 

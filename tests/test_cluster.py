@@ -32,6 +32,7 @@ def test_local_executor_runs_every_cell_into_one_run_directory(tmp_path: Path) -
     cells = pd.read_parquet(run_dir / "cells.parquet")
     assert sorted(cells["optimizer"]) == ["sgd", "skfac"]
     assert set(cells["status"]) == {"ok"}
+    assert cells["flush_denormal"].all()  # each job, a process of its own, flushed subnormals
     assert not pd.read_parquet(run_dir / "phases.parquet").empty
     assert list((run_dir / "jobs").glob("*_log.out"))  # submitit's per-job logs
     # Resuming submits nothing: every cell has its parts.

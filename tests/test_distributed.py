@@ -206,6 +206,7 @@ def test_a_two_process_run_writes_one_set_of_tables(tmp_path: Path) -> None:
     cells = pd.read_parquet(run_dir / "cells.parquet")
     assert len(cells) == 3 and set(cells["status"]) == {"ok"}
     assert set(cells["world_size"]) == {2} and set(cells["backend"]) == {"gloo"}
+    assert cells["flush_denormal"].all()  # on every thread of both workers (agreed by all ranks)
     phases = pd.read_parquet(run_dir / "phases.parquet").merge(cells[["cell_id", "optimizer"]])
     with_comm = set(phases.loc[phases["phase"] == "comm", "optimizer"])
     assert with_comm == {"kfac-fast", "skfac"}

@@ -214,9 +214,9 @@ def test_profiling_leaves_the_timed_results_unchanged(tmp_path: Path) -> None:
     run: the same cell trains to the same losses before and after being profiled."""
     skfac = next(c for c in cells() if c.optimizer == "skfac")
     data = DataCache(RunOptions())
-    before, _, _ = run_cell(skfac, CPU, data)
+    before = run_cell(skfac, CPU, data).result
     profile_cell(skfac, CPU, data, tmp_path, ProfileWindow())
-    after, _, _ = run_cell(skfac, CPU, data)
+    after = run_cell(skfac, CPU, data).result
     losses = [[row["train_loss"] for row in r.curves[1:]] for r in (before, after)]
     assert losses[0] and losses[0] == losses[1]  # row 0 (before any step) has no train loss
 

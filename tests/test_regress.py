@@ -344,6 +344,8 @@ def test_an_ab_run_measures_a_slowdown_of_the_code_itself(suite: Path, tmp_path:
         suite, old, new, 2, tmp_path / "ab", on_pass=lambda s, d: passes.append((s, d))
     )
     assert [s for s, _ in passes] == ["old", "new", "new", "old"]
+    for _, run_dir in passes:  # every pass is a fresh process that flushed subnormal floats
+        assert pd.read_parquet(run_dir / "cells.parquet")["flush_denormal"].all()
     result = check(after, before, 0.5, 0.05)
     bad = result[result["regressed"]]
     assert ("skfac", "precondition") in set(zip(bad["optimizer"], bad["phase"], strict=True))

@@ -75,6 +75,10 @@ def test_run_writes_the_tables(tmp_path: Path) -> None:
     assert cells["time_to_target_s"].isna().all()  # targets are defined on real data only
     assert cells["inv_interval"].isna().all()  # SGD: the axis collapsed
     assert (cells["median_step_ms"] > 0).all() and (cells["steps"] == 10).all()
+    # Where each cell's wall time went: the parts are measured apart and fit inside it.
+    parts = cells["train_time_s"] + cells["eval_s"] + cells["build_s"] + cells["compile_s"]
+    assert (cells["eval_s"] > 0).all() and (cells["build_s"] > 0).all()
+    assert (parts <= cells["wall_s"]).all() and (cells["wall_s"] < parts + 1.0).all()
     assert set(tables["curves"]["cell_id"]) == set(cells["cell_id"])
     assert set(tables["phases"]["phase"]) == {"forward", "backward", "update", "step"}
     env = json.loads((run_dir / "env.json").read_text())

@@ -745,3 +745,31 @@ def test_compile_is_a_setting_and_a_sweep_axis() -> None:
 def test_an_unknown_compile_mode_names_the_key(text: str, key: str) -> None:
     with pytest.raises(SuiteError, match=rf"{key}.*'reduce-overhead'"):
         parse(text)
+
+
+# --- evaluation sizes --------------------------------------------------------------------------
+
+
+def test_evaluation_sizes_default_per_data_mode_and_take_all_or_zero() -> None:
+    """Real data: 1,024 examples each; synthetic data, unless the suite sets them: none; a size
+    set in [defaults] or [workloads.*] is kept on synthetic data; "all" is the whole split."""
+    real = parse(BASE).cells[0].settings
+    assert (real.train_eval_size, real.eval_size) == (1024, 1024)
+    synthetic = parse(BASE.replace("max_steps = 10", 'max_steps = 10\ndata = "synthetic"'))
+    assert (synthetic.cells[0].settings.train_eval_size, synthetic.cells[0].settings.eval_size) == (
+        0,
+        0,
+    )
+    text = BASE.replace(
+        "max_steps = 10", 'max_steps = 10\ndata = "synthetic"\neval_size = "all"'
+    ).replace('workload = ["curves_ae"]', 'workload = ["curves_ae", "mnist_ae"]')
+    text += "[workloads.mnist_ae]\ntrain_eval_size = 64\n"
+    cells = {c.workload: c.settings for c in parse(text).cells}
+    assert (cells["curves_ae"].train_eval_size, cells["curves_ae"].eval_size) == (0, None)
+    assert (cells["mnist_ae"].train_eval_size, cells["mnist_ae"].eval_size) == (64, None)
+
+
+@pytest.mark.parametrize("value", ['"some"', "-1", "1.5", "true"])
+def test_a_bad_evaluation_size_names_its_key(value: str) -> None:
+    with pytest.raises(SuiteError, match=r"defaults\.eval_size.*'all'"):
+        parse(BASE.replace("max_steps = 10", f"max_steps = 10\neval_size = {value}"))

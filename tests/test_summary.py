@@ -8,7 +8,7 @@ import math
 import pandas as pd
 from rich.console import Console
 
-from kfacbench.summary import rich_summary, summary_frame
+from kfacbench.summary import rich_summary, summary_frame, time_shares
 
 
 def cells(**extra: list[float]) -> pd.DataFrame:
@@ -48,3 +48,18 @@ def test_the_eval_before_the_target_is_shown_where_recorded() -> None:
     old = summary_frame(cells())
     assert math.isnan(old.loc[0, "time_to_target_lo_s"])
     assert "not yet at s" not in rendered(cells())
+
+
+def test_time_shares_split_the_cells_wall_time() -> None:
+    """Training 210 s, evaluation 60, building 10, compiling 0 (not shown), the rest 20 of the
+    cells' 300 s; runs recorded before the columns say nothing."""
+    table = cells(
+        wall_s=[140.0, 160.0],
+        eval_s=[25.0, 35.0],
+        build_s=[5.0, 5.0],
+        compile_s=[0.0, 0.0],
+    )
+    assert time_shares(table) == (
+        "the cells' wall time, 300 s: training 70%, evaluation 20%, building 3%, other 7%"
+    )
+    assert time_shares(cells()) == ""

@@ -15,6 +15,7 @@ is the cell's ``compile_s`` column.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
@@ -48,6 +49,16 @@ def compiled(fn: F, mode: CompileMode, *, in_place: bool = False) -> F:
         return fn
     torch_mode = None if mode == "default" or (in_place and mode == "reduce-overhead") else mode
     return cast(F, torch.compile(fn, mode=torch_mode, dynamic=False))
+
+
+def load_compiler() -> None:
+    """Import torch's compiler stack once per process, before the first cell.
+
+    ``torch.optim``'s optimizers and the compile clock import ``torch._dynamo`` on first use
+    (about a second on a 2-core CPU): it is the process's start-up, which would otherwise land
+    in whichever cell comes first and in no other.
+    """
+    importlib.import_module("torch._dynamo.convert_frame")
 
 
 def fresh_caches() -> None:

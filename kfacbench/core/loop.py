@@ -37,6 +37,10 @@ EVAL_CHUNK = 1024
 about 64 KiB per example and layer)."""
 
 
+EVAL_SEED = 0
+"""Seed of the evaluation subsets: fixed, so every cell of a workload is evaluated on the same
+examples whatever its own seed."""
+
 LOGGED = ("lr", "damping", "gamma", "mu", "rho")
 """The optimizer scalars a curve row records (NaN where a method has none): the learning rate
 (K-FAC with re-scaling: α), λ, and K-FAC's γ, momentum coefficient μ and last
@@ -53,8 +57,8 @@ class LoopConfig:
     max_seconds: float | None
     eval_every: int
     log_every: int
-    train_eval_size: int
-    eval_size: int | None = None
+    train_eval_size: int | None
+    eval_size: int | None = None  # None: the whole test set; 0 (either size): no such eval
     diverge_factor: float = 10.0
     stop_at_target: bool = False
 
@@ -83,6 +87,7 @@ class TrainResult:
         compile_s: seconds spent compiling (``compile`` setting), kept out of ``train_time_s``
             and of the phase times: the steps a compilation fell into are dropped from them.
         compiled: the phases that ran compiled (the method's ``compiled_phases()``).
+        eval_s: wall-clock seconds spent evaluating (off the training clock).
     """
 
     status: Literal["ok", "diverged"]
@@ -99,6 +104,7 @@ class TrainResult:
     compile_s: float = 0.0
     compiled: dict[str, PhaseCompiled] = field(default_factory=dict)
     time_to_target_lo_s: float | None = None
+    eval_s: float = 0.0
 
 
 def synchronize(device: torch.device) -> None:
@@ -164,6 +170,21 @@ class MinibatchSampler:
         return idx
 
 
+def eval_subset(
+    x: torch.Tensor, y: torch.Tensor, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` examples of a fixed random permutation (:data:`EVAL_SEED`), in their
+    stored order: a subset the same for every cell, that does not depend on how the split is
+    ordered (by class, person or file). ``None``, or a size of at least the split's, is the
+    whole split."""
+    n = x.shape[0]
+    if size is None or size >= n:
+        return x, y
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_SEED))
+    idx = perm[:size].sort().values.to(x.device)
+    return x[idx], (x[idx] if y is x else y[idx])
+
+
 @torch.no_grad()
 def evaluate(
     problem: Problem, x: torch.Tensor, y: torch.Tensor, metric: str
@@ -174,6 +195,8 @@ def evaluate(
     pixels), ``accuracy``, or ``bits_per_byte`` (a byte-level language model's mean next-byte
     NLL in bits).
     """
+    if x.shape[0] == 0:  # that evaluation is off (size 0)
+        return math.nan, math.nan
     model = problem.model
     was_training = model.training
     model.eval()
@@ -231,9 +254,8 @@ def train(
     device = data.train_x.device
     timer = PhaseTimer(device)
     sampler = MinibatchSampler(data.train_x.shape[0], config.batch_size, config.seed, device)
-    n_sub = min(config.train_eval_size, data.train_x.shape[0])
-    train_sub = (data.train_x[:n_sub], data.train_y[:n_sub])
-    test = (data.test_x[: config.eval_size], data.test_y[: config.eval_size])
+    train_sub = eval_subset(data.train_x, data.train_y, config.train_eval_size)
+    test = eval_subset(data.test_x, data.test_y, config.eval_size)
     problem.model.train()
     warm_up(device)
     baseline = math.nan
@@ -252,6 +274,8 @@ def train(
     target_lo: float | None = None
     status: Literal["ok", "diverged"] = "ok"
     last_eval: dict[str, float] = {}
+    eval_time = 0.0
+    first_loss = math.nan  # the first step's minibatch loss (the model before any update)
 
     def record(step: int, *, with_eval: bool) -> str:
         """Read back losses (and eval); return why the run diverged, or ``""``.
@@ -261,10 +285,12 @@ def train(
         autoencoder's cross-entropy grow to 1e9 without ever overflowing. A diverged cell is
         evaluated where it stopped, so its final losses are those of the blown-up model.
         """
-        nonlocal time_to_target, target_lo, unreached_at, last_eval
+        nonlocal time_to_target, target_lo, unreached_at, last_eval, eval_time, first_loss
         losses = torch.stack(pending_losses).double() if pending_losses else None
         if losses is not None:
             losses = (mean_losses(losses, dist) if dist is not None else losses).cpu()
+            if math.isnan(first_loss):
+                first_loss = float(losses[0])
         pending_losses.clear()
         row: dict[str, Any] = {
             "step": step,
@@ -281,10 +307,12 @@ def train(
         if losses is not None and not bool(torch.isfinite(losses).all()):
             reason = f"non-finite loss by step {step}"
         reason = reason or too_large(row, "train_loss")
-        if with_eval or reason:
+        if (with_eval or reason) and (len(train_sub[0]) or len(test[0])):
+            started = time.perf_counter()
             with averaged() if averaged is not None else nullcontext():
                 train_loss, _ = evaluate(problem, *train_sub, metric)
                 eval_loss, eval_metric = evaluate(problem, *test, metric)
+            eval_time += time.perf_counter() - started
             row.update(train_eval_loss=train_loss, eval_loss=eval_loss, eval_metric=eval_metric)
             last_eval = {
                 "final_train_loss": train_loss,
@@ -302,8 +330,11 @@ def train(
 
     def too_large(row: dict[str, Any], name: str) -> str:
         """Why ``row[name]`` counts as diverged (above ``diverge_factor`` × the initial
-        train-subset loss), or ``""``."""
+        train-subset loss, or without train-subset evals the first step's minibatch loss, taken
+        before any update), or ``""``."""
         initial = curves[0]["train_eval_loss"] if curves else math.nan
+        if not math.isfinite(initial):
+            initial = first_loss
         if not (
             math.isfinite(initial) and initial > 0 and row[name] > config.diverge_factor * initial
         ):
@@ -385,4 +416,5 @@ def train(
         mem_baseline_mb=baseline,
         compile_s=clock.seconds,
         compiled=method.compiled_phases() if hasattr(method, "compiled_phases") else {},
+        eval_s=eval_time,
     )

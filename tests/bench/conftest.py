@@ -18,7 +18,8 @@ from kfacbench.store import environment
 def pytest_benchmark_update_machine_info(
     config: pytest.Config, machine_info: dict[str, Any]
 ) -> None:
-    """Record the device, driver, CUDA, cuDNN and torch build with every saved benchmark, so
+    """Record the device, driver, CUDA, cuDNN and torch build, and whether subnormal floats are
+    flushed (``tests/conftest.py`` applies the setting), with every saved benchmark, so
     ``--benchmark-compare`` warns when two files come from different setups."""
     env = environment(bench_device())
     for key in (
@@ -29,6 +30,7 @@ def pytest_benchmark_update_machine_info(
         "cudnn_version",
         "driver_version",
         "torch_threads",
+        "flush_denormal",
         "kfacbench_version",
     ):
         machine_info[key] = env[key]

@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from kfacbench.core.loop import LoopConfig, MinibatchSampler, evaluate, train
+from kfacbench.core.loop import (
+    EVAL_SEED,
+    LoopConfig,
+    MinibatchSampler,
+    eval_subset,
+    evaluate,
+    train,
+)
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
@@ -218,11 +225,12 @@ def test_eval_is_off_the_clock() -> None:
     assert slow.train_time_s < fast.train_time_s * 3 + 0.05
 
 
-def test_eval_size_evaluates_the_first_test_examples_only() -> None:
-    """``eval_size`` = k: the eval loss is the one of the first k test examples."""
+def test_eval_size_evaluates_a_fixed_random_subset() -> None:
+    """``eval_size`` = k: the eval loss is the one of k test examples drawn by a fixed seed
+    (the same for every cell, whatever its own seed), not the first k; 0 is no evaluation."""
     data = blobs()
     results = {}
-    for k in (None, 7):
+    for k in (None, 7, 0):
         problem = classifier()
         results[k] = train(
             problem,
@@ -234,11 +242,49 @@ def test_eval_size_evaluates_the_first_test_examples_only() -> None:
         )
     problem = classifier()
     train(problem, SGD(problem, lr=0.1), data, config(), metric="accuracy", reached=bool)
+    n = data.test_x.shape[0]
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_SEED))[:7].sort()
+    subset, _ = evaluate(
+        problem, data.test_x[chosen.values], data.test_y[chosen.values], "accuracy"
+    )
     first7, _ = evaluate(problem, data.test_x[:7], data.test_y[:7], "accuracy")
     whole, _ = evaluate(problem, data.test_x, data.test_y, "accuracy")
-    assert first7 != whole
-    assert results[7].final["final_eval_loss"] == first7
+    assert len({subset, first7, whole}) == 3
+    assert results[7].final["final_eval_loss"] == subset
     assert results[None].final["final_eval_loss"] == whole
+    assert math.isnan(results[0].final["final_eval_loss"])
+    assert results[0].final["final_train_loss"] == results[None].final["final_train_loss"]
+    x, y = eval_subset(data.test_x, data.test_y, 7)
+    assert torch.equal(x, data.test_x[chosen.values]) and torch.equal(y, data.test_y[chosen.values])
+    assert eval_subset(data.test_x, data.test_x, 7)[1] is not None  # autoencoder targets follow
+
+
+def test_without_evaluation_nothing_is_evaluated_and_divergence_is_still_caught() -> None:
+    """Both sizes 0 (a timing run): no eval time, and a blow-up is measured against the first
+    read-back minibatch loss instead of the initial train-subset loss."""
+    data = blobs()
+    problem = classifier()
+    quiet = train(
+        problem,
+        SGD(problem, lr=0.1),
+        data,
+        config(train_eval_size=0, eval_size=0),
+        metric="accuracy",
+        reached=bool,
+    )
+    assert quiet.status == "ok" and quiet.eval_s == 0.0
+    assert all(math.isnan(row["train_eval_loss"]) for row in quiet.curves)
+    problem = classifier()
+    wild = train(
+        problem,
+        SGD(problem, lr=1e4),
+        data,
+        config(train_eval_size=0, eval_size=0),
+        metric="accuracy",
+        reached=bool,
+    )
+    assert wild.status == "diverged"
+    assert "train_loss" in wild.reason or "non-finite" in wild.reason
 
 
 def test_evaluate_recon_error_is_summed_squared_error_per_example() -> None:
