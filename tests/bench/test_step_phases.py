@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 from benchkit import PhaseClock, bench_device
 
+from kfacbench.core import subnormals
 from kfacbench.core.loop import MinibatchSampler
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.optim import METHODS
@@ -153,6 +154,8 @@ def test_phase(
     s.timer.flush()
     timed = s.timer.durations(phase)
     assert len(timed) == len(s.timer.durations(STEP)) > 0, f"{phase} did not run in every step"
+    # The rounds ran with subnormal floats flushed on every thread, as suites run them.
+    assert subnormals.flushing() is subnormals.wanted()
     benchmark.extra_info.update(
         workload=workload,
         batch_size=batch_size,
