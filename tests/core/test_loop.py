@@ -263,26 +263,19 @@ def test_without_evaluation_nothing_is_evaluated_and_divergence_is_still_caught(
     """Both sizes 0 (a timing run): no eval time, and a blow-up is measured against the first
     read-back minibatch loss instead of the initial train-subset loss."""
     data = blobs()
-    problem = classifier()
-    quiet = train(
-        problem,
-        SGD(problem, lr=0.1),
-        data,
-        config(train_eval_size=0, eval_size=0),
-        metric="accuracy",
-        reached=bool,
+    quiet, wild = (
+        train(
+            p,
+            SGD(p, lr=lr),
+            data,
+            config(train_eval_size=0, eval_size=0),
+            metric="accuracy",
+            reached=bool,
+        )
+        for lr, p in ((0.1, classifier()), (1e4, classifier()))
     )
     assert quiet.status == "ok" and quiet.eval_s == 0.0
     assert all(math.isnan(row["train_eval_loss"]) for row in quiet.curves)
-    problem = classifier()
-    wild = train(
-        problem,
-        SGD(problem, lr=1e4),
-        data,
-        config(train_eval_size=0, eval_size=0),
-        metric="accuracy",
-        reached=bool,
-    )
     assert wild.status == "diverged"
     assert "train_loss" in wild.reason or "non-finite" in wild.reason
 

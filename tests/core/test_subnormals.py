@@ -16,28 +16,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from shared_suites import PROFILED
 
 from kfacbench import cli
 from kfacbench.core import subnormals
 from kfacbench.errors import KfacbenchError
 
-SUITE = """
-name = "flush"
-[defaults]
-device = "cpu"
-data = "synthetic"
-max_steps = 4
-eval_every = 4
-log_every = 2
-train_eval_size = 64
-eval_size = 64
-[sweep]
-workload = ["mnist_ae"]
-batch_size = [32]
-inv_interval = [2]
-[optimizers.sgd]
-[optimizers.kfac-fast]
-"""
+SUITE = PROFILED.format(name="flush")
+"""SGD and SKFAC on curves_ae, synthetic data: two cells of a few seconds."""
 
 
 def python(code: str, flush: str | None) -> str:
@@ -124,7 +110,7 @@ def test_profile_and_diagnose_record_the_flush(tmp_path: Path) -> None:
     kfacbench(
         ["profile", "flush.toml", "--only", "*sgd*", "--steps", "1", "--out", "p"], tmp_path, None
     )
-    common = ["diagnose", "flush.toml", "--only", "*kfac*", "--at", "0", "--no-dense", "--no-rank"]
+    common = ["diagnose", "flush.toml", "--only", "*skfac*", "--at", "0", "--no-dense", "--no-rank"]
     kfacbench([*common, "--out", "d"], tmp_path, "0")
     for out, flushed in [("p", True), ("d", False)]:
         (run_dir,) = (tmp_path / out / "flush").iterdir()
