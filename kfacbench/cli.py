@@ -270,8 +270,9 @@ def _run_in(
             suite.profile,
             on_cell=lambda cell, message: console.print(f"  {cell.label}: {message}"),
         )
-    cells_table = load_tables(store.run_dir)["cells"]
-    console.print(rich_summary(cells_table, f"{suite.name} ({store.run_dir})"))
+    tables = load_tables(store.run_dir)
+    cells_table = tables["cells"]
+    console.print(rich_summary(cells_table, f"{suite.name} ({store.run_dir})", tables["phases"]))
     if shares := time_shares(cells_table):
         console.print(shares)
     _warn_busy(console, cells_table)
@@ -778,9 +779,11 @@ def _confirm_regressions(
 SHOW_CELLS = (
     "cell_id", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed", "hparams",
     "status", "error", "final_train_loss", "final_eval_metric", "train_time_s",
-    "time_to_target_s", "median_step_ms",
+    "time_to_target_s", "median_step_ms", "steps",
 )  # fmt: skip
 """The columns of ``cells`` that ``show`` uses (the summary and the failed cells' lines)."""
+SHOW_TABLES = {"cells": SHOW_CELLS, "phases": ("cell_id", "phase", "median_ms", "total_s")}
+"""The tables ``show`` reads, with the columns it uses (``phases``: the refresh's cost)."""
 SHOW_KERNELS = ("optimizer", "phase", "kernel", "category", "calls", "total_ms", "share")
 """The columns of ``kernels`` that ``show --kernels`` uses."""
 
@@ -850,8 +853,9 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         kernels = read_table(kernels_path, SHOW_KERNELS)
         console.print(_kernels_table(kernels, args.top, str(args.run_dir)))
         return 0
-    cells = load_tables(args.run_dir, {"cells": SHOW_CELLS})["cells"]
-    console.print(rich_summary(cells, str(args.run_dir)))
+    tables = load_tables(args.run_dir, SHOW_TABLES)
+    cells = tables["cells"]
+    console.print(rich_summary(cells, str(args.run_dir), tables["phases"]))
     if shares := time_shares(cells):
         console.print(shares)
     failed = cells[cells["status"] != "ok"]

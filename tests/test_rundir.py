@@ -39,7 +39,7 @@ COMMANDS: dict[str, Argv] = {
 
 _COMPARED = {"cells": (*compare.CELLS_REQUIRED, "median_step_ms"), "phases": compare.NOISE_REQUIRED}
 READS: dict[str, Mapping[str, Sequence[str]]] = {
-    "show": {"cells": cli.SHOW_CELLS},
+    "show": cli.SHOW_TABLES,
     "show --kernels": {"kernels": cli.SHOW_KERNELS},
     "report": report.REQUIRED,
     "compare BASE": _COMPARED,

@@ -27,6 +27,7 @@ def cells(**extra: list[float]) -> pd.DataFrame:
             "train_time_s": [100.0, 110.0],
             "time_to_target_s": [80.0, 90.0],
             "median_step_ms": [10.0, 12.0],
+            "steps": [1000, 1000],
             **extra,
         }
     )
@@ -63,3 +64,48 @@ def test_time_shares_split_the_cells_wall_time() -> None:
         "the cells' wall time, 300 s: training 70%, evaluation 20%, building 3%, other 7%"
     )
     assert time_shares(cells()) == ""
+
+
+def test_the_amortized_step_leads_and_the_refresh_stands_beside_the_median() -> None:
+    """A method that refreshes every 20 steps: 100 steps of 10 ms and 5 refreshes of 300 ms in
+    2.5 s of training. Its median step says 10 ms; its cost is 25 ms a step, 60% of it the
+    refresh. SGD (no inverse phase) has no refresh columns."""
+    table = pd.DataFrame(
+        {
+            "cell_id": ["k", "s"],
+            "workload": "curves_ae",
+            "optimizer": ["kfac", "sgd"],
+            "batch_size": 100,
+            "inv_interval": [20.0, math.nan],
+            "seed": 0,
+            "hparams": "{}",
+            "status": "ok",
+            "final_train_loss": 1.0,
+            "final_eval_metric": 1.0,
+            "train_time_s": [2.5, 1.0],
+            "time_to_target_s": math.nan,
+            "median_step_ms": [10.0, 10.0],
+            "steps": [100, 100],
+        }
+    )
+    phases = pd.DataFrame(
+        {
+            "cell_id": ["k", "k", "s"],
+            "phase": ["inverse", "step", "step"],
+            "median_ms": [300.0, 10.0, 10.0],
+            "total_s": [1.5, 2.5, 1.0],
+        }
+    )
+    frame = summary_frame(table, phases).set_index("optimizer")
+    assert frame.loc["kfac", "amortized_ms"] == 25.0 and frame.loc["sgd", "amortized_ms"] == 10.0
+    assert frame.loc["kfac", "refresh_ms"] == 300.0
+    assert frame.loc["kfac", "refresh_share"] == 0.6
+    assert math.isnan(frame.loc["sgd", "refresh_ms"])
+    console = Console(width=250, record=True)
+    console.print(rich_summary(table, "t", phases))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "ms/step" in line)
+    assert header.index("ms/step") < header.index("median step ms") < header.index("refresh ms")
+    assert " 25 " in text and " 300 " in text and " 60 " in text
+    # Without the phases table: no refresh columns, nothing invented.
+    assert "refresh ms" not in rendered(cells())
