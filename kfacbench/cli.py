@@ -565,16 +565,21 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> int:
     table = Table(
         title=f"{args.metric}: {args.new} vs {args.base} (regression above +{args.fail_above:g}%)"
     )
-    for col in ("cell", "base", "new", "new / base", "noise ±", ""):
+    median = args.metric == "amortized"  # the median step's ratio beside the amortized one
+    columns = ["cell", "base", "new", "new / base", "noise ±"]
+    columns += ["median step new / base", ""] if median else [""]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("cell", "") else "right")
     for r in result.table.to_dict("records"):
         noise = "" if r["noise"] != r["noise"] else f"{r['noise']:.1%}"
+        beside = [f"{r['median_ratio']:.3f}"] if median else []
         table.add_row(
             r["label"],
             f"{r['base']:.4g}",
             f"{r['new']:.4g}",
             f"{r['ratio']:.3f}",
             noise,
+            *beside,
             "[red]regressed[/]" if r["regressed"] else "",
         )
     console.print(table)
@@ -1100,7 +1105,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("base", type=Path, help="the reference run directory")
     cmp.add_argument("new", type=Path, help="the run directory under test")
     cmp.add_argument(
-        "--metric", choices=METRICS, default="step_time", help="what to compare (%(default)s)"
+        "--metric",
+        choices=METRICS,
+        default="amortized",
+        help="what to compare (%(default)s: training time / steps, refreshes included;"
+        " step_time: the median step)",
     )
     cmp.add_argument(
         "--fail-above",

@@ -7,9 +7,14 @@ reported with a noise estimate, and a cell regresses when the ratio exceeds ``1 
 
 Metrics (all lower-is-better):
 
-- ``step_time``: the median step time. Its noise is the half-width of the p10-p90 spread of the
-  step times within each run, relative to the median, the larger of the two runs: a ratio inside
-  ``1 ± noise`` is indistinguishable from no change on that machine.
+- ``amortized`` (the default): the step cost, training time / steps, every refresh of a
+  second-order method included; the median step's ratio stands beside it (a change to the
+  refresh moves the first, not the second). Its noise is the step-time spread below, which
+  bounds how much one step moves; the mean over all steps moves less.
+- ``step_time``: the median step time (the non-refresh step of a method that refreshes). Its
+  noise is the half-width of the p10-p90 spread of the step times within each run, relative to
+  the median, the larger of the two runs: a ratio inside ``1 ± noise`` is indistinguishable from
+  no change on that machine.
 - ``time_to_target``: training seconds to the workload's target. A cell that reached it in BASE
   and not in NEW regresses (ratio ∞); cells that reached it in neither are skipped. The time is
   read at evals, so each run only shows that the target was crossed after the eval before
@@ -32,18 +37,31 @@ from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.rundir import load_tables
 
-Metric = Literal["step_time", "time_to_target", "final_loss"]
-METRICS: tuple[Metric, ...] = ("step_time", "time_to_target", "final_loss")
+Metric = Literal["amortized", "step_time", "time_to_target", "final_loss"]
+METRICS: tuple[Metric, ...] = ("amortized", "step_time", "time_to_target", "final_loss")
 _COLUMN = {
+    "amortized": "amortized_ms",
     "step_time": "median_step_ms",
     "time_to_target": "time_to_target_s",
     "final_loss": "final_train_loss",
 }
-_UNIT = {"step_time": "ms", "time_to_target": "s", "final_loss": ""}
+_UNIT = {"amortized": "ms", "step_time": "ms", "time_to_target": "s", "final_loss": ""}
 CELLS_REQUIRED = ("cell_id", "label", "status")
 """Columns of ``cells`` every comparison uses (the metric's own column is added to them)."""
 NOISE_REQUIRED = ("cell_id", "phase", "median_ms", "p10_ms", "p90_ms")
 """Columns of ``phases`` that the step-time noise estimate uses."""
+AMORTIZED_REQUIRED = ("train_time_s", "steps", "median_step_ms")
+"""Columns of ``cells`` the amortized step and the median beside it are read from."""
+
+
+def required_columns(metric: Metric) -> dict[str, tuple[str, ...]]:
+    """The tables and columns a comparison of ``metric`` reads."""
+    if metric == "amortized":
+        return {"cells": (*CELLS_REQUIRED, *AMORTIZED_REQUIRED), "phases": NOISE_REQUIRED}
+    required: dict[str, tuple[str, ...]] = {"cells": (*CELLS_REQUIRED, _COLUMN[metric])}
+    if metric == "step_time":
+        required["phases"] = NOISE_REQUIRED
+    return required
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,8 @@ class Comparison:
         metric: the metric compared.
         table: one row per matched cell: ``cell_id``, ``label``, ``base``, ``new``, ``ratio``
             (NEW / BASE; ∞ when NEW failed, diverged or no longer reaches the target; NaN when
-            BASE itself failed), ``noise`` (relative, NaN where there is none) and ``regressed``.
+            BASE itself failed), ``noise`` (relative, NaN where there is none), ``regressed``
+            and ``median_ratio`` (``amortized``: the median step's NEW / BASE; NaN otherwise).
         only_base, only_new: labels of cells present in one run only.
         fail_above: the relative threshold used.
     """
@@ -82,21 +101,24 @@ class Comparison:
         """The comparison as a Markdown table with a summary line (CI comments, READMEs)."""
         unit = _UNIT[self.metric]
         suffix = f" ({unit})" if unit else ""
-        head = f"| cell | base{suffix} | new{suffix} | new / base | noise ± | |"
+        median = self.metric == "amortized"
+        head = f"| cell | base{suffix} | new{suffix} | new / base | noise ± |"
+        head += " median step new / base | |" if median else " |"
         lines = [
             f"**{self.metric}**: geometric-mean ratio {self.geomean_ratio():.3f} over"
             f" {len(self.table)} matched cells; {len(self.regressions)} above the"
             f" +{self.fail_above:.0%} threshold.",
             "",
             head,
-            "|---|---:|---:|---:|---:|---|",
+            "|---|---:|---:|---:|---:|" + ("---:|---|" if median else "---|"),
         ]
         for r in self.table.to_dict("records"):
             noise = "" if math.isnan(r["noise"]) else f"{r['noise']:.1%}"
             flag = "**regressed**" if r["regressed"] else ""
+            beside = f" {r['median_ratio']:.3f} |" if median else ""
             lines.append(
                 f"| {r['label']} | {_fmt(r['base'])} | {_fmt(r['new'])} | {r['ratio']:.3f}"
-                f" | {noise} | {flag} |"
+                f" | {noise} |{beside} {flag} |"
             )
         for name, labels in (("BASE", self.only_base), ("NEW", self.only_new)):
             if labels:
@@ -115,14 +137,14 @@ def _step_noise(phases: pd.DataFrame) -> pd.Series:
 
 
 def compare_runs(
-    base_dir: Path, new_dir: Path, metric: Metric = "step_time", fail_above: float = 0.10
+    base_dir: Path, new_dir: Path, metric: Metric = "amortized", fail_above: float = 0.10
 ) -> Comparison:
     """Compare ``metric`` between two run directories (see the module docstring).
 
     Args:
         base_dir: the reference run.
         new_dir: the run under test.
-        metric: ``step_time``, ``time_to_target`` or ``final_loss``.
+        metric: ``amortized``, ``step_time``, ``time_to_target`` or ``final_loss``.
         fail_above: relative increase counted as a regression (0.10: +10%).
 
     Raises:
@@ -132,13 +154,15 @@ def compare_runs(
     if metric not in METRICS:
         raise KfacbenchError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     column = _COLUMN[metric]
-    required: dict[str, tuple[str, ...]] = {"cells": (*CELLS_REQUIRED, column)}
-    if metric == "step_time":
-        required["phases"] = NOISE_REQUIRED
-    runs = [load_tables(path, required) for path in (base_dir, new_dir)]
-    for t in runs:  # runs from before the column: no interval known, the time itself counts
-        if metric == "time_to_target" and "time_to_target_lo_s" not in t["cells"]:
-            t["cells"]["time_to_target_lo_s"] = t["cells"][column]
+    runs = [load_tables(path, required_columns(metric)) for path in (base_dir, new_dir)]
+    for t in runs:
+        cells = t["cells"]
+        if metric == "amortized":  # a cell that took no step has no step cost
+            steps = cells["steps"].astype(float).where(cells["steps"] > 0)
+            cells[column] = cells["train_time_s"] / steps * 1e3
+        # Runs from before the column: no interval known, the time itself counts.
+        if metric == "time_to_target" and "time_to_target_lo_s" not in cells:
+            cells["time_to_target_lo_s"] = cells[column]
     base, new = (t["cells"].set_index("cell_id") for t in runs)
     common = [c for c in base.index if c in new.index]
     if not common:
@@ -146,7 +170,7 @@ def compare_runs(
             f"{base_dir} and {new_dir} have no cell in common (cells match by config hash)"
         )
     noise = pd.Series(math.nan, index=common)
-    if metric == "step_time":
+    if metric in ("amortized", "step_time"):
         noise_b, noise_n = (_step_noise(t["phases"]) for t in runs)
         noise = pd.concat([noise_b.reindex(common), noise_n.reindex(common)], axis=1).max(axis=1)
     if metric == "time_to_target":
@@ -176,11 +200,15 @@ def compare_runs(
                 "ratio": ratio,
                 "noise": float(noise.get(cell, math.nan)),
                 "regressed": certain > 1 + fail_above,
+                "median_ratio": (
+                    float(new["median_step_ms"][cell]) / float(base["median_step_ms"][cell])
+                    if metric == "amortized"
+                    else math.nan
+                ),
             }
         )
-    table = pd.DataFrame(
-        rows, columns=["cell_id", "label", "base", "new", "ratio", "noise", "regressed"]
-    )
+    columns = ["cell_id", "label", "base", "new", "ratio", "noise", "regressed", "median_ratio"]
+    table = pd.DataFrame(rows, columns=columns)
     return Comparison(
         metric=metric,
         table=table.sort_values("ratio", ascending=False, ignore_index=True),

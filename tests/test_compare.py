@@ -71,11 +71,34 @@ def test_a_planted_step_time_regression_fails(base_run: Path, tmp_path: Path) ->
     assert list(result.regressions["label"]) == [label]
     assert result.regressions["ratio"].iloc[0] == pytest.approx(1.5)
     md = tmp_path / "cmp.md"
-    assert cli.main(["compare", str(base_run), str(slow), "--markdown", str(md)]) == 1
+    median = ["--metric", "step_time"]
+    assert cli.main(["compare", str(base_run), str(slow), *median, "--markdown", str(md)]) == 1
     text = md.read_text()
     assert "**regressed**" in text and label in text and "| 1.500 |" in text
-    # Below the threshold it passes.
-    assert cli.main(["compare", str(base_run), str(slow), "--fail-above", "60"]) == 0
+    # Below the threshold it passes; the amortized step (the default) did not move at all.
+    assert cli.main(["compare", str(base_run), str(slow), *median, "--fail-above", "60"]) == 0
+    assert cli.main(["compare", str(base_run), str(slow)]) == 0
+
+
+def test_a_slower_refresh_moves_the_amortized_step_not_the_median(
+    base_run: Path, tmp_path: Path
+) -> None:
+    """Refreshes 1.5× as long in the whole training time: the default (amortized) metric flags
+    the cell, and its median step's ratio, shown beside, stays 1."""
+    slow = copy_run(base_run, tmp_path / "slow")
+    label = plant(slow, "train_time_s", 1.5, row=1)
+    result = compare_runs(base_run, slow, fail_above=0.10)
+    assert result.metric == "amortized"
+    (row,) = result.regressions.to_dict("records")
+    assert row["label"] == label and row["ratio"] == pytest.approx(1.5)
+    assert row["median_ratio"] == 1.0
+    cells = pd.read_parquet(base_run / "cells.parquet").set_index("label")
+    assert row["base"] == pytest.approx(
+        cells.at[label, "train_time_s"] / cells.at[label, "steps"] * 1e3
+    )
+    md = tmp_path / "cmp.md"
+    assert cli.main(["compare", str(base_run), str(slow), "--markdown", str(md)]) == 1
+    assert "median step new / base" in md.read_text() and "| 1.500 | " in md.read_text()
 
 
 def test_final_loss_and_failed_cells(base_run: Path, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ COMMANDS: dict[str, Argv] = {
     ],
 }  # fmt: skip
 
-_COMPARED = {"cells": (*compare.CELLS_REQUIRED, "median_step_ms"), "phases": compare.NOISE_REQUIRED}
+_COMPARED = compare.required_columns("amortized")  # compare's default metric
 READS: dict[str, Mapping[str, Sequence[str]]] = {
     "show": cli.SHOW_TABLES,
     "show --kernels": {"kernels": cli.SHOW_KERNELS},
