@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 import textwrap
@@ -119,7 +120,8 @@ class ReportData:
 REQUIRED = {
     "cells": (
         "cell_id", "suite", "label", "workload", "optimizer", "batch_size", "inv_interval",
-        "seed", "status", "steps", "train_time_s", "time_to_target_s", "median_step_ms",
+        "seed", "hparams", "status", "steps", "train_time_s", "time_to_target_s",
+        "median_step_ms",
     ),
     "curves": ("cell_id", "step", "train_time_s", "train_loss"),
     "phases": ("cell_id", "phase", "total_s"),
@@ -1309,33 +1311,59 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
     return table
 
 
+PAIR_KEYS = (
+    "suite", "workload", "batch_size", "inv_interval", "data_mode", "device_name", "tf32", "amp",
+)  # fmt: skip
+"""What a kfacbench preset and a peer cell must share to be compared: one suite, every axis of
+the setting; the seeds of a setting are its replicates. Compiled cells are never paired (the
+peers run eager)."""
+
+
+def _setting_label(label: str) -> str:
+    """A cell's label without its seed: the name of its setting."""
+    return re.sub(r" seed=\S+$", "", label)
+
+
 def peer_table(data: ReportData) -> pd.DataFrame:
-    """kfacbench's presets against the peers that implement the same method, per workload and
-    batch size: median step (non-refresh steps dominate) and mean step (training time / steps,
-    refreshes included), and their ratios kfacbench / peer. Empty without such pairs."""
+    """kfacbench's presets against the peers that implement the same method, paired on identical
+    settings (:data:`PAIR_KEYS`, and equal values of every hyperparameter both name): the
+    amortized step (training time / steps, refreshes included) first, the median step beside
+    it, each as ``ours / peer`` with its ratio, medians over the seeds of each setting. Every
+    row names the two settings it divides. Empty without such pairs."""
     ok = data.cells[data.cells["status"] == "ok"].copy()
-    ok["mean_step_ms"] = ok["train_time_s"] / ok["steps"].astype(float) * 1e3
-    per = ok.groupby(["workload", "batch_size", "optimizer"])[
-        ["median_step_ms", "mean_step_ms"]
-    ].median()
+    if "compile" in ok:
+        ok = ok[ok["compile"].fillna("off") == "off"]
+    ok["amortized_ms"] = ok["train_time_s"] / ok["steps"].astype(float) * 1e3
+    ok["setting_label"] = ok["label"].map(_setting_label)
+    keys = [k for k in PAIR_KEYS if k in ok]
+    per = ok.groupby([*keys, "optimizer", "setting_label", "hparams"], dropna=False).agg(
+        amortized_ms=("amortized_ms", "median"),
+        median_step_ms=("median_step_ms", "median"),
+        seeds=("seed", "nunique"),
+    )
+    per = per.reset_index()
     rows = []
-    for (workload, batch), group in per.groupby(level=[0, 1]):
-        have = group.droplevel([0, 1])
-        for peer, ours in COUNTERPARTS.items():
-            if peer in have.index and ours in have.index:
-                a, b = have.loc[ours], have.loc[peer]
-                rows.append(
-                    {
-                        "workload": workload,
-                        "batch_size": batch,
-                        "kfacbench": ours,
-                        "peer": peer,
-                        "median_step_ms": f"{a['median_step_ms']:.4g} / {b['median_step_ms']:.4g}",
-                        "median_ratio": a["median_step_ms"] / b["median_step_ms"],
-                        "mean_step_ms": f"{a['mean_step_ms']:.4g} / {b['mean_step_ms']:.4g}",
-                        "mean_ratio": a["mean_step_ms"] / b["mean_step_ms"],
-                    }
-                )
+    for peer, ours in COUNTERPARTS.items():
+        theirs, mine = per[per["optimizer"] == peer], per[per["optimizer"] == ours]
+        for pair in mine.merge(theirs, on=keys, suffixes=("", "_peer")).to_dict("records"):
+            a, b = json.loads(pair["hparams"]), json.loads(pair["hparams_peer"])
+            if any(a[k] != b[k] for k in a.keys() & b.keys()):
+                continue  # a hyperparameter both name differs: not the same setting
+            rows.append(
+                {
+                    "workload": pair["workload"],
+                    "batch_size": pair["batch_size"],
+                    "kfacbench": pair["setting_label"],
+                    "peer": pair["setting_label_peer"],
+                    "seeds": f"{pair['seeds']} / {pair['seeds_peer']}",
+                    "amortized_ms": f"{pair['amortized_ms']:.4g} / {pair['amortized_ms_peer']:.4g}",
+                    "amortized_ratio": pair["amortized_ms"] / pair["amortized_ms_peer"],
+                    "median_step_ms": (
+                        f"{pair['median_step_ms']:.4g} / {pair['median_step_ms_peer']:.4g}"
+                    ),
+                    "median_ratio": pair["median_step_ms"] / pair["median_step_ms_peer"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -1449,7 +1477,8 @@ def write_report(
             _markdown_table(steps),
             *(
                 [
-                    "## kfacbench vs peers (step ms: kfacbench / peer; ratio kfacbench / peer)",
+                    "## kfacbench vs peers (ms: kfacbench / peer, paired on identical"
+                    " settings; amortized = training time / steps, refreshes included)",
                     "",
                     _markdown_table(peers),
                 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -201,10 +202,28 @@ def image_colorful_fraction(path: Path) -> float:
 
 
 def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
-    def cell(optimizer: str, median: float, train_s: float, workload: str = "mnist_ae") -> dict:  # type: ignore[type-arg]
+    def cell(  # type: ignore[no-untyped-def]
+        optimizer: str,
+        median: float,
+        train_s: float,
+        workload: str = "mnist_ae",
+        inv: float = 10.0,
+        seed: int = 0,
+        compile: str = "off",
+        suite: str = "peers",
+        damping: float = 1.0,
+    ):
+        label = f"{workload} {optimizer} bs=1000 inv={inv:g} damping={damping:g}"
+        label += ("" if compile == "off" else f" compile={compile}") + f" seed={seed}"
         return {
+            "suite": suite,
+            "label": label,
             "workload": workload,
             "batch_size": 1000,
+            "inv_interval": inv,
+            "seed": seed,
+            "hparams": json.dumps({"damping": damping, "lr": 0.1}),
+            "compile": compile,
             "optimizer": optimizer,
             "status": "ok",
             "median_step_ms": median,
@@ -215,7 +234,14 @@ def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
     cells = pd.DataFrame(
         [
             cell("kfac-fast", 300.0, 4.0),
+            cell("kfac-fast", 310.0, 4.2, seed=1),
             cell("asdl-kfac", 200.0, 2.0),
+            # Cells the old grouping by (workload, batch, optimizer) pooled into the pair: another
+            # T_inv, a compiled one, one from another suite, one whose shared damping differs.
+            cell("kfac-fast", 100.0, 1.0, inv=20.0),
+            cell("kfac-fast", 90.0, 0.9, compile="default"),
+            cell("kfac-fast", 80.0, 0.8, suite="kfac_speed"),
+            cell("kfac-fast", 500.0, 5.0, damping=0.1),
             cell("skfac", 100.0, 1.0),  # no asdl-skfac on this workload: no row
             cell("sgd", 50.0, 0.5),
             cell("asdl-skfac", 80.0, 1.0, workload="faces_ae"),  # no skfac there: no row
@@ -223,12 +249,15 @@ def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
     )
     data = ReportData(cells, pd.DataFrame(), pd.DataFrame(), None, [], [])
     table = peer_table(data)
-    assert len(table) == 1
+    assert len(table) == 1, table
     row = table.iloc[0]
-    assert (row["kfacbench"], row["peer"]) == ("kfac-fast", "asdl-kfac")
-    assert row["median_ratio"] == pytest.approx(1.5)
-    assert row["mean_ratio"] == pytest.approx(400.0 / 200.0)
-    assert row["median_step_ms"] == "300 / 200"
+    assert row["peer"] == "mnist_ae asdl-kfac bs=1000 inv=10 damping=1"
+    assert row["kfacbench"] == "mnist_ae kfac-fast bs=1000 inv=10 damping=1"  # inv=10, λ = 1
+    assert row["seeds"] == "2 / 1"
+    assert row["median_ratio"] == pytest.approx(305.0 / 200.0)  # the median of its two seeds
+    assert row["amortized_ratio"] == pytest.approx(410.0 / 200.0)
+    assert row["median_step_ms"] == "305 / 200"
+    assert row["amortized_ms"] == "410 / 200"
     no_peers = ReportData(
         cells[cells["optimizer"] == "sgd"], pd.DataFrame(), pd.DataFrame(), None, [], []
     )
