@@ -57,7 +57,7 @@ def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd
         refresh_ms=math.nan,
         refresh_share=math.nan,
     )
-    if phases is not None:
+    if phases is not None and not phases.empty:  # a run whose every cell failed has none
         refresh = phases[phases["phase"] == REFRESH_PHASE].set_index("cell_id")
         cells["refresh_ms"] = cells["cell_id"].map(refresh["median_ms"])
         cells["refresh_share"] = cells["cell_id"].map(refresh["total_s"]) / cells["train_time_s"]

@@ -107,5 +107,6 @@ def test_the_amortized_step_leads_and_the_refresh_stands_beside_the_median() -> 
     header = next(line for line in text.splitlines() if "ms/step" in line)
     assert header.index("ms/step") < header.index("median step ms") < header.index("refresh ms")
     assert " 25 " in text and " 300 " in text and " 60 " in text
-    # Without the phases table: no refresh columns, nothing invented.
+    # Without the phases table, or with an empty one (every cell failed): no refresh columns.
     assert "refresh ms" not in rendered(cells())
+    assert summary_frame(cells(), pd.DataFrame())["refresh_ms"].isna().all()
