@@ -35,6 +35,7 @@ from kfacbench.report import (
     peer_table,
     performance_profile,
     short_labels,
+    step_time_table,
     time_to_target_display,
     time_to_target_table,
     title_texts,
@@ -199,6 +200,39 @@ def image_colorful_fraction(path: Path) -> float:
         1 for i in range(0, len(data), 3) if max(data[i : i + 3]) - min(data[i : i + 3]) > 60
     )
     return colorful / n
+
+
+def test_step_cost_divides_by_the_sgd_of_the_same_suite_batch_and_compile_mode() -> None:
+    """An eager K-FAC cell of suite "a" is divided by suite a's eager SGD (20 ms/step), not by
+    the faster compiled SGD (5) or suite b's SGD (2), which the best-SGD-of-the-workload rule
+    took; seeds of a setting are counted once each, and the denominator is named."""
+
+    def cell(suite: str, optimizer: str, train_s: float, median: float, seed: int = 0,
+             compile: str = "off") -> dict[str, object]:  # fmt: skip
+        setting = f"curves_ae {optimizer} bs=100" + ("" if compile == "off" else f" {compile}")
+        return {
+            "suite": suite, "workload": "curves_ae", "batch_size": 100, "optimizer": optimizer,
+            "setting": setting, "seed": seed, "status": "ok", "compile": compile,
+            "train_time_s": train_s, "steps": 100, "median_step_ms": median,
+        }  # fmt: skip
+
+    cells = pd.DataFrame(
+        [
+            cell("a", "kfac", 10.0, 30.0),
+            cell("a", "kfac", 12.0, 32.0, seed=1),
+            cell("a", "sgd", 2.0, 20.0),
+            cell("a", "sgd", 0.5, 5.0, compile="default"),
+            cell("b", "sgd", 0.2, 2.0),
+        ]
+    )
+    table = step_time_table(ReportData(cells, pd.DataFrame(), pd.DataFrame(), None, [], []))
+    kfac = table[table["setting"] == "curves_ae kfac bs=100"].iloc[0]
+    assert kfac["seeds"] == 2 and kfac["amortized_ms"] == 110.0
+    assert kfac["vs"] == "curves_ae sgd bs=100"
+    assert kfac["vs_sgd"] == pytest.approx(110.0 / 20.0)
+    assert kfac["vs_sgd_median"] == pytest.approx(31.0 / 20.0)
+    compiled = table[table["setting"] == "curves_ae sgd bs=100 default"].iloc[0]
+    assert compiled["vs_sgd"] == 1.0  # divided by itself: the only compiled SGD of its suite
 
 
 def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
@@ -550,7 +584,7 @@ def test_documents_say_what_was_left_out_and_print_no_nan(report: Path) -> None:
     page = (report / "index.html").read_text()
     why = "performance profile: needs at least 2 workloads with a target reached; this report has"
     assert why in md and why in page
-    ttt_md = md.split("## Time to target")[1].split("## Step time")[0]
+    ttt_md = md.split("## Time to target")[1].split("## Step cost")[0]
     assert "nan" not in ttt_md.lower() and "| time to target | speed-up vs best SGD |" in ttt_md
     assert "1 workloads" not in md and "1 workloads" not in page
 
