@@ -35,7 +35,7 @@ import pandas as pd
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
-from kfacbench.rundir import load_tables
+from kfacbench.rundir import amortized_step_ms, load_tables
 
 Metric = Literal["amortized", "step_time", "time_to_target", "final_loss"]
 METRICS: tuple[Metric, ...] = ("amortized", "step_time", "time_to_target", "final_loss")
@@ -157,9 +157,8 @@ def compare_runs(
     runs = [load_tables(path, required_columns(metric)) for path in (base_dir, new_dir)]
     for t in runs:
         cells = t["cells"]
-        if metric == "amortized":  # a cell that took no step has no step cost
-            steps = cells["steps"].astype(float).where(cells["steps"] > 0)
-            cells[column] = cells["train_time_s"] / steps * 1e3
+        if metric == "amortized":
+            cells[column] = amortized_step_ms(cells)
         # Runs from before the column: no interval known, the time itself counts.
         if metric == "time_to_target" and "time_to_target_lo_s" not in cells:
             cells["time_to_target_lo_s"] = cells[column]

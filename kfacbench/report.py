@@ -76,7 +76,7 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim import METHODS
 from kfacbench.optim.peers import COUNTERPARTS
-from kfacbench.rundir import load_tables, read_env, read_table
+from kfacbench.rundir import amortized_step_ms, load_tables, read_env, read_table
 from kfacbench.store import settings_of
 
 TAU_MAX = 4.0
@@ -1308,7 +1308,7 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
     """
     ok = data.cells[data.cells["status"] == "ok"].copy()
     ok["compile"] = ok["compile"].fillna("off") if "compile" in ok else "off"
-    ok["amortized_ms"] = ok["train_time_s"] / ok["steps"].astype(float) * 1e3
+    ok["amortized_ms"] = amortized_step_ms(ok)
     keys = ["suite", "workload", "batch_size", "compile"]
     table = ok.groupby([*keys, "optimizer", "setting"], as_index=False).agg(
         seeds=("seed", "nunique"),
@@ -1363,7 +1363,7 @@ def peer_table(data: ReportData) -> pd.DataFrame:
     ok = data.cells[data.cells["status"] == "ok"].copy()
     if "compile" in ok:
         ok = ok[ok["compile"].fillna("off") == "off"]
-    ok["amortized_ms"] = ok["train_time_s"] / ok["steps"].astype(float) * 1e3
+    ok["amortized_ms"] = amortized_step_ms(ok)
     ok["setting_label"] = ok["label"].map(_setting_label)
     keys = [k for k in PAIR_KEYS if k in ok]
     per = ok.groupby([*keys, "optimizer", "setting_label", "hparams"], dropna=False).agg(

@@ -193,3 +193,11 @@ def read_env(run_dir: Path) -> dict[str, Any]:
     if not isinstance(env, dict):
         raise RunDirError(f"{path}: not a JSON object of environment facts ({_DAMAGED})")
     return env
+
+
+def amortized_step_ms(cells: pd.DataFrame) -> pd.Series:
+    """Per cell, its step cost: training time / steps in ms, every refresh of a second-order
+    method included (NaN for a cell that took no step). The number methods are compared by: a
+    median step hides what the refreshes cost."""
+    steps = cells["steps"].astype(float).where(cells["steps"] > 0)
+    return cells["train_time_s"] / steps * 1e3

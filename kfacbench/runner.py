@@ -457,8 +457,9 @@ def run_cells(
         if dist is not None:
             envs[dev].update(world_size=dist.world, backend=dist.backend)
     if envs and main:
-        store.write_text("env.json", json.dumps(next(iter(envs.values())), indent=2) + "\n")
-        if todo and subnormals.wanted() != envs[next(iter(envs))]["flush_denormal"]:
+        first = next(iter(envs.values()))
+        store.write_text("env.json", json.dumps(first, indent=2) + "\n")
+        if todo and subnormals.wanted() != first["flush_denormal"]:
             console.print(f"[yellow]warning:[/] {subnormals.mismatch()}")
     data = DataCache(options)
     if todo:

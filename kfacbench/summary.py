@@ -9,6 +9,7 @@ import pandas as pd
 from rich.table import Table
 
 from kfacbench.machine_load import busy_cells
+from kfacbench.rundir import amortized_step_ms
 
 TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
 
@@ -48,12 +49,11 @@ def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd
     SGD by median step on an H200 and 5.7× by training time / steps.
     """
     busy = busy_cells(cells).index
-    steps = cells["steps"].astype(float).where(cells["steps"] > 0)
     cells = cells.assign(
         setting=varying_hparams(cells),
         ok=cells["status"].eq("ok"),
         busy=cells.index.isin(busy),
-        amortized_ms=cells["train_time_s"] / steps * 1e3,
+        amortized_ms=amortized_step_ms(cells),
         refresh_ms=math.nan,
         refresh_share=math.nan,
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kfacbench.rundir import amortized_step_ms
+
 HERE = Path(__file__).resolve().parent
 ORDER = {"sgd": 0, "kfac": 1, "kfac-fast": 2, "skfac": 3, "adamw": 4}
 
@@ -35,7 +37,7 @@ def methods_table() -> str:
                 c = cells(run)
                 if not (c["flush_denormal"] == (mode == "flush")).all():
                     raise SystemExit(f"{run}: flush_denormal does not match its folder")
-                c["amortized"] = c["train_time_s"] / c["steps"] * 1e3
+                c["amortized"] = amortized_step_ms(c)
                 sgd = c.loc[c["optimizer"] == "sgd"].set_index("workload")["amortized"]
                 c["ratio"] = c["amortized"] / c["workload"].map(sgd)
                 c["data"], c["mode"], c["run"] = suite.split("_")[1], mode, i
@@ -153,7 +155,7 @@ def inverse_table() -> str:
 def modern_speed_table() -> str:
     """modern_speed: amortized and median step per method, and each over AdamW's of the run."""
     c = cells(HERE / "modern_speed")
-    c["amortized"] = c["train_time_s"] / c["steps"] * 1e3
+    c["amortized"] = amortized_step_ms(c)
     sharing = c["hparams"].map(lambda h: json.loads(h).get("weight_sharing", ""))
     c["name"] = c["optimizer"].where(c["optimizer"] != "kfac-fast", "kfac-fast " + sharing)
     names = ["adamw", "sgd", "kfac-fast expand", "kfac-fast reduce", "skfac", "singd"]
