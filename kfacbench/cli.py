@@ -1254,7 +1254,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser(
         "doctor",
         help="check a machine: every method, the CUDA paths, profiling, a process group",
-        description="A short acceptance of a machine (about 3 minutes on a GPU, 5 on a 2-core"
+        description="A short acceptance of a machine (about 3 minutes on a GPU, 1 on a 2-core"
         " CPU) on synthetic data: versions; every registered method on an MLP autoencoder and"
         " ResNet-20 (finite, loss falling); a profiled K-FAC window whose kernels are attributed"
         " to its phases; on CUDA no host sync in non-refresh steps, CUDA-event vs wall-clock step"
