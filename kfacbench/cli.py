@@ -8,6 +8,7 @@ import fnmatch
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -60,7 +61,7 @@ from kfacbench.regress import (
 )
 from kfacbench.rundir import load_tables, read_table
 from kfacbench.runner import RunOptions, one_line, record_failure, resolve_device, run_cells
-from kfacbench.store import RunStore, environment, fresh_dir
+from kfacbench.store import RunStore, environment, fresh_dir, new_manifest, read_manifest
 from kfacbench.suite import DEVICE, Cell, ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary, time_shares
 from kfacbench.workloads import WORKLOADS
@@ -135,11 +136,21 @@ def check_devices(override: str | None, cells: Sequence[Cell]) -> None:
         resolve_device(device)
 
 
-def write_env(store: RunStore, override: str | None, cells: Sequence[Cell]) -> None:
-    """``env.json`` of a profiling or diagnostics run (the first cell's device): versions, the
-    machine, and whether this process flushes subnormal floats."""
-    device = resolve_device(override or cells[0].settings.device)
-    store.write_text("env.json", json.dumps(environment(device), indent=2) + "\n")
+def write_env(store: RunStore, args: argparse.Namespace, cells: Sequence[Cell]) -> None:
+    """``env.json`` of a run (the first cell's device): versions, the machine, and whether this
+    process flushes subnormal floats; and ``manifest.json``, the command that made the run (a
+    resumed run adds its command), so a published run says how to make it again."""
+    device = resolve_device(args.device or cells[0].settings.device)
+    env = environment(device)
+    store.write_text("env.json", json.dumps(env, indent=2) + "\n")
+    command = "kfacbench " + shlex.join(args.argv)
+    path = store.run_dir / "manifest.json"
+    if path.exists():
+        manifest = read_manifest(path)
+        manifest["resumed_by"] = [*manifest.get("resumed_by", []), command]
+    else:
+        manifest = new_manifest(command, env)
+    store.write_text("manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def check_resumable(run_dir: Path, suite: str) -> None:
@@ -228,7 +239,7 @@ def _run_in(
     """The body of ``run`` once its run directory exists."""
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
-    write_env(store, args.device, cells)
+    write_env(store, args, cells)
     if args.rerun_busy and store.finished_ids():
         busy = busy_cells(load_tables(store.run_dir, {"cells": ["cell_id"]})["cells"])
         selected = {c.id for c in cells}
@@ -418,7 +429,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     store = new_store(args.out, suite.name)
     if suite.path is not None:
         store.write_text("suite.toml", suite.path.read_text())
-    write_env(store, args.device, cells)
+    write_env(store, args, cells)
     console.print(
         f"profiling {len(cells)} cells of {suite.name} ({window.active} steps each, after"
         f" {window.wait} skipped and {window.warmup} warm-up) -> {store.run_dir}"
@@ -487,7 +498,7 @@ def cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
         store = new_store(args.out, suite.name)
     if suite.path is not None and not (store.run_dir / "suite.toml").exists():
         store.write_text("suite.toml", suite.path.read_text())
-    write_env(store, args.device, cells)
+    write_env(store, args, cells)
     console.print(
         f"diagnosing {len(cells)} cells of {suite.name} at steps {', '.join(map(str, at))}"
         f" ({args.fisher} Fisher) -> {store.run_dir}"
@@ -1284,6 +1295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kfacbench`` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:

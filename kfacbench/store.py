@@ -327,6 +327,33 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def new_manifest(command: str, env: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's ``manifest.json``: the command, the commit it ran at (``dirty``: with
+    uncommitted changes, so the commit alone does not make the run again) and the machine."""
+    commit = env.get("git_commit")
+    return {
+        "command": command,
+        "commit": commit,
+        "dirty": bool(commit and str(commit).endswith("-dirty")),
+        "machine": {
+            key: env.get(key)
+            for key in ("device_kind", "device_name", "cpu_count", "torch_version", "platform")
+        },
+        "created_at": env.get("created_at"),
+    }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A run's ``manifest.json``; a damaged one is an error naming the file."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KfacbenchError(f"{path}: not a readable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or "command" not in manifest:
+        raise KfacbenchError(f"{path}: not a kfacbench manifest (no 'command' key)")
+    return manifest
+
+
 def device_name(device: torch.device) -> str:
     """A human name for the device (GPU model, or the CPU model from /proc/cpuinfo)."""
     if device.type == "cuda":

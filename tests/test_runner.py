@@ -191,6 +191,22 @@ def test_resume_refuses_a_foreign_folder(
     assert "that run is of suite 't', not 'other'" in capsys.readouterr().err
 
 
+def test_a_run_records_its_command_and_commit_in_a_manifest(tmp_path: Path) -> None:
+    suite, out = write_suite(tmp_path, steps=2, seeds="[0, 1]"), tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out), "--only", "*seed=0"]) == 0
+    run_dir = only_run_dir(out, "t")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    env = json.loads((run_dir / "env.json").read_text())
+    assert manifest["command"] == f"kfacbench run {suite} --out {out} --only '*seed=0'"
+    assert manifest["commit"] == env["git_commit"]
+    assert manifest["dirty"] == str(env["git_commit"]).endswith("-dirty")
+    assert manifest["machine"]["device_name"] == env["device_name"]
+    assert cli.main(["run", str(suite), "--out", str(out), "--resume"]) == 0
+    resumed = json.loads((run_dir / "manifest.json").read_text())
+    assert resumed["command"] == manifest["command"]
+    assert resumed["resumed_by"] == [f"kfacbench run {suite} --out {out} --resume"]
+
+
 def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     captured = capsys.readouterr()
     err = captured.err.strip()
