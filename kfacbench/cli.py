@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import fnmatch
+import itertools
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -81,6 +84,7 @@ EXAMPLES = """examples:
   kfacbench profile kernels --steps 5   per-kernel profiles (TensorBoard traces, kernels table)
   kfacbench show RUN_DIR --kernels      the top kernels per optimizer and phase
   kfacbench report RUN_DIR -o reports/quick/   figures, self-contained HTML, Markdown
+  kfacbench rebuild --check             every committed report rebuilt from its committed runs
   kfacbench diagnose quick --at 0,50,200 --damping 1e-3   curvature quality vs the natural gradient
   kfacbench compare BASE_RUN NEW_RUN    ratios per cell; exit 1 above +10%
   kfacbench regress --device cpu        the CI speed check against results/baselines/cpu.parquet
@@ -563,11 +567,78 @@ def _kernels_table(kernels: pd.DataFrame, top: int, title: str) -> Table:
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from kfacbench.claims import claims_table  # matplotlib is imported only when reporting
-    from kfacbench.report import write_report
+    from kfacbench.report import write_report  # matplotlib is imported only when reporting
+    from kfacbench.report.claims import claims_table
 
-    index = write_report(args.run_dirs, args.output, claims=claims_table if args.claims else None)
+    command = "kfacbench " + shlex.join(args.argv)
+    claims = claims_table if args.claims else None
+    index = write_report(args.run_dirs, args.output, claims=claims, command=command)
     console.print(f"report: {index} (and summary.md, PNG/SVG figures in {args.output})")
+    return 0
+
+
+REBUILD = re.compile(r"^Rebuild: `(kfacbench report .+)`$", re.MULTILINE)
+"""The header line of a report's ``summary.md`` that names the command that made it."""
+
+
+def recorded_command(report: Path) -> str:
+    """The command in the header of ``report``'s ``summary.md``.
+
+    Raises:
+        KfacbenchError: no ``summary.md``, or one without a ``Rebuild:`` line.
+    """
+    summary = report / "summary.md"
+    try:
+        text = summary.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KfacbenchError(f"{summary}: not readable ({one_line(exc)})") from None
+    match = REBUILD.search(text)
+    if match is None:
+        raise KfacbenchError(
+            f"{summary}: no 'Rebuild: `kfacbench report ...`' line: made before reports recorded"
+            " their command; make it again with kfacbench report"
+        )
+    return match.group(1)
+
+
+def cmd_rebuild(args: argparse.Namespace, console: Console) -> int:
+    from kfacbench.report import write_report
+    from kfacbench.report.claims import claims_table
+
+    reports = args.reports or sorted(p.parent for p in Path("reports").glob("*/summary.md"))
+    if not reports:
+        raise KfacbenchError(
+            "no reports/*/summary.md here: run kfacbench rebuild from the repo root"
+        )
+    differ = []
+    for report in reports:
+        command = recorded_command(report)
+        recorded = build_parser().parse_args(shlex.split(command)[1:])
+        if recorded.output.resolve() != report.resolve():
+            raise KfacbenchError(
+                f"{report / 'summary.md'}: its command writes to {recorded.output}, not {report}"
+            )
+        claims = claims_table if recorded.claims else None
+        if not args.check:
+            write_report(recorded.run_dirs, report, claims=claims, command=command)
+            console.print(f"rebuilt {report}")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report(recorded.run_dirs, Path(tmp), claims=claims, command=command)
+            new = (Path(tmp) / "summary.md").read_text(encoding="utf-8")
+        old = (report / "summary.md").read_text(encoding="utf-8")
+        if new == old:
+            console.print(f"{report}: summary.md rebuilds identical")
+            continue
+        differ.append(str(report))
+        diff = difflib.unified_diff(
+            old.splitlines(), new.splitlines(), "committed", "rebuilt", lineterm="", n=0
+        )
+        console.print(f"[red]{report}: summary.md differs[/]")
+        console.print(escape("\n".join(itertools.islice(diff, 40))), highlight=False)
+    if differ:
+        console.print(f"[red]{len(differ)} reports differ from a rebuild[/]: {', '.join(differ)}")
+        return 1
     return 0
 
 
@@ -1104,6 +1175,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the runs measured, with a verdict (suites/reproduction_cpu.toml measures them all)",
     )
     rep.set_defaults(func=cmd_report)
+
+    reb = sub.add_parser(
+        "rebuild",
+        help="rebuild committed reports from their committed runs (--check: compare instead)",
+        description="Run again the `kfacbench report` command recorded in each report's "
+        "summary.md header (every folder of reports/ by default; run from the repository root). "
+        "With --check, build each into a temporary folder and compare its summary.md with the "
+        "committed one byte for byte; exit 1 when one differs (CI runs this).",
+    )
+    reb.add_argument(
+        "reports", type=Path, nargs="*", metavar="REPORT_DIR", help="default: reports/*/"
+    )
+    reb.add_argument(
+        "--check", action="store_true", help="compare with the committed summary.md, write nothing"
+    )
+    reb.set_defaults(func=cmd_rebuild)
 
     cmp = sub.add_parser(
         "compare",

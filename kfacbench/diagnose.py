@@ -57,7 +57,7 @@ from kfacbench.optim.curvature import (
 )
 from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
-from kfacbench.optim.skfac import factor_rows
+from kfacbench.optim.skfac import factor_rows, pi_split
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
 from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
 from kfacbench.store import atomic_write_parquet
@@ -694,15 +694,23 @@ def skfac_direction(
     samples: int = 4,
 ) -> list[Tensor]:
     """Δ = −(Ā_δ ⊗ G_δ)⁻¹∇h with SKFAC's rank-r factors of this batch (Tang et al. 2021: rows
-    reduced over conv positions by ``reduction``, Woodbury inverses, √λ on each factor)."""
+    reduced over conv positions by ``reduction``, Woodbury inverses).
+
+    Damped at K-FAC's effective damping: λ split over the factors by π (:func:`pi_split`, the
+    rule of :func:`kfac_direction`), not SKFAC's official √λ each. Under reduce-sum Ā is |T|²
+    times K-FAC's Ā, so √λ each would damp it |T|² times less than K-FAC is damped, and the
+    comparison would measure the damping's scale, not the factors' quality."""
     stats = _layer_statistics(problem, layers, x, y, fisher, generator, as_rows=False)
     rows: list[Tensor] = []
+    dampings: list[Tensor] = []
     for layer, (raw, g) in zip(layers, stats, strict=True):
-        rows += factor_rows(
+        ra, rg = factor_rows(
             layer, raw, g, reduction=reduction, samples=samples, generator=generator
         )
-    root = torch.tensor(math.sqrt(damping), dtype=rows[0].dtype, device=rows[0].device)
-    inverses = damped_inverses(rows, [root] * len(rows))
+        root = torch.tensor(math.sqrt(damping), dtype=ra.dtype, device=ra.device)
+        rows += [ra, rg]
+        dampings += pi_split(ra, rg, root)
+    inverses = damped_inverses(rows, dampings)
     mats, rest = _layer_matrices(layers, grad)
     natural = [kronecker_apply(inverses[2 * k + 1], inverses[2 * k], v) for k, v in enumerate(mats)]
     return _descent(layers, natural, rest)

@@ -309,9 +309,10 @@ def test_bad_diagnose_arguments_are_one_line_and_create_nothing(
     assert not out.exists()
 
 
-def test_skfac_direction_is_kfac_with_root_damping_per_factor_on_linear_layers() -> None:
-    """On Linear layers SKFAC's rows give K-FAC's factors exactly (RᵀR = Ā, G), and it damps
-    each with √λ (no π): the same direction as dense solves with those factors."""
+def test_skfac_direction_is_kfac_with_factored_damping_on_linear_layers() -> None:
+    """On Linear layers SKFAC's rows give K-FAC's factors exactly (RᵀR = Ā, G), and the
+    diagnostics damp them as K-FAC does (π√λ on Ā, √λ/π on G: matched effective damping): the
+    same direction as dense solves with those factors and dampings."""
     problem, x, y = tiny("bernoulli", (3, 8, 4))  # 6 rows < 9 inputs: a Woodbury inverse
     layers, params = parameters_of(problem.model)
     grad = FisherProducts(problem, params, x, y).gradient()
@@ -325,7 +326,8 @@ def test_skfac_direction_is_kfac_with_root_damping_per_factor_on_linear_layers()
         v = grad_matrix(layer, grad[i : i + n])
         i += n
         root = 0.3**0.5
-        nat = torch.linalg.solve(g + root * torch.eye(g.shape[0]), v)
-        nat = torch.linalg.solve(a + root * torch.eye(a.shape[0]), nat.T).T
+        pi = ((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0])).sqrt()
+        nat = torch.linalg.solve(g + root / pi * torch.eye(g.shape[0]), v)
+        nat = torch.linalg.solve(a + pi * root * torch.eye(a.shape[0]), nat.T).T
         expected += [-t for t in split_matrix(layer, nat)]
     torch.testing.assert_close(flat(got), flat(expected))

@@ -102,14 +102,14 @@ def test_an_import_failure_names_the_module(
     real = importlib.import_module
 
     def broken(name: str, package: str | None = None) -> Any:
-        if name == "kfacbench.claims":
+        if name == "kfacbench.report.claims":
             raise ImportError("no module named 'nothing'")
         return real(name, package)
 
     monkeypatch.setattr(doctor.importlib, "import_module", broken)
     (result,) = checks(tmp_path, "environment: kfacbench modules import")
     assert result.status == "fail"
-    assert "kfacbench.claims (ImportError: no module named 'nothing')" in result.detail
+    assert "kfacbench.report.claims (ImportError: no module named 'nothing')" in result.detail
 
 
 def test_the_environment_check_writes_env_json(tmp_path: Path) -> None:

@@ -162,6 +162,17 @@ def sample_positions(m: int, positions: int, s: int, generator: torch.Generator)
     return keys.topk(min(s, positions), dim=1).indices
 
 
+def pi_split(ra: Tensor, rg: Tensor, root: Tensor) -> list[Tensor]:
+    """The dampings [π√λ, √λ/π] of Ā = R_AᵀR_A and G = R_GᵀR_G (K-FAC §6.3's factored damping),
+    π² = (tr Ā/d_A)/(tr G/d_G): each factor is damped relative to its own scale, so the damping
+    means the same whatever the reduction's scale (under ``"sum"`` Ā grows with |T|²)."""
+    pi = torch.sqrt(
+        (ra.square().sum() / ra.shape[1]).clamp_min(1e-12)
+        / (rg.square().sum() / rg.shape[1]).clamp_min(1e-12)
+    )
+    return [pi * root, root / pi]
+
+
 def factor_rows(
     layer: Layer,
     x: Tensor,
@@ -522,14 +533,7 @@ class SKFAC:
             c.rank = sum(ra.shape[0] for ra, _ in c.history)
         for c in owned:
             ra, rg = self._averaged_rows(c)
-            if self.damping_split == "pi":
-                pi = torch.sqrt(
-                    (ra.square().sum() / ra.shape[1]).clamp_min(1e-12)
-                    / (rg.square().sum() / rg.shape[1]).clamp_min(1e-12)
-                )
-                dampings += [pi * root, root / pi]
-            else:
-                dampings += [root, root]
+            dampings += pi_split(ra, rg, root) if self.damping_split == "pi" else [root, root]
             rows += [ra, rg]
             # Each side is applied to the (out, in) gradient matrix, the other side's dimension.
             d_a, d_g = c.layer.in_dim, c.layer.out_dim

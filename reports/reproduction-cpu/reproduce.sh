@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# Reproduces reports/reproduction-cpu/ on a 2-core CPU in about an hour:
-#   bash reports/reproduction-cpu/reproduce.sh [DATA_DIR] [OUT_ROOT]
-# DATA_DIR holds olivetti/olivettifaces.mat (FACES) and, where you have them, mnist/ and
-# fashion_mnist/ IDX files (Fashion-MNIST is also found in Debian's dataset-fashion-mnist
-# package); CURVES is generated. Cells whose files are missing are recorded as errors, and the
-# claims table says "not run" with the reason.
-set -uo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-data="${1:-${KFACBENCH_DATA:-$here/../../../shared/data}}"
-out="${2:-results/runs}"
-suite="$here/../../suites/reproduction_cpu.toml"
+# Re-measures reports/reproduction-cpu/ on a 2-core CPU, alone (about 70 min for the suite and
+# 25 min for the diagnostics), from the repository root, at a clean commit:
+#   bash reports/reproduction-cpu/reproduce.sh MACHINE [DATA_DIR]
+# MACHINE names the folder the runs are published in, results/cpu/MACHINE/<today>/ (e.g.
+# amd-epyc). DATA_DIR (relative, default ../shared/data) holds olivetti/olivettifaces.mat
+# (FACES); Fashion-MNIST is found in Debian's dataset-fashion-mnist package; CURVES is
+# generated. Commit the new run folders, then the report: its header records the command that
+# rebuilds it from them (`kfacbench rebuild reports/reproduction-cpu`).
+set -euo pipefail
+machine="${1:?usage: reproduce.sh MACHINE [DATA_DIR]}"
+data="${2:-../shared/data}"
+out="results/cpu/$machine/$(date -u +%F)"
+suite="suites/reproduction_cpu.toml"
+[ -z "$(git status --porcelain --untracked-files=no)" ] || {
+    echo "reproduce.sh: the tree has uncommitted changes; a published run needs a clean commit" >&2
+    exit 2
+}
 
-# 1. The timed cells (exit 1 when a cell ended in error, e.g. MNIST's missing training files).
+latest() { ls -d "$1"/*/ | sort | tail -n 1 | sed 's:/$::'; }
+
+# 1. The timed cells: every cell stops at the target or at its budget.
 kfacbench run "$suite" --data-dir "$data" --out "$out"
-rc=$?
-[ $rc -le 1 ] || exit $rc
-run="$(ls -d "$out"/reproduction_cpu/*/ | sort | tail -n 1)"
+run="$(latest "$out/reproduction_cpu")"
 
-# 2. Curvature diagnostics along the paper preset's CURVES run and ResNet-20's K-FAC run
-#    (each trained again to its checkpoints: the same core, seed and data as in step 1).
+# 2. Curvature diagnostics along the paper preset's CURVES cells and ResNet-20's K-FAC cells,
+#    3 seeds each (each trained again to its checkpoints: the same core, seeds and data).
 diags=()
-for only in "curves_ae kfac bs=500 inv=20 seed=0" "fashion_mnist_resnet20 kfac-fast bs=128 inv=10 seed=0"; do
-    kfacbench diagnose "$suite" --only "$only" --data-dir "$data" --out "$out/diagnose" || exit $?
-    diags+=("$(ls -d "$out"/diagnose/reproduction_cpu/*/ | sort | tail -n 1)")
+for only in "curves_ae kfac bs=500 inv=20 seed=*" "fashion_mnist_resnet20 kfac-fast bs=128 inv=10 seed=*"; do
+    kfacbench diagnose "$suite" --only "$only" --data-dir "$data" --out "$out/diagnose"
+    diags+=("$(latest "$out/diagnose/reproduction_cpu")")
 done
 
 # 3. The report, opened by the claims table.
-kfacbench report "$run" "${diags[@]}" --claims -o "$here"
+kfacbench report "$run" "${diags[@]}" --claims -o reports/reproduction-cpu

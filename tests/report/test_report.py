@@ -23,23 +23,26 @@ from test_diagnose import SUITE as DIAGNOSE_SUITE
 from test_diagnose import tiny_workload
 
 from kfacbench import cli
-from kfacbench.report import (
+from kfacbench.report.data import ReportData, load_runs
+from kfacbench.report.figures import DIVERGE_FACTOR, build_figures, clip_diverged
+from kfacbench.report.plotting import (
     Figures,
-    ReportData,
-    _median_band,
-    build_figures,
-    busy_warnings,
     fit_titles,
-    load_runs,
+    median_band,
     optimizer_colors,
+    short_labels,
+    title_texts,
+    wants_log_axis,
+)
+from kfacbench.report.tables import (
+    busy_warnings,
+    errored_workloads,
+    not_races,
     peer_table,
     performance_profile,
-    short_labels,
     step_time_table,
     time_to_target_display,
     time_to_target_table,
-    title_texts,
-    wants_log_axis,
 )
 from kfacbench.workloads import WORKLOADS
 
@@ -121,7 +124,7 @@ def test_html_is_self_contained(report: Path) -> None:
 def test_markdown_summary(report: Path) -> None:
     md = (report / "summary.md").read_text()
     assert md.startswith("# kfacbench report: r")
-    assert "| workload | optimizer | setting |" in md
+    assert "| suite | workload | setting | seeds | amortized_ms |" in md  # the step cost
     for png in report.glob("*.png"):
         assert f"]({png.name})" in md
 
@@ -141,10 +144,12 @@ def test_time_to_target_and_performance_profile_by_hand() -> None:
             "status": ["ok"] * 6,
             "time_to_target_s": [10.0, 20.0, 5.0, 8.0, float("nan"), 16.0],
             "train_time_s": [30.0] * 6,
+            "steps": [300] * 6,
             "median_step_ms": [1.0] * 6,
         }
     )
     table = time_to_target_table(cells).set_index(["workload", "setting"])
+    assert (table["amortized_ms"] == 100.0).all()  # 30 s / 300 steps
     assert table.loc[("w1", "k"), "speedup_vs_best_sgd"] == pytest.approx(2.0)
     assert table.loc[("w2", "k"), "speedup_vs_best_sgd"] == pytest.approx(0.5)
     profile = performance_profile(table.reset_index())
@@ -303,7 +308,7 @@ def test_loss_bands_cover_only_the_logged_range() -> None:
         pd.DataFrame({"step": [20, 40, 60], "train_loss": [3.0, 2.0, 1.0]}),
         pd.DataFrame({"step": [10, 30, 50], "train_loss": [4.0, 2.0, 0.0]}),
     ]
-    grid, med, low, high = _median_band(runs, "step")
+    grid, med, low, high = median_band(runs, "step")
     assert grid[0] == 20 and grid[-1] == 50  # where both seeds have points
     assert low[0] == pytest.approx(3.0) and high[0] == pytest.approx(3.0)  # 4 - 2·(10/20)
     assert med[-1] == pytest.approx(0.75)  # the median of 1.5 and 0
@@ -476,8 +481,10 @@ def test_time_to_target_figure_shows_every_setting(only_kfac: Figures) -> None:
     assert "55.5 s: > 2.04× SGD (SGD: not reached in 113 s)" in notes
     assert "diverged after 6.00 s" in notes
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
-    for text in ax.texts:  # every note ends inside its axes
-        assert text.get_window_extent(renderer).x1 <= ax.bbox.x1 + 1
+    for text in ax.texts:  # every note lies inside its axes
+        box = text.get_window_extent(renderer)
+        assert ax.bbox.x0 - 1 <= box.x0 and box.x1 <= ax.bbox.x1 + 1
+    assert ax.get_xlim()[1] < 1.6 * 113.0  # the axis ends near the longest bar
 
 
 def test_an_optimizer_has_one_colour_in_every_figure(only_kfac: Figures) -> None:
@@ -584,8 +591,10 @@ def test_documents_say_what_was_left_out_and_print_no_nan(report: Path) -> None:
     page = (report / "index.html").read_text()
     why = "performance profile: needs at least 2 workloads with a target reached; this report has"
     assert why in md and why in page
-    ttt_md = md.split("## Time to target")[1].split("## Step cost")[0]
-    assert "nan" not in ttt_md.lower() and "| time to target | speed-up vs best SGD |" in ttt_md
+    # 40 steps of CURVES reach no target: no race is drawn, and the report says why.
+    ttt_md = md.split("## Time to target")[1].split("## ")[0]
+    assert "not drawn for curves_ae: timing-only run (no setting reached the target)" in ttt_md
+    assert "| time to target |" not in md and " nan " not in md.lower()
     assert "1 workloads" not in md and "1 workloads" not in page
 
 
@@ -653,7 +662,9 @@ def test_diagnostic_figures_beside_timed_runs(diagnosed: tuple[Path, Path]) -> N
     figs = build_figures(data)
     try:
         names = {n for n, _, _ in figs.drawn}
-        assert {"loss_tiny_ae", "time_to_target", "diagnostics_quality_dg"} <= names
+        assert {"loss_tiny_ae", "phases", "diagnostics_quality_dg"} <= names
+        # A few steps reach no target: a timing-only run, no race drawn.
+        assert "time_to_target" not in names and "time to target of tiny_ae" in dict(figs.omitted)
         for name, fig, _ in figs.drawn:
             assert title_overflow(fig) == [], name
         colors = optimizer_colors(["sgd", "kfac-fast"])
@@ -715,7 +726,9 @@ def test_claims_open_the_report(diagnosed: tuple[Path, Path], tmp_path: Path) ->
     md = (dest / "summary.md").read_text()
     lines = md.splitlines()
     assert lines[0].startswith("# kfacbench report")
-    assert lines[2].startswith("## The papers' claims")
+    assert lines[2].startswith("Rebuild: `kfacbench report ")  # the header: how to make it again
+    assert md.index("## The papers' claims") < md.index("## Runs") < md.index("## Figures")
+    assert "- reproduced: at least 3 seeds" in md  # the rules under the table
     assert "| paper | claim | measured | verdict | why |" in md
     assert "| not run | no SKFAC and K-FAC cells |" in md
     assert "curves_ae: K-FAC reaches the target" in md  # the tiny run has no autoencoder: not run
@@ -723,7 +736,7 @@ def test_claims_open_the_report(diagnosed: tuple[Path, Path], tmp_path: Path) ->
     assert page.index("The papers' claims") < page.index("Figures")
     plain = tmp_path / "plain"
     assert cli.main(["report", *map(str, diagnosed), "-o", str(plain)]) == 0
-    assert "claims" not in (plain / "summary.md").read_text()
+    assert "## The papers' claims" not in (plain / "summary.md").read_text()
 
 
 def test_loss_legend_sits_below_the_axes_without_the_shared_parts(only_kfac: Figures) -> None:
@@ -759,3 +772,43 @@ def test_the_eval_interval_of_a_reached_target_is_shown() -> None:
         assert (44.0, 55.5) in [tuple(line.get_xdata()) for line in ax.get_lines()]
     finally:
         figs.close()
+
+
+def test_a_diverged_curve_is_clipped_at_the_divergence_bound_and_marked() -> None:
+    cells = [*ONLY_KFAC[:2], cell("sgd bs=100 lr=1", "sgd", 100, 20.0, status="diverged")]
+    run = synthetic(cells)
+    blown = run.curves["cell_id"] == "c2"
+    run.curves.loc[blown, "train_loss"] = np.geomspace(1.0, 1e6, int(blown.sum()))
+    run.curves.loc[blown & (run.curves["step"] == run.curves["step"].max()), "train_loss"] = np.inf
+    clipped = clip_diverged(run.curves.merge(run.cells[["cell_id", "status"]], on="cell_id"))
+    mine = clipped[clipped["cell_id"] == "c2"]["train_loss"]
+    assert mine.max() == pytest.approx(DIVERGE_FACTOR * 1.0) and np.isfinite(mine).all()
+    others = clipped[clipped["cell_id"] != "c2"]
+    assert others["train_loss"].equals(run.curves.loc[~blown, "train_loss"].reset_index(drop=True))
+    figs = build_figures(run)
+    fig = drawn(figs, "loss_curves_ae")
+    assert fig.axes[0].get_ylim()[1] < 1e3  # the axis ends near the data, not at 1e6
+    assert fig.get_suptitle().endswith("✕: diverged, drawn at the divergence bound)")
+    markers = [line for line in fig.axes[0].lines if line.get_marker() == "X"]
+    assert len(markers) == 1
+    figs.close()
+
+
+def test_races_and_the_performance_profile_leave_out_what_cannot_be_ranked() -> None:
+    cells = [
+        *ONLY_KFAC,
+        cell("sgd bs=100", "sgd", 100, 50.0, workload="faces_ae"),
+        cell("kfac bs=100", "kfac", 100, 50.0, workload="faces_ae"),
+        cell("sgd bs=100", "sgd", 100, 50.0, ttt=20.0, workload="mnist_ae"),
+        cell("kfac bs=100", "kfac", 100, 1.0, status="error", workload="mnist_ae"),
+    ]
+    run = synthetic(cells)
+    assert not_races(run.cells) == {"faces_ae": "timing-only run (no setting reached the target)"}
+    assert errored_workloads(run.cells) == {"mnist_ae"}
+    run.cells.loc[run.cells["workload"] == "curves_ae", "data_mode"] = "synthetic"
+    assert not_races(run.cells)["curves_ae"] == "timing-only run (synthetic data)"
+    figs = build_figures(run)
+    omitted = dict(figs.omitted)
+    assert omitted["time to target of curves_ae, faces_ae"].startswith("timing-only run")
+    assert "ended in an error" in omitted["the performance profile's mnist_ae"]
+    figs.close()
