@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from shared_suites import PROFILED
 
-from kfacbench import cli, compare, regress, report
+from kfacbench import cli, compare, regress
 from kfacbench.diagnose import diagnostics_frame
 from kfacbench.errors import RunDirError
 from kfacbench.profiling import kernels_frame
+from kfacbench.report import data as report_data
 from kfacbench.rundir import load_tables, read_env, read_table
 from kfacbench.store import atomic_write_parquet
 
@@ -41,7 +42,7 @@ _COMPARED = compare.required_columns("amortized")  # compare's default metric
 READS: dict[str, Mapping[str, Sequence[str]]] = {
     "show": cli.SHOW_TABLES,
     "show --kernels": {"kernels": cli.SHOW_KERNELS},
-    "report": report.REQUIRED,
+    "report": report_data.REQUIRED,
     "compare BASE": _COMPARED,
     "compare NEW": _COMPARED,
     "regress": regress.REQUIRED,

@@ -20,6 +20,7 @@ from kfacbench.diagnose_dense import read_heatmaps
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import plural
 from kfacbench.report.plotting import Figures
+from kfacbench.store import settings_of
 
 MAX_DIAGNOSED_CELLS = 8
 """Cells of a report given their own curvature figures (quality, dense heatmaps, rank), at most:
@@ -58,10 +59,23 @@ def approximation_style(name: str, optimizer: str, colors: dict[str, Any]) -> tu
     return colors.get(owner, "0.45"), style
 
 
-def _diagnosed(table: pd.DataFrame, figs: Figures, what: str) -> list[tuple[str, str, str]]:
+def _diagnosed(
+    table: pd.DataFrame, figs: Figures, what: str, one_seed: bool = False
+) -> list[tuple[str, str, str]]:
     """``(cell id, label, optimizer)`` of the cells of ``table`` to draw, the first
-    :data:`MAX_DIAGNOSED_CELLS` by label, with the others listed as not drawn."""
+    :data:`MAX_DIAGNOSED_CELLS` by label, with the others listed as not drawn. ``one_seed``:
+    only the first seed of each setting (its other seeds' figures would look the same; their
+    numbers are in the quality figure and ``diagnostics.parquet``)."""
     cells = table.drop_duplicates("cell_id").sort_values("label")
+    if one_seed:
+        first = cells.assign(setting=settings_of(cells["label"].astype(str)))
+        first = first.drop_duplicates("setting")
+        if len(first) < len(cells):
+            figs.omit(
+                f"{what} of {plural(len(cells) - len(first), 'more seed')}",
+                "one seed per setting is drawn; the other seeds' errors are in diagnostics.parquet",
+            )
+        cells = first
     if len(cells) > MAX_DIAGNOSED_CELLS:
         figs.omit(
             f"{what} of {plural(len(cells) - MAX_DIAGNOSED_CELLS, 'more cell')}",
@@ -182,7 +196,7 @@ def dense_figures(data: ReportData, figs: Figures) -> None:
         return
     base = matplotlib.colormaps["magma_r"]
     cmap = base.with_extremes(bad=base(0.0))  # exact zeros (blocks left out) as the smallest
-    for cell_id, label, _ in _diagnosed(dense, figs, "dense heatmaps"):
+    for cell_id, label, _ in _diagnosed(dense, figs, "dense heatmaps", one_seed=True):
         rows = dense[dense["cell_id"] == cell_id]
         step = int(rows["step"].max())
         path = data.heatmaps.get((cell_id, step))
@@ -247,7 +261,7 @@ def rank_figures(diag: pd.DataFrame, figs: Figures) -> None:
     if ranked.empty:
         figs.omit("SKFAC's error against rank", "not measured in these runs (--no-rank)")
         return
-    for cell_id, label, _ in _diagnosed(ranked, figs, "SKFAC's error against rank"):
+    for cell_id, label, _ in _diagnosed(ranked, figs, "SKFAC's error against rank", one_seed=True):
         rows = ranked[ranked["cell_id"] == cell_id]
         step = int(rows["step"].max())
         rows = rows[rows["step"] == step]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import html
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,13 +79,20 @@ NO_TIMED_RUN = (
 UNPUBLISHABLE = "Not publishable as it is"
 
 
+def _cell(value: object) -> str:
+    """A table cell as text: 4 significant digits, "-" where there is no number."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "-"
+    return str(value)
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(none)\n"
     cols = list(frame.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in frame.itertuples(index=False):
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        cells = [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -208,6 +217,7 @@ FIGURE = Template(
     '<figure><img alt="$name" src="data:image/png;base64,$data">'
     "<figcaption>$caption ($name.png)</figcaption></figure>\n"
 )
+INLINE_CODE = re.compile(r"`([^`]+)`")
 DETAILS = Template("<details><summary>$summary</summary><pre>$text</pre></details>\n")
 
 
@@ -215,8 +225,8 @@ def html_page(title: str, parts: Sequence[Section], folder: Path) -> str:
     """``index.html``: the same sections as one self-contained page (figures embedded from
     ``folder`` as data URIs: no network needed)."""
 
-    def esc(text: str) -> str:  # text between tags: quotes stay as they are
-        return html.escape(text, quote=False)
+    def esc(text: str) -> str:  # text between tags: quotes stay, `code` as in the Markdown
+        return INLINE_CODE.sub(r"<code>\1</code>", html.escape(text, quote=False))
 
     rendered = []
     for part in parts:
@@ -225,7 +235,8 @@ def html_page(title: str, parts: Sequence[Section], folder: Path) -> str:
             table = part.table.to_html(
                 index=False,
                 classes=part.table_class or None,
-                float_format=lambda v: f"{v:.4g}",
+                float_format=_cell,
+                na_rep="-",
             )
         rendered.append(
             SECTION.substitute(

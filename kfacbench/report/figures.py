@@ -48,6 +48,7 @@ from kfacbench.report.tables import (
     time_to_target_table,
     time_to_target_text,
 )
+from kfacbench.rundir import amortized_step_ms
 
 _WIDTH = re.compile(r"^wide_ae_(\d+)$")
 
@@ -56,15 +57,24 @@ DIVERGE_FACTOR = LoopConfig.diverge_factor
 """The loop's divergence bound, as a multiple of a cell's first loss."""
 
 
+INITIAL_LOSS = re.compile(r"× the initial loss ([-+0-9.eE]+)")
+"""The loop's divergence message names the loss it compared against (the first step's)."""
+
+
 def clip_diverged(curves: pd.DataFrame) -> pd.DataFrame:
-    """Losses of diverged cells clipped at the divergence bound (``DIVERGE_FACTOR`` × the cell's
-    first logged loss): a loss of 1e6 would otherwise set the axis, and every converging curve
-    would lie flat at its bottom."""
+    """Losses of diverged cells clipped at their divergence bound (``DIVERGE_FACTOR`` × the
+    initial loss their ``error`` names, else × their first logged loss): a loss of 1e6 would
+    otherwise set the axis, and every converging curve would lie flat at its bottom."""
     diverged = curves["status"] == "diverged"
     if not diverged.any():
         return curves
     first = curves.sort_values("step").groupby("cell_id")["train_loss"].transform("first")
-    bound = DIVERGE_FACTOR * first.reindex(curves.index)
+    named = (
+        curves["error"].astype(str).str.extract(INITIAL_LOSS, expand=False).astype(float)
+        if "error" in curves
+        else pd.Series(np.nan, index=curves.index)
+    )
+    bound = DIVERGE_FACTOR * named.fillna(first.reindex(curves.index))
     clipped = curves["train_loss"].where(~diverged | (curves["train_loss"] <= bound), bound)
     return curves.assign(train_loss=clipped.where(np.isfinite(clipped), bound))
 
@@ -76,7 +86,11 @@ def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> Non
     ranks = setting_order(data.cells)
     curves = clip_diverged(
         data.curves.dropna(subset=["train_loss"]).merge(
-            data.cells[["cell_id", "workload", "optimizer", "setting", "status"]], on="cell_id"
+            data.cells[
+                ["cell_id", "workload", "optimizer", "setting", "status"]
+                + (["error"] if "error" in data.cells else [])
+            ],
+            on="cell_id",
         )
     )
     if curves.empty:
@@ -305,12 +319,18 @@ _SCALING_AXES = (
 
 
 def scaling_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> None:
-    """Step time vs each swept axis (batch size, inversion interval, width)."""
+    """Amortized step time (training time / steps, refreshes included) vs each swept axis
+    (batch size, inversion interval, width): the median step would hide exactly what a longer
+    inversion interval saves."""
     cells = data.cells[data.cells["status"] == "ok"].copy()
+    cells["amortized_ms"] = amortized_step_ms(cells)
     cells["width"] = cells["workload"].map(
         lambda w: int(m.group(1)) if (m := _WIDTH.match(w)) else math.nan
     )
     cells["family"] = cells["workload"].map(lambda w: "wide_ae" if _WIDTH.match(w) else w)
+    if cells["suite"].nunique() > 1:  # a line joins cells of one suite only: like with like
+        for column in ("workload", "family"):
+            cells[column] = cells[column].astype(str) + " (" + cells["suite"].astype(str) + ")"
     for axis, name, xlabel, facet in _SCALING_AXES:
         swept = cells.dropna(subset=[axis])
         varied = swept.groupby(facet)[axis].nunique()
@@ -327,7 +347,7 @@ def scaling_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> 
         grid = sns.relplot(
             swept,
             x=axis,
-            y="median_step_ms",
+            y="amortized_ms",
             hue="optimizer",
             hue_order=[o for o in colors if o in set(swept["optimizer"])],
             palette={k: v for k, v in colors.items() if k in set(swept["optimizer"])},
@@ -351,16 +371,17 @@ def scaling_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> 
         for ax in grid.axes.flat:  # short axes: labels at 1, 2, 3 and 5 per decade
             plain_log_ticks(ax.yaxis, (1.0, 2.0, 3.0, 5.0))
         grid.set_titles("{col_name}")
-        grid.set_axis_labels(f"{xlabel}, log scale", "median step time (ms), log scale")
+        grid.set_axis_labels(f"{xlabel}, log scale", "ms / step (amortized), log scale")
         grid.figure.suptitle(
-            f"Step time vs {name}\n(median over each optimizer's other settings)",
+            f"Amortized step time vs {name}\n(median over each optimizer's other settings)",
             y=1.02,
             va="bottom",
         )
         figs.add(
             f"scaling_{axis}",
             grid.figure,
-            f"Median step time vs {name}, per optimizer (a point per {name} it ran at).",
+            f"Amortized step time (training time / steps, refreshes included) vs {name}, per "
+            f"optimizer (a point per {name} it ran at), one panel per workload and suite.",
         )
 
 

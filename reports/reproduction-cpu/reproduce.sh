@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-measures reports/reproduction-cpu/ on a 2-core CPU, alone (about 70 min for the suite and
-# 25 min for the diagnostics), from the repository root, at a clean commit:
+# Re-measures reports/reproduction-cpu/ on a 2-core CPU, alone (about 75 min for the suite and
+# 20 min for the diagnostics), from the repository root, at a clean commit:
 #   bash reports/reproduction-cpu/reproduce.sh MACHINE [DATA_DIR]
 # MACHINE names the folder the runs are published in, results/cpu/MACHINE/<today>/ (e.g.
 # amd-epyc). DATA_DIR (relative, default ../shared/data) holds olivetti/olivettifaces.mat

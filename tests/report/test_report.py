@@ -783,6 +783,13 @@ def test_a_diverged_curve_is_clipped_at_the_divergence_bound_and_marked() -> Non
     clipped = clip_diverged(run.curves.merge(run.cells[["cell_id", "status"]], on="cell_id"))
     mine = clipped[clipped["cell_id"] == "c2"]["train_loss"]
     assert mine.max() == pytest.approx(DIVERGE_FACTOR * 1.0) and np.isfinite(mine).all()
+    # The loop's message names the loss it compared against: that sets the bound.
+    run.cells["error"] = ""
+    run.cells.loc[run.cells["cell_id"] == "c2", "error"] = (
+        "train_loss 1e+06 at step 30 exceeds diverge_factor 10 × the initial loss 2.5"
+    )
+    named = clip_diverged(run.curves.merge(run.cells[["cell_id", "status", "error"]]))
+    assert named[named["cell_id"] == "c2"]["train_loss"].max() == pytest.approx(25.0)
     others = clipped[clipped["cell_id"] != "c2"]
     assert others["train_loss"].equals(run.curves.loc[~blown, "train_loss"].reset_index(drop=True))
     figs = build_figures(run)
