@@ -70,6 +70,16 @@ def provenance(run_dir: Path, env: dict[str, Any] | None) -> Provenance:
     return Provenance(shown, command, commit, note=note, problems=problems)
 
 
+def setting_names(cells: pd.DataFrame) -> pd.Series:
+    """Each cell's setting: its label without the seed, and, when the cells come from several
+    suites, the suite's name after it. The seeds of one setting in one suite are its replicates;
+    the same label in two suites is two settings (their min-max band is not a seed spread)."""
+    names = settings_of(cells["label"].astype(str))
+    if "suite" in cells and cells["suite"].nunique() > 1:
+        names = names + " [" + cells["suite"].astype(str) + "]"
+    return names
+
+
 @dataclass
 class ReportData:
     """The concatenated tables of the runs in a report."""
@@ -156,7 +166,7 @@ def load_runs(run_dirs: Sequence[Path]) -> ReportData:
     for name in timed:  # a diagnostics-only report: empty timing tables with their columns
         parts[name] = parts[name] or [pd.DataFrame(columns=list(REQUIRED[name]))]
     cells = pd.concat(parts["cells"], ignore_index=True).drop_duplicates("cell_id", keep="last")
-    cells["setting"] = settings_of(cells["label"].astype(str))
+    cells["setting"] = setting_names(cells)
     kernels = pd.concat(parts["kernels"], ignore_index=True) if parts["kernels"] else None
     diagnostics = None
     if parts["diagnostics"]:

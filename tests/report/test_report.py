@@ -23,7 +23,7 @@ from test_diagnose import SUITE as DIAGNOSE_SUITE
 from test_diagnose import tiny_workload
 
 from kfacbench import cli
-from kfacbench.report.data import ReportData, load_runs
+from kfacbench.report.data import ReportData, load_runs, setting_names
 from kfacbench.report.figures import DIVERGE_FACTOR, build_figures, clip_diverged
 from kfacbench.report.plotting import (
     Figures,
@@ -819,3 +819,15 @@ def test_races_and_the_performance_profile_leave_out_what_cannot_be_ranked() -> 
     assert omitted["time to target of curves_ae, faces_ae"].startswith("timing-only run")
     assert "ended in an error" in omitted["the performance profile's mnist_ae"]
     figs.close()
+
+
+def test_the_same_label_in_two_suites_is_two_settings_not_two_seeds() -> None:
+    cells = pd.DataFrame(
+        {
+            "label": ["w sgd bs=1 seed=0", "w sgd bs=1 seed=1", "w sgd bs=1 seed=0"],
+            "suite": ["a", "a", "b"],
+        }
+    )
+    assert list(setting_names(cells)) == ["w sgd bs=1 [a]", "w sgd bs=1 [a]", "w sgd bs=1 [b]"]
+    one = cells[cells["suite"] == "a"]
+    assert list(setting_names(one)) == ["w sgd bs=1", "w sgd bs=1"]  # one suite: no suffix
