@@ -62,9 +62,9 @@ from kfacbench.regress import (
     read_baseline,
     write_baseline,
 )
-from kfacbench.rundir import load_tables, read_table
+from kfacbench.rundir import load_tables, read_manifest, read_table
 from kfacbench.runner import RunOptions, one_line, record_failure, resolve_device, run_cells
-from kfacbench.store import RunStore, environment, fresh_dir, new_manifest, read_manifest
+from kfacbench.store import RunStore, environment, fresh_dir, new_manifest
 from kfacbench.suite import DEVICE, Cell, ProfileWindow, Suite, load_suite
 from kfacbench.summary import rich_summary, time_shares
 from kfacbench.workloads import WORKLOADS

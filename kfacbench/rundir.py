@@ -175,6 +175,24 @@ def load_tables(
     return tables
 
 
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        RunDirError: the file is unreadable, not JSON, or not a JSON object (``what`` says what
+            it should hold).
+    """
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(
+            f"{path}: not readable JSON (truncated or corrupted: {_reason(exc)})"
+        ) from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: not a JSON object of {what} ({_DAMAGED})")
+    return value
+
+
 def read_env(run_dir: Path) -> dict[str, Any]:
     """The run's ``env.json`` (device, versions, host: see :func:`kfacbench.store.environment`).
 
@@ -184,15 +202,19 @@ def read_env(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "env.json"
     if not path.is_file():
         raise RunDirError(f"{path}: missing (not a kfacbench run directory?)")
-    try:
-        env = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise RunDirError(
-            f"{path}: not readable JSON (truncated or corrupted: {_reason(exc)})"
-        ) from None
-    if not isinstance(env, dict):
-        raise RunDirError(f"{path}: not a JSON object of environment facts ({_DAMAGED})")
-    return env
+    return _read_json_object(path, "environment facts")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A run's ``manifest.json`` (:func:`kfacbench.store.new_manifest`).
+
+    Raises:
+        RunDirError: the file is unreadable, not a JSON object, or has no ``command``.
+    """
+    manifest = _read_json_object(path, "the command, commit and machine of a run")
+    if "command" not in manifest:
+        raise RunDirError(f"{path}: not a kfacbench manifest (no 'command' key)")
+    return manifest
 
 
 def amortized_step_ms(cells: pd.DataFrame) -> pd.Series:

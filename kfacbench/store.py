@@ -343,17 +343,6 @@ def new_manifest(command: str, env: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A run's ``manifest.json``; a damaged one is an error naming the file."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KfacbenchError(f"{path}: not a readable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or "command" not in manifest:
-        raise KfacbenchError(f"{path}: not a kfacbench manifest (no 'command' key)")
-    return manifest
-
-
 def device_name(device: torch.device) -> str:
     """A human name for the device (GPU model, or the CPU model from /proc/cpuinfo)."""
     if device.type == "cuda":

@@ -27,6 +27,7 @@ from kfacbench.report.format import seconds
 from kfacbench.report.tables import time_to_target_table
 from kfacbench.rundir import amortized_step_ms
 from kfacbench.store import settings_of
+from kfacbench.summary import REFRESH_PHASE
 from kfacbench.workloads import get_workload
 
 AUTOENCODERS = ("curves_ae", "mnist_ae", "faces_ae")
@@ -197,7 +198,7 @@ def grid_edges(best: str, grid: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------- K-FAC (Martens & Grosse 2015)
-def _best_sgd(t: pd.DataFrame, workload: str) -> Any:
+def _best_sgd(t: pd.DataFrame) -> Any:
     """The best SGD setting of a time-to-target table: soonest to the target on every seed, or,
     when none reached it, the best median final metric."""
     grid = t[t["optimizer"] == "sgd"]
@@ -223,7 +224,7 @@ def kfac_vs_sgd(data: ReportData) -> list[Claim]:
         sign = -1.0 if get_workload(workload).higher_is_better else 1.0
         t = t.assign(final=t["setting"].map(final).astype(float) * sign)
         kfac = t[t["optimizer"] == "kfac"].iloc[0]
-        best = _best_sgd(t, workload)
+        best = _best_sgd(t)
         best_cells = _ok(sgd_all[sgd_all["setting"] == best.setting])
         k_ttt = list(mine["time_to_target_s"].astype(float))
         s_ttt = list(best_cells["time_to_target_s"].astype(float))
@@ -307,7 +308,7 @@ def _ttt(row: Any, per_seed: Sequence[float]) -> str:
 def _refresh_share(data: ReportData, cells: pd.DataFrame) -> str:
     """The inverse phase of ``cells``: its time per refresh and its share of training time."""
     inverse = data.phases[
-        (data.phases["phase"] == "inverse") & data.phases["cell_id"].isin(cells["cell_id"])
+        (data.phases["phase"] == REFRESH_PHASE) & data.phases["cell_id"].isin(cells["cell_id"])
     ]
     if inverse.empty:
         return ""
@@ -530,7 +531,7 @@ def _ms(value: float) -> str:
 def _per_refresh(phases: pd.DataFrame, cells: pd.DataFrame) -> list[float]:
     """Per cell, the median ``inverse`` phase time: the phase runs only at refreshes, so its
     median is the time of one refresh."""
-    inverse = phases[phases["phase"] == "inverse"].set_index("cell_id")["median_ms"]
+    inverse = phases[phases["phase"] == REFRESH_PHASE].set_index("cell_id")["median_ms"]
     return [float(v) for v in inverse.reindex(cells["cell_id"]).dropna()]
 
 

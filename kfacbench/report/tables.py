@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from kfacbench.optim.peers import COUNTERPARTS
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import seconds
 from kfacbench.rundir import amortized_step_ms
+from kfacbench.store import settings_of
 
 TIMING_ONLY = "timing-only run"
 
@@ -335,11 +335,6 @@ the setting; the seeds of a setting are its replicates. Compiled cells are never
 peers run eager)."""
 
 
-def _setting_label(label: str) -> str:
-    """A cell's label without its seed: the name of its setting."""
-    return re.sub(r" seed=\S+$", "", label)
-
-
 def peer_table(data: ReportData) -> pd.DataFrame:
     """kfacbench's presets against the peers that implement the same method, paired on identical
     settings (:data:`PAIR_KEYS`, and equal values of every hyperparameter both name): the
@@ -350,7 +345,7 @@ def peer_table(data: ReportData) -> pd.DataFrame:
     if "compile" in ok:
         ok = ok[ok["compile"].fillna("off") == "off"]
     ok["amortized_ms"] = amortized_step_ms(ok)
-    ok["setting_label"] = ok["label"].map(_setting_label)
+    ok["setting_label"] = settings_of(ok["label"].astype(str))
     keys = [k for k in PAIR_KEYS if k in ok]
     per = ok.groupby([*keys, "optimizer", "setting_label", "hparams"], dropna=False).agg(
         amortized_ms=("amortized_ms", "median"),
