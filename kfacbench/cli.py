@@ -572,7 +572,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
     command = "kfacbench " + shlex.join(args.argv)
     claims = claims_table if args.claims else None
-    index = write_report(args.run_dirs, args.output, claims=claims, command=command)
+    index = write_report(
+        args.run_dirs, args.output, claims=claims, command=command, baseline=args.baseline
+    )
     console.print(f"report: {index} (and summary.md, PNG/SVG figures in {args.output})")
     return 0
 
@@ -619,12 +621,13 @@ def cmd_rebuild(args: argparse.Namespace, console: Console) -> int:
                 f"{report / 'summary.md'}: its command writes to {recorded.output}, not {report}"
             )
         claims = claims_table if recorded.claims else None
+        options = {"claims": claims, "command": command, "baseline": recorded.baseline}
         if not args.check:
-            write_report(recorded.run_dirs, report, claims=claims, command=command)
+            write_report(recorded.run_dirs, report, **options)
             console.print(f"rebuilt {report}")
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            write_report(recorded.run_dirs, Path(tmp), claims=claims, command=command)
+            write_report(recorded.run_dirs, Path(tmp), **options)
             new = (Path(tmp) / "summary.md").read_text(encoding="utf-8")
         old = (report / "summary.md").read_text(encoding="utf-8")
         if new == old:
@@ -1173,6 +1176,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="open the report with the K-FAC and SKFAC papers' claims, each set against what "
         "the runs measured, with a verdict (suites/reproduction_cpu.toml measures them all)",
+    )
+    rep.add_argument(
+        "--baseline",
+        default="sgd",
+        metavar="OPTIMIZER",
+        help="the optimizer every speed-up and step ratio divides by (sgd; adamw for a "
+        "transformer); its cells must be in the runs",
     )
     rep.set_defaults(func=cmd_report)
 

@@ -11,6 +11,7 @@ import datetime as dt
 import gc
 import json
 import math
+import sysconfig
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -373,9 +374,16 @@ def dist_device(device: torch.device, dist: Dist) -> torch.device:
     return device
 
 
+_SOURCE_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
+_SITE_PACKAGES = str(Path(sysconfig.get_paths()["purelib"]).resolve()) + "/"
+
+
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line (the ``error`` column)."""
+    """``Type: message`` on one line (the ``error`` column), with the machine's folders left out
+    of the paths it names (``kfacbench/optim/sgd.py``, ``site-packages/torch/...``): torch's
+    errors quote stack traces, and a published table must not say where someone's files were."""
     text = " ".join(str(exc).split())
+    text = text.replace(_SOURCE_ROOT, "").replace(_SITE_PACKAGES, "site-packages/")
     return text if isinstance(exc, KfacbenchError) else f"{type(exc).__name__}: {text}"
 
 

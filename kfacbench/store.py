@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import tempfile
@@ -295,8 +296,28 @@ def command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
     return lines[0] if lines else None
 
 
+COMMIT_ENV = "KFACBENCH_COMMIT"
+"""Names the commit a run is made from where git cannot read it: a machine that gets a copy of
+the working tree (a lent GPU, a cluster's staging folder) has the copy's history or none, so git
+there reads some other commit, or ``-dirty`` for the carried files."""
+
+_COMMIT = re.compile(r"[0-9a-f]{7,40}(-dirty)?")
+
+
 def git_commit() -> str | None:
-    """The commit of the kfacbench source tree (with ``-dirty`` if modified), if in git."""
+    """The commit of the kfacbench source tree (with ``-dirty`` if modified), if in git, or the
+    one ``$KFACBENCH_COMMIT`` names.
+
+    Raises:
+        KfacbenchError: ``$KFACBENCH_COMMIT`` is set but is not 7 to 40 hex digits.
+    """
+    named = os.environ.get(COMMIT_ENV, "").strip()
+    if named:
+        if not _COMMIT.fullmatch(named):
+            raise KfacbenchError(
+                f"{COMMIT_ENV}={named!r}: expected a commit (7 to 40 lowercase hex digits)"
+            )
+        return named
     src = Path(kfacbench.__file__).resolve().parent.parent
     return command_output(["git", "describe", "--always", "--dirty", "--abbrev=12"], src)
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
 from kfacbench.rundir import load_tables
-from kfacbench.runner import DataCache, RunOptions, prepare_cell
+from kfacbench.runner import DataCache, RunOptions, one_line, prepare_cell
 from kfacbench.store import CELL_COLUMNS, TMP_SUFFIX, RunStore
 
 SUITE = """
@@ -405,3 +406,15 @@ def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> N
     (cell,) = cli.read_suite(str(suite)).cells
     with pytest.raises(KfacbenchError, match="not supported in data-parallel runs"):
         prepare_cell(cell, torch.device("cpu"), DataCache(RunOptions()), dist=object())  # type: ignore[arg-type]
+
+
+def test_an_error_message_names_no_folder_of_the_machine() -> None:
+    """torch quotes stack traces in its errors (a CUDA-graph error of the first GPU run named
+    `/work/main/kfacbench/optim/sgd.py`); the error column keeps the paths from the package on."""
+    source = Path(cli.__file__).resolve().parent / "optim" / "sgd.py"
+    site = Path(sysconfig.get_paths()["purelib"]).resolve() / "torch" / "nn" / "modules.py"
+    exc = RuntimeError(f'Stack trace: File "{source}", line 102 File "{site}", line 7')
+    assert one_line(exc) == (
+        'RuntimeError: Stack trace: File "kfacbench/optim/sgd.py", line 102 '
+        'File "site-packages/torch/nn/modules.py", line 7'
+    )

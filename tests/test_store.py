@@ -12,12 +12,16 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from kfacbench.errors import KfacbenchError
 from kfacbench.store import (
     CELL_COLUMNS,
+    COMMIT_ENV,
     TMP_SUFFIX,
     DamagedPartError,
     RunStore,
     atomic_write_parquet,
+    git_commit,
+    new_manifest,
 )
 
 
@@ -133,3 +137,26 @@ def test_a_damaged_part_is_one_line_for_readers_and_set_aside_for_the_writer(
         "b.curves.parquet",
         "b.phases.parquet",
     ]
+
+
+def test_the_named_commit_is_recorded_where_git_cannot_read_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device's copy of the working tree reads its own history (once `b762f5e72cfb-dirty` for
+    a run of 5058249); the commit the session names is what env.json and the manifest get."""
+    monkeypatch.setenv(COMMIT_ENV, "5058249")
+    assert git_commit() == "5058249"
+    manifest = new_manifest("kfacbench run quick", {"git_commit": git_commit()})
+    assert (manifest["commit"], manifest["dirty"]) == ("5058249", False)
+    monkeypatch.setenv(COMMIT_ENV, "5058249-dirty")
+    assert new_manifest("kfacbench run quick", {"git_commit": git_commit()})["dirty"] is True
+
+
+@pytest.mark.parametrize("value", ["HEAD", "main", "505824", "5058249 extra", "/work/x"])
+def test_a_named_commit_that_is_not_one_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(COMMIT_ENV, value)
+    with pytest.raises(KfacbenchError, match=f"^{COMMIT_ENV}=.*expected a commit") as info:
+        git_commit()
+    assert "\n" not in str(info.value)

@@ -18,6 +18,9 @@
 # under 20 s left is skipped, so a call with a hard time limit still returns every file.
 # `--suites` replaces the four suites (e.g. "compile_gpu kfac_inverse modern_speed", the second
 # run's). The peers need their packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
+# Set KFACBENCH_COMMIT to the commit the working tree is (commit first): git in the device's copy
+# reads that copy's own history, so without it the runs record some other commit or `-dirty`.
+# The log names folders from the working tree and from `device-run/` on: no path of the machine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 device=cuda
@@ -32,11 +35,13 @@ while [ $# -gt 0 ]; do
         --only) only=(--only "$2"); shift 2 ;;
         --budget) budget="$2"; shift 2 ;;
         --suites) read -r -a suites <<< "$2"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -n "${KFACBENCH_COMMIT:-}" ] || echo "device-run.sh: KFACBENCH_COMMIT is not set; the runs" \
+    "record what git reads in this copy of the tree, not the commit it is" >&2
 # The peers' packages are pure Python: examples/gpu/carry-peers.sh puts them in .carry/peers.
 [ -d .carry/peers ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/peers"
 py="${PYTHON:-python3}"
@@ -96,6 +101,8 @@ frames = [load_tables(Path(r), {"cells": ()})["cells"] for r in sys.argv[2:]]
 pd.concat(frames, ignore_index=True).to_parquet(sys.argv[1])' "$out/cells.parquet" "${runs[@]}" \
         >> "$log" 2>&1
 fi
+# The temporary folder and the working tree are this machine's: the log keeps what follows them.
+sed -i -e "s|$(dirname "$work")/||g" -e "s|$PWD/||g" "$log"
 tar -czf "$out/device-run.tar.gz" -C "$(dirname "$work")" device-run
 echo "=== done: ${#failed[@]} failed stage(s)${failed[*]:+: ${failed[*]}}" | tee -a "$log"
 [ ${#failed[@]} -eq 0 ]

@@ -80,6 +80,11 @@ def setting_names(cells: pd.DataFrame) -> pd.Series:
     return names
 
 
+BASELINE = "sgd"
+"""The optimizer a report's speed-ups and step ratios divide by unless it names another
+(``kfacbench report --baseline adamw``: a transformer's baseline is AdamW, not SGD)."""
+
+
 @dataclass
 class ReportData:
     """The concatenated tables of the runs in a report."""
@@ -96,6 +101,8 @@ class ReportData:
     """The dense diagnostics' heatmap files, by cell id and step."""
     runs: list[Provenance] = field(default_factory=list)
     """Each run folder's provenance, in the order given."""
+    baseline: str = BASELINE
+    """The optimizer the speed-ups and step ratios divide by."""
 
 
 REQUIRED = {

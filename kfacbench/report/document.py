@@ -15,10 +15,11 @@ from string import Template
 import pandas as pd
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.report.data import ABSOLUTE_PATH, ReportData, load_runs
+from kfacbench.report.data import ABSOLUTE_PATH, BASELINE, ReportData, load_runs
 from kfacbench.report.figures import build_figures
 from kfacbench.report.plotting import save_figure
 from kfacbench.report.tables import (
+    baseline_name,
     busy_warnings,
     not_races,
     peer_table,
@@ -48,7 +49,7 @@ class Section:
 
 TTT_NOTE = (
     "Every setting, with its median time to the target over seeds, or what happened instead. "
-    "The speed-up is the best SGD setting's time to target (named in 'best SGD') over this "
+    "The speed-up is the best {name} setting's time to target (named in 'best {name}') over this "
     "setting's; when only one of the two reached the target, the other's time is at least the "
     "time it trained, which bounds the speed-up (> or <). ms/step is amortized: training time / "
     "steps, refreshes included."
@@ -56,7 +57,8 @@ TTT_NOTE = (
 
 STEP_NOTE = (
     "Amortized = training time / steps, refreshes included; the median step beside it; ratios to "
-    "the SGD setting named in 'vs' (same suite, batch size and compile mode); medians over seeds."
+    "the {name} setting named in 'vs' (same suite, batch size and compile mode); medians over "
+    "seeds."
 )
 
 PEERS_NOTE = (
@@ -157,13 +159,16 @@ def sections(
     else:
         skipped = not_races(data.cells)
         races = data.cells[~data.cells["workload"].astype(str).isin(skipped)]
+        name = baseline_name(data.baseline)
         ttt = Section("Time to target")
         if not races.empty:
-            ttt.text.append(TTT_NOTE)
-            ttt.table = time_to_target_display(time_to_target_table(races))
+            ttt.text.append(TTT_NOTE.format(name=name))
+            ttt.table = time_to_target_display(
+                time_to_target_table(races, data.baseline), data.baseline
+            )
             ttt.table_class = "ttt"
         ttt.items = [f"not drawn for {w}: {why}" for w, why in sorted(skipped.items())]
-        cost = Section("Step cost", text=[STEP_NOTE], table=step_time_table(data))
+        cost = Section("Step cost", text=[STEP_NOTE.format(name=name)], table=step_time_table(data))
         # A timing-only report leads with what it measured: the cost, not an empty race.
         out += [ttt, cost] if not races.empty else [cost, ttt]
         peers = peer_table(data)
@@ -271,6 +276,7 @@ def write_report(
     out: Path,
     claims: Callable[[ReportData], tuple[pd.DataFrame, list[str]]] | None = None,
     command: str | None = None,
+    baseline: str = BASELINE,
 ) -> Path:
     """Write the figures, ``index.html`` and ``summary.md`` for ``run_dirs`` into ``out``.
 
@@ -281,17 +287,27 @@ def write_report(
             (:func:`kfacbench.report.claims.claims_table`), or ``None`` for none.
         command: the command that rebuilds this report, written in its header (``kfacbench
             rebuild`` reads it back), or ``None``.
+        baseline: the optimizer the speed-ups and step ratios divide by; another than SGD must
+            have cells in the runs (AdamW for a transformer).
 
     Returns:
         The path of ``index.html``.
 
     Raises:
-        KfacbenchError: ``out`` is not a folder and cannot become one, or a run cannot be read
-            (:func:`~kfacbench.report.data.load_runs`).
+        KfacbenchError: ``out`` is not a folder and cannot become one, a run cannot be read
+            (:func:`~kfacbench.report.data.load_runs`), or no cell of the runs has the
+            ``baseline`` optimizer (other than SGD, whose absence the tables say).
     """
     if out.exists() and not out.is_dir():  # checked first: reading the runs can take a while
         raise KfacbenchError(f"{out}: exists and is not a folder; a report is a folder of files")
     data = load_runs(run_dirs)
+    data.baseline = baseline
+    present = sorted(set(data.cells["optimizer"].astype(str))) if not data.cells.empty else []
+    if baseline != BASELINE and baseline not in present:
+        raise KfacbenchError(
+            f"--baseline {baseline}: no {baseline} cell in these runs (optimizers: "
+            f"{', '.join(present) or 'none'})"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -22,7 +22,7 @@ from matplotlib.ticker import (
 )
 
 from kfacbench.core.loop import LoopConfig
-from kfacbench.report.data import ReportData
+from kfacbench.report.data import BASELINE, ReportData
 from kfacbench.report.diagnostic_figures import diagnostic_figures
 from kfacbench.report.format import plural, seconds
 from kfacbench.report.plotting import (
@@ -40,6 +40,7 @@ from kfacbench.report.plotting import (
 from kfacbench.report.tables import (
     PHASE_ORDER,
     TAU_MAX,
+    baseline_name,
     errored_workloads,
     not_races,
     performance_profile,
@@ -182,10 +183,15 @@ def loss_figures(data: ReportData, colors: dict[str, Any], figs: Figures) -> Non
 
 
 def time_to_target_figure(
-    table: pd.DataFrame, cells: pd.DataFrame, colors: dict[str, Any], figs: Figures
+    table: pd.DataFrame,
+    cells: pd.DataFrame,
+    colors: dict[str, Any],
+    figs: Figures,
+    baseline: str = BASELINE,
 ) -> None:
     """One bar per setting, one panel per workload (each on its own time axis): solid to its
-    time to target, hatched to the time it trained when it did not reach it."""
+    time to target, labelled with the speed-up over the best ``baseline`` setting, hatched to
+    the time it trained when it did not reach it."""
     if table.empty:
         figs.omit("time to target", "the runs have no cells")
         return
@@ -206,7 +212,7 @@ def time_to_target_figure(
             color = shades[row.setting]
             if row.outcome == "reached":
                 end, note = row.time_to_target_s, seconds(row.time_to_target_s)
-                if short := speedup(row, table).short:
+                if short := speedup(row, table, baseline).short:
                     note += f": {short}"
                 bar = ax.barh(i, end, height=0.7, color=color)
                 if math.isfinite(row.time_to_target_lo_s):  # where the crossing can lie
@@ -255,6 +261,7 @@ def time_to_target_figure(
         labels.append("crossed between the eval\nbefore (|) and the bar's end")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle("Time to target, every setting (solid: reached; hatched: not reached)")
+    name = baseline_name(baseline)
     for _ in range(2):  # the layout moves the axes, and the notes must end inside them
         fig.tight_layout()
         fit_notes(fig, notes)
@@ -262,7 +269,8 @@ def time_to_target_figure(
         "time_to_target",
         fig,
         "Time to target per setting: solid bars reached the target (with the speed-up over the "
-        "best SGD setting, or its bound when SGD did not reach it), the line on a bar spanning "
+        f"best {name} setting, or its bound when {name} did not reach it), the line on a bar "
+        "spanning "
         "the eval interval in which the target was crossed; hatched bars did not reach it, and "
         "end at the time the setting trained.",
     )
@@ -487,7 +495,7 @@ def build_figures(data: ReportData) -> Figures:
     else:
         skipped = not_races(data.cells)
         races = data.cells[~data.cells["workload"].astype(str).isin(skipped)]
-        ttt = time_to_target_table(races)
+        ttt = time_to_target_table(races, data.baseline)
         loss_figures(data, colors, figs)
         if skipped:
             figs.omit(
@@ -495,7 +503,7 @@ def build_figures(data: ReportData) -> Figures:
                 "; ".join(sorted(set(skipped.values()))),
             )
         if not races.empty:
-            time_to_target_figure(ttt, races, colors, figs)
+            time_to_target_figure(ttt, races, colors, figs, data.baseline)
         phase_figure(data, figs)
         scaling_figures(data, colors, figs)
         kernel_figure(data, figs)

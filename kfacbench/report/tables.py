@@ -1,7 +1,8 @@
 """The report's tables, each a pure function of :class:`~kfacbench.report.data.ReportData`:
-time to target with the speed-up over the best SGD setting, step cost (amortized first, against
-the SGD of the same suite, batch size and compile mode), kfacbench against its peers on
-identical settings, the phases, and the performance profile's curve."""
+time to target with the speed-up over the best setting of the baseline optimizer (SGD unless the
+report names another), step cost (amortized first, against the baseline of the same suite,
+batch size and compile mode), kfacbench against its peers on identical settings, the phases,
+and the performance profile's curve."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ import pandas as pd
 from kfacbench.core.timing import STEP
 from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim.peers import COUNTERPARTS
-from kfacbench.report.data import ReportData
+from kfacbench.report.data import BASELINE, ReportData
 from kfacbench.report.format import seconds
 from kfacbench.rundir import amortized_step_ms
 from kfacbench.store import settings_of
 
 TIMING_ONLY = "timing-only run"
+
+_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
+
+
+def baseline_name(optimizer: str) -> str:
+    """How the documents name a baseline optimizer (``SGD``, ``AdamW``, else its own name)."""
+    return _NAMES.get(optimizer, optimizer)
 
 
 def not_races(cells: pd.DataFrame) -> dict[str, str]:
@@ -46,9 +54,10 @@ def errored_workloads(cells: pd.DataFrame) -> set[str]:
     return {str(w) for w in cells.loc[cells["status"] == "error", "workload"]}
 
 
-def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
+def time_to_target_table(cells: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Every setting of every workload: whether it reached the target, when, and its speed-up
-    over the workload's best SGD setting, or the bound the run does show.
+    over the workload's best setting of the ``baseline`` optimizer (below: SGD), or the bound the
+    run does show.
 
     Columns, besides ``workload``, ``optimizer``, ``setting``, ``seeds``, ``reached_seeds``,
     ``failed_seeds``, ``amortized_ms`` (training time / steps, refreshes included) and
@@ -65,7 +74,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
     - ``ttt_lower_bound_s``: the median over seeds of each seed's time to target, or of its
       training time when it did not reach the target (inf when it failed): a lower bound on the
       median time to target;
-    - ``speedup_vs_best_sgd``: the best SGD setting's time to target over this one's, NaN
+    - ``speedup_vs_baseline``: the best SGD setting's time to target over this one's, NaN
       unless both reached it;
     - ``speedup``: the same for a reader, or the bound the run shows where only one side
       reached the target: when no SGD setting did, SGD's time to target is above its training
@@ -108,8 +117,8 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    speedups = [speedup(row, table) for row in table.itertuples(index=False)]
-    table["speedup_vs_best_sgd"] = [s.exact for s in speedups]
+    speedups = [speedup(row, table, baseline) for row in table.itertuples(index=False)]
+    table["speedup_vs_baseline"] = [s.exact for s in speedups]
     table["speedup"] = [s.text for s in speedups]
     rank = table["outcome"].map(lambda o: 0 if o == "reached" else 1 if o == "not reached" else 2)
     key = table["time_to_target_s"].fillna(table["train_time_s"])
@@ -127,7 +136,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
             "time_to_target_lo_s",
             "train_time_s",
             "ttt_lower_bound_s",
-            "speedup_vs_best_sgd",
+            "speedup_vs_baseline",
             "speedup",
             "amortized_ms",
             "median_step_ms",
@@ -137,7 +146,7 @@ def time_to_target_table(cells: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Speedup:
-    """A setting's speed-up over the best SGD setting of its workload."""
+    """A setting's speed-up over the best baseline setting of its workload."""
 
     exact: float
     """The ratio when both reached the target, else NaN."""
@@ -152,21 +161,23 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(finite)) if finite.size else math.nan
 
 
-def speedup(row: Any, table: pd.DataFrame) -> Speedup:
-    """One setting's speed-up over the best SGD setting of its workload: the exact ratio when
-    both reached the target, else the bound the run shows, said in words."""
-    sgd = table[(table["workload"] == row.workload) & (table["optimizer"] == "sgd")]
+def speedup(row: Any, table: pd.DataFrame, baseline: str = BASELINE) -> Speedup:
+    """One setting's speed-up over the best setting of the ``baseline`` optimizer on its workload
+    (below: SGD): the exact ratio when both reached the target, else the bound the run shows,
+    said in words."""
+    name = baseline_name(baseline)
+    sgd = table[(table["workload"] == row.workload) & (table["optimizer"] == baseline)]
     if sgd.empty:
-        return Speedup(math.nan, "no SGD run on this workload", "")
+        return Speedup(math.nan, f"no {name} run on this workload", "")
     best = float(sgd["time_to_target_s"].min())  # NaN when no SGD setting reached it
     mine = float(row.time_to_target_s)
     if row.outcome not in ("reached", "not reached"):
         return Speedup(math.nan, f"none ({row.outcome})", "")
     if math.isfinite(mine) and math.isfinite(best):
         ratio = best / mine
-        if ratio == 1.0 and row.optimizer == "sgd":
-            return Speedup(ratio, "1.00× (best SGD)", "best SGD")
-        return Speedup(ratio, f"{ratio:.2f}×", f"{ratio:.2f}× best SGD")
+        if ratio == 1.0 and row.optimizer == baseline:
+            return Speedup(ratio, f"1.00× (best {name})", f"best {name}")
+        return Speedup(ratio, f"{ratio:.2f}×", f"{ratio:.2f}× best {name}")
     if math.isfinite(best):
         # This setting trained ttt_lower_bound_s without reaching the target: slower than that.
         bound = best / row.ttt_lower_bound_s
@@ -178,8 +189,8 @@ def speedup(row: Any, table: pd.DataFrame) -> Speedup:
         failures = "/".join(sorted(set(sgd["outcome"])))
         return Speedup(
             math.nan,
-            f"unbounded: SGD did not reach the target ({failures})",
-            f"SGD: {failures}",
+            f"unbounded: {name} did not reach the target ({failures})",
+            f"{name}: {failures}",
         )
     budgets = sgd.loc[sgd["outcome"] == "not reached", "train_time_s"]
     low, high = float(budgets.min()), float(budgets.max())
@@ -188,9 +199,9 @@ def speedup(row: Any, table: pd.DataFrame) -> Speedup:
     ratio = sgd_bound / mine
     return Speedup(
         math.nan,
-        f"> {ratio:.2f}× (SGD did not reach the target in {'its budget' if same else 'its budgets'}"
-        f", {spent})",
-        f"> {ratio:.2f}× SGD (SGD: not reached in {spent})",
+        f"> {ratio:.2f}× ({name} did not reach the target in "
+        f"{'its budget' if same else 'its budgets'}, {spent})",
+        f"> {ratio:.2f}× {name} ({name}: not reached in {spent})",
     )
 
 
@@ -211,12 +222,12 @@ def time_to_target_text(row: Any) -> str:
     return f"not reached{seeds} in {seconds(row.train_time_s)}"
 
 
-def best_sgd(table: pd.DataFrame) -> dict[str, str]:
-    """Per workload, the SGD setting every speed-up divides by: the one with the shortest time to
-    target, or, when none reached it, the one whose training time bounds SGD's time to target
-    from below (the shortest lower bound: a failed setting's is infinite)."""
+def best_baseline(table: pd.DataFrame, baseline: str = BASELINE) -> dict[str, str]:
+    """Per workload, the baseline setting every speed-up divides by: the one with the shortest
+    time to target, or, when none reached it, the one whose training time bounds the baseline's
+    time to target from below (the shortest lower bound: a failed setting's is infinite)."""
     best = {}
-    for workload, sgd in table[table["optimizer"] == "sgd"].groupby("workload"):
+    for workload, sgd in table[table["optimizer"] == baseline].groupby("workload"):
         reached = sgd.dropna(subset=["time_to_target_s"])
         if not reached.empty:
             pick = reached.sort_values("time_to_target_s")
@@ -226,12 +237,13 @@ def best_sgd(table: pd.DataFrame) -> dict[str, str]:
     return best
 
 
-def time_to_target_display(table: pd.DataFrame) -> pd.DataFrame:
+def time_to_target_display(table: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """The time-to-target table as the documents show it: every value in words or numbers,
-    none as ``nan``, each speed-up beside the SGD setting it divides by."""
+    none as ``nan``, each speed-up beside the baseline setting it divides by."""
     if table.empty:
         return table
-    vs = best_sgd(table)
+    vs = best_baseline(table, baseline)
+    name = baseline_name(baseline)
     return pd.DataFrame(
         {
             "workload": table["workload"],
@@ -239,8 +251,8 @@ def time_to_target_display(table: pd.DataFrame) -> pd.DataFrame:
             "setting": table["setting"],
             "seeds": table["seeds"],
             "time to target": [time_to_target_text(r) for r in table.itertuples(index=False)],
-            "speed-up vs best SGD": table["speedup"],
-            "best SGD": [vs.get(str(w), "-") for w in table["workload"]],
+            f"speed-up vs best {name}": table["speedup"],
+            f"best {name}": [vs.get(str(w), "-") for w in table["workload"]],
             "ms/step (amortized)": [
                 f"{v:.4g}" if math.isfinite(v) else "-" for v in table["amortized_ms"]
             ],
@@ -285,13 +297,16 @@ def performance_profile(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def step_time_table(data: ReportData) -> pd.DataFrame:
-    """Step cost per setting against the SGD of the same suite, batch size and compile mode.
+    """Step cost per setting against the baseline (``data.baseline``, SGD unless the report
+    names another) of the same suite, batch size and compile mode.
 
     Amortized first (training time / steps, refreshes included), the median step beside it,
-    medians over the seeds of the setting. The denominator is the SGD setting of the same suite,
-    workload, batch size and compile mode with the lowest amortized step, named in ``vs``: a
-    compiled SGD or another suite's never divides an eager cell.
+    medians over the seeds of the setting. The denominator is the baseline setting of the same
+    suite, workload, batch size and compile mode with the lowest amortized step, named in
+    ``vs``: a compiled SGD or another suite's never divides an eager cell. The ratio columns
+    are ``vs_<baseline>`` and ``vs_<baseline>_median``.
     """
+    baseline = data.baseline
     ok = data.cells[data.cells["status"] == "ok"].copy()
     ok["compile"] = ok["compile"].fillna("off") if "compile" in ok else "off"
     ok["amortized_ms"] = amortized_step_ms(ok)
@@ -301,7 +316,7 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
         amortized_ms=("amortized_ms", "median"),
         median_step_ms=("median_step_ms", "median"),
     )
-    sgd = table[table["optimizer"] == "sgd"].sort_values("amortized_ms")
+    sgd = table[table["optimizer"] == baseline].sort_values("amortized_ms")
     sgd = sgd.drop_duplicates(keys).set_index(keys)
     rows = []
     for rec in table.to_dict("records"):
@@ -314,14 +329,16 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
                 "setting": rec["setting"],
                 "seeds": rec["seeds"],
                 "amortized_ms": rec["amortized_ms"],
-                "vs_sgd": rec["amortized_ms"] / ref["amortized_ms"]
+                f"vs_{baseline}": rec["amortized_ms"] / ref["amortized_ms"]
                 if ref is not None
                 else math.nan,
                 "median_step_ms": rec["median_step_ms"],
-                "vs_sgd_median": (
+                f"vs_{baseline}_median": (
                     rec["median_step_ms"] / ref["median_step_ms"] if ref is not None else math.nan
                 ),
-                "vs": ref["setting"] if ref is not None else "no SGD cell of this suite",
+                "vs": ref["setting"]
+                if ref is not None
+                else f"no {baseline_name(baseline)} cell of this suite",
             }
         )
     return pd.DataFrame(rows)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kfacbench import cli
@@ -149,3 +151,40 @@ def test_every_committed_report_rebuilds_identical(
     leaks = ABSOLUTE_PATH.findall(md) + re.findall(r"[0-9a-f]{7,}-dirty", md)
     if leaks:
         assert UNPUBLISHABLE in md.split("## ")[0], leaks
+
+
+MACHINE_PATH = re.compile(
+    r"(?<![\w.~/-])/(?:tmp|work|home|root|Users|opt|var|mnt|scratch|private|usr/lib|usr/local)/"
+)
+"""A folder of some machine: a reader cannot follow it, and it says where someone's files were
+(``/usr/bin/env`` in a shebang, or torch's build paths such as ``/pytorch/torch/csrc``, are not)."""
+
+DIRTY_COMMIT = re.compile(r"[0-9a-f]{7,40}-dirty")
+
+
+def committed(*folders: str) -> list[Path]:
+    """The files git tracks under ``folders`` (a fresh clone's files, not local run folders)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", *folders], cwd=REPO, capture_output=True, check=False
+    )
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [REPO / name for name in listed.stdout.decode().split("\0") if name]
+
+
+def test_no_published_file_names_a_machine_path_or_a_dirty_commit() -> None:
+    """Every committed table, log and report under results/ and reports/: their text, and every
+    string of every parquet table (the error column quotes torch's stack traces)."""
+    leaks: list[str] = []
+    for path in committed("results", "reports"):
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            texts = [str(v) for col in frame.select_dtypes(exclude="number") for v in frame[col]]
+        elif path.suffix in (".png", ".npz"):
+            continue
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+        for text in texts:
+            for found in MACHINE_PATH.findall(text) + DIRTY_COMMIT.findall(text):
+                leaks.append(f"{path.relative_to(REPO)}: {found}")
+    assert not leaks, leaks

@@ -150,8 +150,8 @@ def test_time_to_target_and_performance_profile_by_hand() -> None:
     )
     table = time_to_target_table(cells).set_index(["workload", "setting"])
     assert (table["amortized_ms"] == 100.0).all()  # 30 s / 300 steps
-    assert table.loc[("w1", "k"), "speedup_vs_best_sgd"] == pytest.approx(2.0)
-    assert table.loc[("w2", "k"), "speedup_vs_best_sgd"] == pytest.approx(0.5)
+    assert table.loc[("w1", "k"), "speedup_vs_baseline"] == pytest.approx(2.0)
+    assert table.loc[("w2", "k"), "speedup_vs_baseline"] == pytest.approx(0.5)
     profile = performance_profile(table.reset_index())
     at = profile.set_index(["optimizer", "tau"])["fraction"]
     assert at[("kfac", 1.0)] == 0.5 and at[("sgd", 1.0)] == 0.5  # each best on one workload
@@ -238,6 +238,50 @@ def test_step_cost_divides_by_the_sgd_of_the_same_suite_batch_and_compile_mode()
     assert kfac["vs_sgd_median"] == pytest.approx(31.0 / 20.0)
     compiled = table[table["setting"] == "curves_ae sgd bs=100 default"].iloc[0]
     assert compiled["vs_sgd"] == 1.0  # divided by itself: the only compiled SGD of its suite
+
+
+def test_another_baseline_divides_the_speedups_and_step_costs() -> None:
+    """A transformer's baseline is AdamW: with ``baseline="adamw"`` each speed-up is the best
+    AdamW setting's time to target over the setting's (not SGD's), each step ratio divides by
+    the AdamW of the same suite, and the columns and notes say AdamW."""
+    cells = pd.DataFrame(
+        {
+            "suite": ["m"] * 4,
+            "workload": ["text_gpt"] * 4,
+            "batch_size": [32] * 4,
+            "optimizer": ["adamw", "adamw", "soap", "sgd"],
+            "setting": ["a1", "a2", "soap", "sgd"],
+            "seed": [0] * 4,
+            "status": ["ok"] * 4,
+            "time_to_target_s": [150.0, 200.0, 120.0, 60.0],
+            "train_time_s": [150.0, 200.0, 120.0, 60.0],
+            "steps": [300, 400, 150, 150],
+            "median_step_ms": [490.0, 490.0, 780.0, 390.0],
+        }
+    )
+    table = time_to_target_table(cells, "adamw").set_index("setting")
+    assert table.loc["soap", "speedup_vs_baseline"] == pytest.approx(150.0 / 120.0)
+    assert table.loc["sgd", "speedup_vs_baseline"] == pytest.approx(150.0 / 60.0)
+    assert table.loc["a1", "speedup"] == "1.00× (best AdamW)"
+    shown = time_to_target_display(time_to_target_table(cells, "adamw"), "adamw")
+    assert {"speed-up vs best AdamW", "best AdamW"} <= set(shown.columns)
+    assert set(shown["best AdamW"]) == {"a1"}
+    data = ReportData(cells, pd.DataFrame(), pd.DataFrame(), None, [], [], baseline="adamw")
+    cost = step_time_table(data).set_index("setting")
+    assert cost.loc["soap", "vs"] == "a1"  # the cheaper AdamW step: 150 s / 300 = 500 ms
+    assert cost.loc["soap", "vs_adamw"] == pytest.approx(800.0 / 500.0)
+    assert cost.loc["soap", "vs_adamw_median"] == pytest.approx(780.0 / 490.0)
+
+
+def test_a_baseline_with_no_cells_is_a_one_line_error_and_writes_nothing(
+    report: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (run_dir,) = (report.parent / "out" / "r").iterdir()  # sgd and skfac cells
+    out = tmp_path / "report"
+    assert cli.main(["report", str(run_dir), "-o", str(out), "--baseline", "adamw"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kfacbench: error: --baseline adamw: no adamw cell in these runs")
+    assert "\n" not in err and not out.exists()
 
 
 def test_peer_table_pairs_each_peer_with_its_kfacbench_preset() -> None:
