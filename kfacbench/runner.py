@@ -383,7 +383,8 @@ def one_line(exc: BaseException) -> str:
     of the paths it names (``kfacbench/optim/sgd.py``, ``site-packages/torch/...``): torch's
     errors quote stack traces, and a published table must not say where someone's files were."""
     text = " ".join(str(exc).split())
-    text = text.replace(_SOURCE_ROOT, "").replace(_SITE_PACKAGES, "site-packages/")
+    # site-packages first: a virtual environment often lies inside the source tree.
+    text = text.replace(_SITE_PACKAGES, "site-packages/").replace(_SOURCE_ROOT, "")
     return text if isinstance(exc, KfacbenchError) else f"{type(exc).__name__}: {text}"
 
 
