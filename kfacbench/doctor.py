@@ -15,6 +15,10 @@ Checks, in order (:func:`plan`):
   loss finite and the last below the first. A method that does not apply to a model (the
   block-tridiagonal inverse on a conv net) or whose package is missing is skipped with the
   builder's one-line reason.
+- ``linalg``: the damped-inverse methods (eigh, Cholesky, inv, Newton-Schulz) timed and checked
+  at the factor sizes and batch shapes of every workload's refresh, float32 and float64, within
+  :data:`LINALG_BUDGET_S` (:mod:`kfacbench.optim.linalg_probe`); its rows are ``linalg.parquet``
+  and the check names the build and flags an ``eigh`` ≥ 10× slower than Cholesky.
 - ``profile``: one profiled step window of K-FAC whose kernels table has rows in forward,
   backward, curvature, inverse and precondition.
 - ``cuda`` (skipped on CPU): no host synchronisation inside non-refresh steps
@@ -53,6 +57,9 @@ from kfacbench.core.loop import TrainResult, synchronize
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
+from kfacbench.optim.curvature import find_layers
+from kfacbench.optim.inverses import bucket_ratio
+from kfacbench.optim.linalg_probe import Shape, build_name, probe, refresh_shapes, slow_eigh
 from kfacbench.profiling import kernel_rows, profile_cell
 from kfacbench.runner import (
     DataCache,
@@ -99,6 +106,8 @@ PHASES = ("forward", "backward", "curvature", "inverse", "precondition")
 """Phases a profiled K-FAC step must attribute kernels to."""
 EVENT_TOLERANCE = 0.05
 """Largest relative gap between the CUDA-event step times and wall-clock over a block of steps."""
+LINALG_BUDGET_S = 30.0
+"""Wall-clock budget of the linear-algebra probe (the largest shapes are cut first)."""
 DIST_TIMEOUT_S = 240.0
 """How long the torchrun check may take before it counts as hung."""
 
@@ -211,6 +220,7 @@ class Doctor:
                 Check("methods", f"{m} × {workload}", partial(self.method_falls, m, workload))
                 for m in self.methods
             ]
+        checks.append(Check("linalg", "damped inverses timed per size bucket", self.linalg))
         checks.append(Check("profile", "kernels attributed to K-FAC's phases", self.kernels))
         cuda_checks: list[tuple[str, Callable[[], str]]] = [
             ("no host sync in non-refresh steps", self.no_sync),
@@ -287,6 +297,43 @@ class Doctor:
         if not values[-1] < values[0]:
             raise Failed(f"loss did not fall: {shown}")
         return f"{shown}; median step {step_ms:.1f} ms"
+
+    def linalg(self) -> str:
+        """The probe at every workload's refresh shapes; writes ``linalg.parquet``."""
+        rows = probe(workload_shapes(self.device), self.device, budget_s=LINALG_BUDGET_S)
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(self.out / "linalg.parquet", pd.DataFrame(rows))
+        measured = [r for r in rows if r.get("status") == "measured"]
+        if not measured:
+            raise Failed(f"no shape measured in {LINALG_BUDGET_S:.0f} s")
+        failed = sorted({f"{r['method']} at {r['size']}" for r in rows if "failed" in r["status"]})
+        cut = sorted({r["size"] for r in rows if r["status"] == "budget"})
+        wins: dict[str, int] = {}
+        for r in measured:
+            if r["dtype"] == "float32" and r["agrees"]:
+                best = min(
+                    (
+                        o
+                        for o in measured
+                        if (o["size"], o["batch"], o["dtype"]) == (r["size"], r["batch"], "float32")
+                        and o["agrees"]
+                    ),
+                    key=lambda o: o["ms"],
+                )
+                if best is r:
+                    wins[r["method"]] = wins.get(r["method"], 0) + 1
+        parts = [
+            build_name(self.device),
+            f"{len({(r['size'], r['batch']) for r in measured})} shapes",
+            "fastest agreeing (float32): "
+            + ", ".join(f"{m} {n}×" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])),
+        ]
+        parts += slow_eigh(measured)
+        if cut:
+            parts.append(f"not reached in the budget: n = {', '.join(map(str, cut))}")
+        if failed:
+            parts.append(f"failed: {', '.join(failed)}")
+        return "; ".join(parts)
 
     def kernels(self) -> str:
         """One profiled window of K-FAC (every step a refresh): the kernels table has rows in each
@@ -495,6 +542,16 @@ class Doctor:
         if not want:
             return f"kept on {threads}{where}: {subnormals.ENV}=0, step times include their stalls"
         return f"flushed on {threads}{where}"
+
+
+def workload_shapes(device: torch.device) -> list[Shape]:
+    """The refresh shapes (size buckets of Ā and G) of every registered workload's model."""
+    shapes: set[Shape] = set()
+    for workload in WORKLOADS.values():
+        layers, _ = find_layers(workload.build_model(torch.Generator().manual_seed(0)))
+        sizes = [d for layer in layers for d in (layer.in_dim, layer.out_dim)]
+        shapes.update(refresh_shapes(sizes, bucket_ratio(device)))
+    return sorted(shapes, key=lambda s: (s.size, s.batch))
 
 
 def pythonpath() -> str:

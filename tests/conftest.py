@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from kfacbench.core import subnormals
 from kfacbench.machine_load import usable_cpus
+
+# The linear-algebra probe's cache (inverse_method = "auto") of this session, never the user's;
+# the CLI tests' subprocesses inherit it.
+os.environ.setdefault("KFACBENCH_CACHE", tempfile.mkdtemp(prefix="kfacbench-cache-"))
 
 # As every kfacbench entry point does, before the session's first kernel starts the CPU threads.
 subnormals.apply()

@@ -125,3 +125,24 @@ def test_an_unmatched_only_is_one_line(capsys: pytest.CaptureFixture[str], tmp_p
         "kfacbench: error: --only 'nope*' matches no check; checks are named 'GROUP: CHECK'"
         " (groups: environment, methods, profile, cuda, distributed)"
     )
+
+
+def test_the_linalg_check_writes_its_table_and_names_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every workload's refresh shapes are probed; within a tight budget the small shapes run
+    and the rest are rows saying so; the detail names the build and the winners."""
+    monkeypatch.setattr(doctor, "LINALG_BUDGET_S", 3.0)
+    (result,) = checks(tmp_path, "linalg")
+    assert result.status == "pass", result.detail
+    assert "torch" in result.detail and "fastest agreeing (float32)" in result.detail
+    table = pd.read_parquet(tmp_path / "linalg.parquet")
+    shapes = {(s.size, s.batch) for s in doctor.workload_shapes(CPU)}
+    assert set(zip(table["size"], table["batch"], strict=True)) == shapes
+    assert set(table["status"]) <= {"measured", "budget"}
+    assert (table["status"] == "measured").any()
+    measured = table[table["status"] == "measured"]
+    assert set(measured["method"]) == {"eigh", "cholesky", "inv", "newton"}
+    cut = table[table["status"] == "budget"]
+    if not cut.empty:  # smallest first: the budget cuts the largest shapes
+        assert cut["size"].min() >= measured["size"].max()

@@ -2,7 +2,7 @@
 # One call on a GPU machine that installs nothing (README, "A first run on a GPU machine").
 #
 #   bash examples/gpu/device-run.sh [--device cuda|cuda:N|cpu] [--out DIR] [--only PATTERN]
-#                                   [--budget SECONDS] [--suites "NAME ..."]
+#                                   [--budget SECONDS] [--suites "NAME ..."] [--doctor PATTERN]
 #
 # Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
@@ -17,7 +17,9 @@
 # each stage's limit shrinks to what is left (less 30 s to pack the results) and a stage with
 # under 20 s left is skipped, so a call with a hard time limit still returns every file.
 # `--suites` replaces the four suites (e.g. "compile_gpu kfac_inverse modern_speed", the second
-# run's). The peers need their packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
+# run's). `--doctor` restricts the doctor to the checks matching a glob (e.g. 'linalg*': the
+# linear-algebra probe alone, whose rows come back as linalg.parquet). The peers need their
+# packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
 # Set KFACBENCH_COMMIT to the commit the working tree is (commit first): git in the device's copy
 # reads that copy's own history, so without it the runs record some other commit or `-dirty`.
 # The log names folders from the working tree and from `device-run/` on: no path of the machine.
@@ -28,6 +30,7 @@ out="${OUT:-results/gpu/$(date +%Y%m%d-%H%M%S)}"
 only=()
 budget=0
 suites=(kfac_speed skfac_speed compile_gpu peers)
+doctor_only=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
@@ -35,7 +38,8 @@ while [ $# -gt 0 ]; do
         --only) only=(--only "$2"); shift 2 ;;
         --budget) budget="$2"; shift 2 ;;
         --suites) read -r -a suites <<< "$2"; shift 2 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        --doctor) doctor_only=(--only "$2"); shift 2 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -79,8 +83,8 @@ if torch.cuda.is_available():
           "cudnn", torch.backends.cudnn.version(), "devices", torch.cuda.device_count())
 print("fp32 matmul precision", torch.get_float32_matmul_precision(), "threads", torch.get_num_threads())
 print("kfacbench", kfacbench.__version__, kfacbench.__file__)'
-stage doctor 240 "$py" -m kfacbench doctor --device "$device" --out "$work/doctor"
-cp "$work/doctor/doctor.parquet" "$out/" 2>/dev/null
+stage doctor 240 "$py" -m kfacbench doctor --device "$device" --out "$work/doctor" "${doctor_only[@]}"
+cp "$work/doctor/doctor.parquet" "$work/doctor/linalg.parquet" "$out/" 2>/dev/null
 # The tests that have CUDA-only paths (skipped on CPU; here they run).
 mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
 stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"

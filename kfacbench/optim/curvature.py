@@ -665,6 +665,32 @@ def gram(x: Tensor, blocks: int | None = None) -> Tensor:
     return out
 
 
+def factor_rows(
+    layer: Layer,
+    a: Tensor,
+    g: Tensor,
+    batch_size: int,
+    weight_sharing: WeightSharing = "expand",
+) -> tuple[Tensor, Tensor, int, int]:
+    """The rows whose Gram matrices are a layer's Kronecker factors, and their divisors.
+
+    ``A = āᵀā / na`` and ``G = gᵀg / ng`` with ``(ā, g, na, ng)`` returned here; see
+    :func:`factors` for the arguments and the two weight-sharing rules.
+    """
+    if a.shape[-1] != layer.in_dim or g.shape[-1] != layer.out_dim:
+        raise ValueError(
+            f"layer {layer.name!r}: rows of width {a.shape[-1]} and {g.shape[-1]}, expected"
+            f" {layer.in_dim} and {layer.out_dim}"
+        )
+    if weight_sharing == "reduce":
+        positions = a.shape[0] // batch_size
+        a = a.reshape(batch_size, positions, -1).mean(1)
+        g = g.reshape(-1, positions, g.shape[-1]).sum(1)
+    elif weight_sharing != "expand":
+        raise ValueError(f"unknown weight_sharing {weight_sharing!r}; known: expand, reduce")
+    return a, g, a.shape[0], batch_size
+
+
 def factors(
     layer: Layer,
     a: Tensor,
@@ -693,18 +719,19 @@ def factors(
     Returns:
         ``A`` of shape ``(in_dim, in_dim)`` and ``G`` of shape ``(out_dim, out_dim)``.
     """
-    if a.shape[-1] != layer.in_dim or g.shape[-1] != layer.out_dim:
-        raise ValueError(
-            f"layer {layer.name!r}: rows of width {a.shape[-1]} and {g.shape[-1]}, expected"
-            f" {layer.in_dim} and {layer.out_dim}"
-        )
-    if weight_sharing == "reduce":
-        positions = a.shape[0] // batch_size
-        a = a.reshape(batch_size, positions, -1).mean(1)
-        g = g.reshape(-1, positions, g.shape[-1]).sum(1)
-    elif weight_sharing != "expand":
-        raise ValueError(f"unknown weight_sharing {weight_sharing!r}; known: expand, reduce")
-    return gram(a).div_(a.shape[0]), gram(g).div_(batch_size)
+    a, g, na, ng = factor_rows(layer, a, g, batch_size, weight_sharing)
+    return gram(a).div_(na), gram(g).div_(ng)
+
+
+def accumulate_gram(average: Tensor, rows: Tensor, divisor: int, weight: float) -> None:
+    """``average ← (1 − weight)·average + weight·rowsᵀrows/divisor`` as one GEMM (``addmm``).
+
+    The moving average (§5) folded into the product's β and α: one kernel per factor instead of
+    a product, a division and an interpolation, and no temporary factor. Used on CUDA, where a
+    single GEMM beats :func:`gram`'s blocked upper triangle (several narrower GEMMs and a mirror
+    copy, measured faster on the CPU only: README, "Symmetric factor products").
+    """
+    average.addmm_(rows.T, rows, beta=1.0 - weight, alpha=weight / divisor)
 
 
 def cross_factors(

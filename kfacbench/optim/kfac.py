@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -63,7 +62,9 @@ from kfacbench.optim.curvature import (
     WEIGHT_SHARING,
     Capture,
     Layer,
+    accumulate_gram,
     cross_factors,
+    factor_rows,
     factors,
     find_layers,
     fisher_output_grads,
@@ -71,11 +72,18 @@ from kfacbench.optim.curvature import (
     other_params,
     split_matrix,
 )
+from kfacbench.optim.inverses import (
+    INVERSE_METHODS,
+    DampedInverter,
+    bucket_ratio,
+    plan_buckets,
+    robust_eigh,
+)
+from kfacbench.optim.linalg_probe import choose, refresh_shapes
 from kfacbench.optim.schedules import growing_batch_size
 from kfacbench.optim.sgd import SGD
 from kfacbench.optim.tridiag import TridiagInverse, tridiag_apply, tridiag_inverse
 
-INVERSE_METHODS = ("eigh", "cholesky", "inv")
 FISHERS = ("sampled", "empirical", "exact")
 LAMBDA_RANGE = (1e-8, 1e8)
 """Bounds on λ under Levenberg–Marquardt adaptation (keeps ω₁ steps from running away)."""
@@ -107,81 +115,6 @@ def fisher_quadratic(
         return (u * v).sum() / m
     p = torch.softmax(out, dim=-1)
     return ((p * u * v).sum() - ((p * u).sum(-1) * (p * v).sum(-1)).sum()) / m
-
-
-def _symmetric(mat: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (mat + mat.mT)
-
-
-def robust_eigh(mat: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0: the factors are PSD) and eigenvectors of a symmetric matrix.
-
-    Retries in float64 with a warning when float32 fails, so a bad factor never becomes a NaN
-    update.
-    """
-    sym = _symmetric(mat)
-    try:
-        vals, vecs = torch.linalg.eigh(sym)
-    except torch.linalg.LinAlgError:
-        warnings.warn(f"K-FAC: eigh of {what} failed in float32; retrying in float64", stacklevel=2)
-        vals, vecs = torch.linalg.eigh(sym.double())
-    return vals.clamp_min(0).to(mat.dtype), vecs.to(mat.dtype)
-
-
-def damped_inverses(
-    mats: Sequence[torch.Tensor], dampings: Sequence[torch.Tensor], method: str, what: Sequence[str]
-) -> list[torch.Tensor]:
-    """(mat_i + damping_i·I)⁻¹ of every factor by Cholesky or explicit inversion: one batched
-    call per size, with a float64 retry of the systems that failed.
-
-    ``torch.linalg.cholesky`` and ``inv`` check their result on the host, one synchronisation per
-    matrix; their ``_ex`` variants leave the status on the device, so a refresh costs one check
-    per distinct size (and fewer launches on a GPU).
-    """
-    out: list[torch.Tensor | None] = [None] * len(mats)
-    sizes: dict[tuple[int, torch.dtype], list[int]] = {}
-    for i, m in enumerate(mats):
-        sizes.setdefault((m.shape[0], m.dtype), []).append(i)
-    for (size, dtype), members in sizes.items():
-        eye = torch.eye(size, device=mats[members[0]].device, dtype=dtype)
-        stack = torch.stack([_symmetric(mats[i]) + dampings[i] * eye for i in members])
-        inverses, info = _invert_ex(stack, method)
-        failed = (info != 0).nonzero().flatten().tolist()  # the one check of this size
-        if failed:
-            names = ", ".join(what[members[j]] for j in failed)
-            warnings.warn(
-                f"K-FAC: {method} of damped {names} failed in float32; retrying in float64",
-                stacklevel=2,
-            )
-            # Formed again in float64: a small damping can vanish in the float32 sum already.
-            eye64 = eye.double()
-            again = [members[j] for j in failed]
-            stack64 = torch.stack(
-                [_symmetric(mats[i].double()) + dampings[i] * eye64 for i in again]
-            )
-            retry, info64 = _invert_ex(stack64, method)
-            if bool((info64 != 0).any()):
-                bad = ", ".join(
-                    what[members[j]] for j, ok in zip(failed, info64, strict=True) if ok
-                )
-                raise torch.linalg.LinAlgError(
-                    f"K-FAC: {method} of damped {bad} failed in float64 too"
-                    f" ({'not positive definite' if method == 'cholesky' else 'singular'})"
-                )
-            inverses[failed] = retry.to(dtype)
-        for j, i in enumerate(members):
-            out[i] = inverses[j]
-    return [inv for inv in out if inv is not None]
-
-
-def _invert_ex(stack: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched inverses of SPD matrices and their status (0: success), without a host check."""
-    if method == "cholesky":
-        chol, info = torch.linalg.cholesky_ex(stack)
-        # cholesky_solve, not cholesky_inverse: the latter checks the diagonal on the host.
-        eye = torch.eye(stack.shape[-1], device=stack.device, dtype=stack.dtype)
-        return torch.cholesky_solve(eye.expand_as(stack), chol), info
-    return torch.linalg.inv_ex(stack)
 
 
 @dataclass
@@ -230,7 +163,11 @@ class KFAC:
         damping: initial λ (λ₀ = 150 in the paper); with ``adapt_gamma`` off, γ = sqrt(λ + η).
         weight_decay: η, the ℓ2 cost of the objective (1e-5 for the autoencoders).
         inv_interval: T3, steps between inverse refreshes (every step for the first three).
-        inverse_method: ``eigh`` | ``cholesky`` | ``inv``.
+        inverse_method: ``eigh`` | ``cholesky`` | ``inv`` | ``newton`` | ``auto``
+            (:mod:`~kfacbench.optim.inverses`). With adaptive damping (LM, γ search) ``eigh``
+            and ``auto`` keep the eigendecomposition, so a new γ rescales eigenvalues; with fixed
+            damping a refresh forms the damped inverses, one call per size bucket, and ``auto``
+            picks each bucket's method from the device's measured linear algebra.
         structure: ``blockdiag`` (§4.2) or ``tridiag`` (§4.3, chains of Linear layers).
         rescale: choose α (and μ) with the exact Fisher's quadratic model (§6.4).
         rescale_momentum: include the previous update δ₀ in the quadratic model (§7).
@@ -318,9 +255,10 @@ class KFAC:
             raise KfacbenchError(
                 f"unknown inverse_method {inverse_method!r}; known: {', '.join(INVERSE_METHODS)}"
             )
-        if adapt_gamma and inverse_method != "eigh":
+        if adapt_gamma and inverse_method not in ("eigh", "auto"):
             raise KfacbenchError(
-                "adapt_gamma needs inverse_method = 'eigh' (the γ search rescales eigenvalues; "
+                "adapt_gamma needs inverse_method = 'eigh' or 'auto' (the γ search rescales"
+                " eigenvalues; "
                 "with cholesky/inv it would need three new factorisations every T2 steps)"
             )
         if (adapt_damping or adapt_gamma) and not rescale:
@@ -419,6 +357,32 @@ class KFAC:
             dist_strategy,
             split=structure == "blockdiag",
         )
+        # CUDA: one GEMM per factor with the EMA folded in; CPU: the blocked symmetric product
+        # (measured faster there) and one fused interpolation of all factors.
+        self.fused_ema = device.type == "cuda"
+        # Adaptive damping keeps the eigenbasis (a new γ rescales eigenvalues, §6.6); otherwise
+        # a refresh forms the damped inverses, one call per size bucket.
+        self.eigenbasis = inverse_method in ("eigh", "auto") and not self.fixed_damping
+        self.inverter = (
+            self._inverter(inverse_method)
+            if structure == "blockdiag" and not self.eigenbasis
+            else None
+        )
+
+    def _inverter(self, method: str) -> DampedInverter:
+        """The refresh of this rank's damped inverses; ``auto`` resolved per bucket here, when the
+        optimizer is built (outside the timed steps: it may probe the device once)."""
+        sizes: list[int] = []
+        names: list[str] = []
+        for c in self._owned():
+            sizes += (c.layer.in_dim, c.layer.out_dim)
+            names += (f"A of {c.layer.name}", f"G of {c.layer.name}")
+        ratio = bucket_ratio(self.device)
+        if method == "auto":
+            methods = choose(refresh_shapes(sizes, ratio), self.device) if sizes else []
+        else:
+            methods = [method] * len(plan_buckets(sizes, ratio))
+        return DampedInverter(sizes, methods, names, ratio)
 
     # ---------------------------------------------------------------- the step
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -524,6 +488,8 @@ class KFAC:
             "preconditioned": [c.layer.name for c in self.curv],
             "identity_preconditioner": self.uncovered,
         }
+        if self.inverter is not None:
+            info |= self.inverter.info()
         return info | self.owners.info([c.layer.name for c in self.curv])
 
     # ---------------------------------------------------------------- distribution
@@ -540,7 +506,7 @@ class KFAC:
 
     def _inverse_fields(self) -> tuple[str, ...]:
         """What preconditioning reads of a layer: damped inverses, or the eigendecomposition."""
-        if self.inverse_method == "eigh" and not self.fixed_damping:
+        if self.eigenbasis:
             return ("qa", "da", "qg", "dg")
         return ("a_inv", "g_inv")
 
@@ -589,12 +555,15 @@ class KFAC:
             # Exact Fisher: K blocks of rows (one per output-Hessian column), each like ``a``.
             g = g.reshape(-1, m * per_example, g.shape[-1])[:, : n * per_example].flatten(0, 1)
             rows.append((a, g))
-            a_new, g_new = factors(c.layer, a, g, n, self.weight_sharing)
             if c.a is None or c.g is None:
-                c.a, c.g = a_new, g_new
+                c.a, c.g = factors(c.layer, a, g, n, self.weight_sharing)
+            elif self.fused_ema:
+                ra, rg, div_a, div_g = factor_rows(c.layer, a, g, n, self.weight_sharing)
+                accumulate_gram(c.a, ra, div_a, 1 - eps)
+                accumulate_gram(c.g, rg, div_g, 1 - eps)
             else:
                 olds += (c.a, c.g)
-                news += (a_new, g_new)
+                news += factors(c.layer, a, g, n, self.weight_sharing)
         if self.structure == "tridiag":
             new_cross = [
                 cross_factors(a0, a1, g0, g1, n) for (a0, g0), (a1, g1) in itertools.pairwise(rows)
@@ -616,19 +585,18 @@ class KFAC:
             c.pi = factored_damping_pi(c.a, c.g)
         if self.structure == "tridiag":
             self.tridiag = self._tridiag_pieces(self.gamma)
-        elif self.inverse_method == "eigh":
+        elif self.eigenbasis:
             self._batched_eigh()
         else:
+            assert self.inverter is not None
             owned = self._owned()
             mats: list[torch.Tensor] = []
             dampings: list[torch.Tensor] = []
-            names: list[str] = []
             for c in owned:
                 assert c.a is not None and c.g is not None and c.pi is not None
                 mats += (c.a, c.g)
                 dampings += (c.pi * self.gamma, self.gamma / c.pi)
-                names += (f"A of {c.layer.name}", f"G of {c.layer.name}")
-            inverses = damped_inverses(mats, dampings, self.inverse_method, names)
+            inverses = self.inverter.refresh(mats, dampings)
             for c, a_inv, g_inv in zip(owned, inverses[::2], inverses[1::2], strict=True):
                 c.a_inv, c.g_inv = a_inv, g_inv
 
@@ -646,14 +614,6 @@ class KFAC:
             for (c, which), d, q in zip(members, vals, vecs, strict=True):
                 setattr(c, f"d{which}", d)
                 setattr(c, f"q{which}", q)
-        if self.fixed_damping:
-            # γ cannot change before the next refresh: form the damped inverses once, so
-            # preconditioning is two matmuls per layer instead of four.
-            for c in self._owned():
-                assert c.qa is not None and c.da is not None and c.qg is not None
-                assert c.dg is not None and c.pi is not None
-                c.a_inv = (c.qa / (c.da + c.pi * self.gamma)) @ c.qa.T
-                c.g_inv = (c.qg / (c.dg + self.gamma / c.pi)) @ c.qg.T
 
     def _tridiag_pieces(self, gamma: torch.Tensor) -> TridiagInverse:
         diag_a, diag_g = [], []
@@ -725,7 +685,7 @@ class KFAC:
         self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor, current: bool
     ) -> torch.Tensor:
         """(Ā + πγI)⁻¹ ⊗ (G + γ/π I)⁻¹ applied to the (out, in) gradient matrix: G⁻¹ V Ā⁻¹."""
-        if self.inverse_method == "eigh" and not (self.fixed_damping and current):
+        if self.eigenbasis:
             assert c.qa is not None and c.da is not None and c.qg is not None and c.dg is not None
             assert c.pi is not None
             v1 = c.qg.T @ v @ c.qa
@@ -997,6 +957,9 @@ SPECS = (
             rescale=HParam(False, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
             adapt_damping=HParam(False, "Levenberg–Marquardt adjustment of λ (§6.5)"),
             adapt_gamma=HParam(False, "greedy γ search (§6.6)"),
+            inverse_method=HParam(
+                "auto", "factor inversion (auto: measured per size bucket)", choices=INVERSE_METHODS
+            ),
         ),
     ),
 )

@@ -21,6 +21,7 @@ from kfacbench.report.plotting import save_figure
 from kfacbench.report.tables import (
     baseline_name,
     busy_warnings,
+    final_metric_table,
     not_races,
     peer_table,
     step_time_table,
@@ -59,6 +60,12 @@ STEP_NOTE = (
     "Amortized = training time / steps, refreshes included; the median step beside it; ratios to "
     "the {name} setting named in 'vs' (same suite, batch size and compile mode); medians over "
     "seeds."
+)
+
+FINAL_NOTE = (
+    "Where each setting of a real-data workload ended: the final eval metric, median over seeds "
+    "with their range, after the training time shown (equal for every setting of an equal-time "
+    "suite; a race's cells stop at the target or the budget); best first."
 )
 
 PEERS_NOTE = (
@@ -171,6 +178,9 @@ def sections(
         cost = Section("Step cost", text=[STEP_NOTE.format(name=name)], table=step_time_table(data))
         # A timing-only report leads with what it measured: the cost, not an empty race.
         out += [ttt, cost] if not races.empty else [cost, ttt]
+        final = final_metric_table(data.cells)
+        if not final.empty:
+            out.append(Section("At the end of training", text=[FINAL_NOTE], table=final))
         peers = peer_table(data)
         if not peers.empty:
             out.append(Section("kfacbench vs peers", text=[PEERS_NOTE], table=peers))

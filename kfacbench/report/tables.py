@@ -344,6 +344,44 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def final_metric_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Where each setting of a real-data workload ended: the final eval metric (median over
+    seeds, their range), the final training loss, its training time and steps, best first.
+
+    The headline of an equal-time comparison (no target, every cell given the same training
+    time) and the end point of a race; synthetic-data workloads have no metric and are left out.
+    Cells that diverged or failed are counted in ``not ok``, not in the medians.
+    """
+    mode = cells["data_mode"].astype(str) if "data_mode" in cells else "real"
+    real = cells.loc[mode != "synthetic"]
+    rows = []
+    for (workload, setting), g in real.groupby(["workload", "setting"], sort=False):
+        ok = g.loc[g["status"] == "ok"]
+        values = ok["final_eval_metric"].astype(float).dropna()
+        rows.append(
+            {
+                "workload": workload,
+                "setting": setting,
+                "seeds": int(g["seed"].nunique()),
+                "not ok": int((g["status"] != "ok").sum()),
+                "train_s": float(ok["train_time_s"].median()) if len(ok) else math.nan,
+                "steps": float(ok["steps"].median()) if len(ok) else math.nan,
+                "metric": str(g["metric"].iloc[0]),
+                "final": float(values.median()) if len(values) else math.nan,
+                "range": f"{values.min():.4g}–{values.max():.4g}" if len(values) > 1 else "",
+                "final_train_loss": float(ok["final_train_loss"].median()) if len(ok) else math.nan,
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    # Accuracy: higher first; errors, losses, bits per byte: lower first.
+    sign = np.where(table["metric"] == "accuracy", -1.0, 1.0)
+    table["_key"] = sign * table["final"].to_numpy()
+    table = table.sort_values(["workload", "_key"], kind="stable", na_position="last")
+    return table.drop(columns="_key").reset_index(drop=True)
+
+
 PAIR_KEYS = (
     "suite", "workload", "batch_size", "inv_interval", "data_mode", "device_name", "tf32", "amp",
 )  # fmt: skip

@@ -16,6 +16,7 @@ from kfacbench.optim.curvature import (
     SYMMETRIC_MIN_DIM,
     Capture,
     Layer,
+    accumulate_gram,
     cross_factors,
     exact_output_grads,
     factors,
@@ -605,3 +606,12 @@ def test_gram_from_the_upper_block_triangle_equals_the_full_product(d: int, bloc
         assert torch.equal(
             got[d - d // blocks :, : d // blocks], got[: d // blocks, d - d // blocks :].T
         )
+
+
+def test_accumulate_gram_folds_the_moving_average_into_one_gemm() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    average = torch.eye(4, dtype=torch.float64)
+    want = 0.75 * average + 0.25 * rows.T @ rows / 5
+    accumulate_gram(average, rows, divisor=5, weight=0.25)
+    torch.testing.assert_close(average, want)

@@ -14,7 +14,7 @@ from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
 from kfacbench.optim.curvature import grad_matrix, kronecker_factors
-from kfacbench.optim.kfac import KFAC, damped_inverses, fisher_quadratic
+from kfacbench.optim.kfac import KFAC, fisher_quadratic
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 
 CPU = torch.device("cpu")
@@ -83,23 +83,38 @@ def one_step(opt: KFAC, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return opt.step(x, y, PhaseTimer(CPU))
 
 
-@pytest.mark.parametrize("method", ["eigh", "cholesky", "inv"])
-def test_preconditioning_equals_explicit_damped_inverses(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "adaptive"),
+    [
+        ("eigh", False),
+        ("eigh", True),
+        ("auto", True),
+        ("cholesky", False),
+        ("inv", False),
+        ("newton", False),
+        ("auto", False),
+    ],
+)
+def test_preconditioning_equals_explicit_damped_inverses(method: str, adaptive: bool) -> None:
+    """Every inverse method preconditions with (Ā + πγI)⁻¹ and (G + γ/π I)⁻¹; with adaptive
+    damping eigh and auto keep the eigenbasis, so another γ is exact too."""
     model = mlp(0)
     x, y = batch("categorical")
     opt = KFAC(
         Problem(model, "categorical"),
         inverse_method=method,
-        rescale=False,
-        adapt_damping=False,
+        rescale=adaptive,
+        adapt_damping=adaptive,
         adapt_gamma=False,
         damping=0.1,
         weight_decay=0.0,
     )
-    one_step(opt, x, y)  # builds factors and inverses
+    assert opt.eigenbasis == adaptive
+    for _ in range(2 if method == "newton" else 1):  # Newton-Schulz needs a warm start
+        one_step(opt, x, y)  # builds factors and inverses
     grads = [torch.randn_like(p) for p in opt.params]
     # The refreshed γ (precomputed inverses) and another γ (eigenbasis path for eigh).
-    gammas = [opt.gamma] + ([opt.gamma * 1.5] if method == "eigh" else [])
+    gammas = [opt.gamma] + ([opt.gamma * 1.5] if opt.eigenbasis else [])
     for gamma in gammas:
         direction = opt._precondition(grads, gamma, current=gamma is opt.gamma)
         start = 0
@@ -448,27 +463,24 @@ def test_bf16_objective_is_evaluated_like_the_training_forward() -> None:
     assert abs(full.item() - training.item()) > 1e-6 * abs(full.item())  # bf16 does differ
 
 
-@pytest.mark.parametrize("method", ["cholesky", "inv"])
-def test_damped_inverses_batch_by_size_and_retry_failures_in_float64(method: str) -> None:
-    """Mixed sizes, one call per size; a system that fails in float32 (rank one plus a damping
-    below float32's rounding) is solved again in float64 with a warning; one that is not
-    positive definite at all fails naming it."""
-    gen = torch.Generator().manual_seed(0)
-    mats = [torch.randn(n, 2 * n, generator=gen) for n in (3, 5, 3)]
-    mats = [m @ m.T / m.shape[1] for m in mats]
-    dampings = [torch.tensor(0.5), torch.tensor(0.1), torch.tensor(2.0)]
-    got = damped_inverses(mats, dampings, method, ["a", "b", "c"])
-    for m, d, inv in zip(mats, dampings, got, strict=True):
-        want = torch.linalg.inv(m.double() + d * torch.eye(m.shape[0], dtype=torch.float64))
-        torch.testing.assert_close(inv.double(), want, rtol=1e-4, atol=1e-5)
-
-    v = torch.full((1, 3), 100.0)
-    rank_one = v.T @ v  # 1e4 everywhere: a damping of 1e-6 vanishes in float32, not in float64
-    with pytest.warns(UserWarning, match=f"{method} of damped tiny failed in float32"):
-        (inv,) = damped_inverses([rank_one], [torch.tensor(1e-6)], method, ["tiny"])
-    assert inv.dtype == torch.float32 and torch.isfinite(inv).all()
-    with (
-        pytest.raises(torch.linalg.LinAlgError, match="damped bad failed in float64 too"),
-        pytest.warns(UserWarning),
-    ):
-        damped_inverses([-torch.eye(3)], [torch.tensor(1.0)], method, ["bad"])  # exactly 0
+def test_fused_ema_equals_product_then_interpolation() -> None:
+    """The CUDA path (one addmm per factor, the EMA in β and α) keeps the same factors as the
+    CPU path (blocked product, then one fused lerp) over several updates."""
+    x, y = batch("categorical", m=32)
+    opts = []
+    for fused in (False, True):
+        opt = KFAC(
+            Problem(mlp(0), "categorical"),
+            rescale=False,
+            adapt_damping=False,
+            adapt_gamma=False,
+            damping=0.1,
+            inv_interval=100,
+        )
+        opt.fused_ema = fused
+        for _ in range(4):
+            one_step(opt, x, y)
+        opts.append(opt)
+    for plain, fused in zip(opts[0].curv, opts[1].curv, strict=True):
+        torch.testing.assert_close(fused.a, plain.a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.g, plain.g, rtol=1e-5, atol=1e-6)

@@ -875,3 +875,36 @@ def test_the_same_label_in_two_suites_is_two_settings_not_two_seeds() -> None:
     assert list(setting_names(cells)) == ["w sgd bs=1 [a]", "w sgd bs=1 [a]", "w sgd bs=1 [b]"]
     one = cells[cells["suite"] == "a"]
     assert list(setting_names(one)) == ["w sgd bs=1", "w sgd bs=1"]  # one suite: no suffix
+
+
+def test_final_metric_table_ranks_settings_by_their_median_over_seeds() -> None:
+    """Accuracy best-first, errors lowest-first; a diverged seed counts as not ok and stays out
+    of the median; synthetic-data workloads have no metric and no row."""
+    from kfacbench.report.tables import final_metric_table
+
+    def c(workload: str, setting: str, seed: int, metric: str, value: float, **kw: object):
+        base = {
+            "workload": workload, "setting": setting, "seed": seed, "metric": metric,
+            "final_eval_metric": value, "status": "ok", "train_time_s": 10.0 + seed,
+            "steps": 100, "final_train_loss": value / 2, "data_mode": "real",
+        }  # fmt: skip
+        return base | kw
+
+    cells = pd.DataFrame(
+        [
+            c("r", "a", 0, "accuracy", 0.80), c("r", "a", 1, "accuracy", 0.90),
+            c("r", "a", 2, "accuracy", 0.85),
+            c("r", "b", 0, "accuracy", 0.95), c("r", "b", 1, "accuracy", 0.10, status="diverged"),
+            c("e", "x", 0, "recon_error", 5.0), c("e", "y", 0, "recon_error", 3.0),
+            c("s", "z", 0, "recon_error", 1.0, data_mode="synthetic"),
+        ]
+    )  # fmt: skip
+    table = final_metric_table(cells)
+    assert list(zip(table["workload"], table["setting"], strict=True)) == [
+        ("e", "y"), ("e", "x"), ("r", "b"), ("r", "a"),
+    ]  # fmt: skip
+    a = table.set_index("setting").loc["a"]
+    assert a["final"] == pytest.approx(0.85) and a["range"] == "0.8–0.9"
+    assert a["seeds"] == 3 and a["not ok"] == 0 and a["train_s"] == pytest.approx(11.0)
+    b = table.set_index("setting").loc["b"]
+    assert b["final"] == pytest.approx(0.95) and b["not ok"] == 1 and b["range"] == ""
