@@ -62,6 +62,7 @@ from kfacbench.regress import (
     read_baseline,
     write_baseline,
 )
+from kfacbench.report.arithmetic import MODELLED, arithmetic_table
 from kfacbench.rundir import load_tables, read_manifest, read_table
 from kfacbench.runner import RunOptions, one_line, record_failure, resolve_device, run_cells
 from kfacbench.store import RunStore, environment, fresh_dir, new_manifest
@@ -83,6 +84,7 @@ EXAMPLES = """examples:
   kfacbench show results/runs/quick/20261124-140000
   kfacbench profile kernels --steps 5   per-kernel profiles (TensorBoard traces, kernels table)
   kfacbench show RUN_DIR --kernels      the top kernels per optimizer and phase
+  kfacbench arithmetic RUN_DIR          kfac-fast / SGD measured against the FLOP model
   kfacbench report RUN_DIR -o reports/quick/   figures, self-contained HTML, Markdown
   kfacbench rebuild --check             every committed report rebuilt from its committed runs
   kfacbench diagnose quick --at 0,50,200 --damping 1e-3   curvature quality vs the natural gradient
@@ -955,6 +957,51 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+ARITHMETIC_TABLES = {
+    "cells": (
+        "cell_id", "workload", "batch_size", "compile", "seed", "optimizer", "inv_interval",
+        "steps", "status", "train_time_s", "device_kind", "hparams", "method_info",
+    ),
+    "phases": ("cell_id", "phase", "calls", "total_s"),
+}  # fmt: skip
+
+
+def cmd_arithmetic(args: argparse.Namespace, console: Console) -> int:
+    tables = load_tables(args.run_dir, ARITHMETIC_TABLES)
+    table = arithmetic_table(tables["cells"], tables["phases"])
+    if table.empty:
+        raise KfacbenchError(
+            f"{args.run_dir}: no ok cell of {' or '.join(MODELLED)} on a workload the FLOP model"
+            " covers"
+        )
+    out = Table(title=f"measured against the FLOP model ({args.run_dir})")
+    columns = {
+        "workload": "workload", "batch_size": "batch", "optimizer": "optimizer", "seed": "seed",
+        "inv_interval": "T_inv", "refreshes": "refreshes", "amortized_ms": "ms/step",
+        "model_gflop": "GFLOP/step", "measured_ratio": "/ SGD", "model_ratio": "model / SGD",
+        "over_model": "/ model", "gflops_fwd_bwd": "GFLOP/s fwd+bwd",
+        "gflops_curvature": "curvature", "gflops_precondition": "precondition",
+        "gflops_inverse": "inverse",
+    }  # fmt: skip
+    for title in columns.values():
+        out.add_column(title, justify="left" if title in ("workload", "optimizer") else "right")
+    for rec in table.to_dict("records"):
+        out.add_row(*(_fmt(rec[key]) for key in columns))
+    console.print(out)
+    console.print(
+        "ms/step: training time / steps (refreshes included); / SGD: over the SGD cell of the"
+        " same workload, batch, compile mode and seed; GFLOP/s: the model's FLOPs of a phase"
+        " over its measured time (inverse: per refresh)"
+    )
+    return 0
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
 def _warn_busy(console: Console, cells: pd.DataFrame) -> None:
     """Name the cells timed on a busy machine, and say what to do (:mod:`machine_load`)."""
     line = warning_line(cells)
@@ -1386,6 +1433,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--kernels", action="store_true", help="top kernels per optimizer and phase")
     show.add_argument("--top", type=_at_least(1), default=5, help="kernels per phase (%(default)s)")
     show.set_defaults(func=cmd_show)
+
+    arith = sub.add_parser(
+        "arithmetic",
+        help="a run's SGD and kfac-fast cells against the FLOP model (kfacbench/optim/flops.py)",
+    )
+    arith.add_argument("run_dir", type=Path, help="a run directory")
+    arith.set_defaults(func=cmd_arithmetic)
     return parser
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from kfacbench.core import subnormals
 from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
 from kfacbench.core.loop import LoopConfig, TrainResult, train
+from kfacbench.core.opcount import PROBE_STEPS, PhaseOps, count_steps, phase_ops
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
 from kfacbench.data import Splits
@@ -147,6 +148,7 @@ def prepare_cell(
             torch.cuda.set_device(device.index)
         torch.backends.cuda.matmul.allow_tf32 = settings.tf32
         torch.backends.cudnn.allow_tf32 = settings.tf32
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
     splits = data.get(cell.workload, settings.data, device)
     torch.manual_seed(cell.seed)
     model = workload.build_model(torch.Generator().manual_seed(cell.seed)).to(device)
@@ -254,12 +256,15 @@ def cell_row(
     load: LoadRecord | None = None,
     flush_denormal: bool | None = None,
     build_s: float = math.nan,
+    ops_probe_s: float = math.nan,
     wall_s: float = math.nan,
 ) -> dict[str, Any]:
     """The ``cells`` table row of a finished (or failed) cell; ``load`` is the machine's load
     while it trained (not measured when it failed before), ``flush_denormal`` whether subnormal
-    floats were flushed while it trained (by default: in this process now), ``build_s`` and
-    ``wall_s`` the seconds building it and in all (building, training, compiling, evaluating)."""
+    floats were flushed while it trained (by default: in this process now), ``build_s``,
+    ``ops_probe_s`` and ``wall_s`` the seconds building it, counting its ops (:func:`probe_ops`;
+    0 when it was not counted) and in all (building, training, compiling, evaluating,
+    counting)."""
     load = load or LoadRecord.not_measured("not measured (the cell did not train)")
     workload = get_workload(cell.workload)
     step = next((s for s in result.phases if s.phase == STEP), None) if result else None
@@ -312,11 +317,13 @@ def cell_row(
         "backend": env.get("backend"),
         "flush_denormal": (subnormals.flushing() if flush_denormal is None else flush_denormal),
         "tf32": cell.settings.tf32,
+        "cudnn_benchmark": cell.settings.cudnn_benchmark and env["device_kind"] == "cuda",
         "amp": cell.settings.amp,
         "compile": cell.settings.compile,
         "compile_s": result.compile_s if result else math.nan,
         "build_s": build_s,
         "eval_s": result.eval_s if result else math.nan,
+        "ops_probe_s": ops_probe_s,
         "wall_s": wall_s,
         "torch_version": env["torch_version"],
         "kfacbench_version": env["kfacbench_version"],
@@ -327,10 +334,47 @@ def cell_row(
     }
 
 
-def phase_rows(result: TrainResult) -> list[dict[str, Any]]:
-    """The ``phases`` table rows of a cell: its phase statistics and whether each phase ran
-    compiled (``all``, ``part`` or ``no``)."""
-    return [{**vars(p), "compiled": phase_column(result.compiled, p.phase)} for p in result.phases]
+def phase_rows(result: TrainResult, ops: dict[str, PhaseOps] | None = None) -> list[dict[str, Any]]:
+    """The ``phases`` table rows of a cell: its phase statistics, whether each phase ran
+    compiled (``all``, ``part`` or ``no``) and its op counts (:func:`probe_ops`; NaN where not
+    counted)."""
+    ops = ops or {}
+    missing = PhaseOps(math.nan, math.nan)
+    return [
+        {
+            **vars(p),
+            "compiled": phase_column(result.compiled, p.phase),
+            **vars(ops.get(p.phase, missing)),
+        }
+        for p in result.phases
+    ]
+
+
+def counts_ops(cell: Cell, dist: Dist | None) -> bool:
+    """Whether the runner counts the cell's ops: its ``count_ops`` setting, in a single-process
+    eager cell. A data-parallel probe would need every rank in step (and its collectives are no
+    local launches); a compiled cell's launches are inductor's fused kernels, which the counter
+    does not see."""
+    return cell.settings.count_ops and dist is None and cell.settings.compile == "off"
+
+
+def probe_ops(cell: Cell, device: torch.device, data: DataCache, steps: int) -> dict[str, PhaseOps]:
+    """The ops each phase of ``cell`` launches per step, counted on ``steps`` untimed probe steps
+    (:mod:`kfacbench.core.opcount`).
+
+    Counting costs a Python call per op, so it runs after the timed run, on a fresh copy of the
+    cell built from its config as the profiler's pass is (:func:`prepare_cell`: the same seeded
+    model, method and minibatches). The timed run's model, method state and random streams are
+    never touched, and its curves, phase times, final losses and peak memory were recorded
+    before the copy exists: the probe cannot change a result, only add the op columns. Counting
+    on the trained state instead would save the build but not say which steps refresh: a fresh
+    copy starts with a refresh (K-FAC: steps 0-2, SKFAC: step 0), so the probe sees both kinds.
+    The caller passes at most as many steps as the timed run took: the probe replays steps the
+    cell ran, never ones it did not reach (a diverging cell's).
+    """
+    gc.collect()  # the timed run's capture hooks form cycles that keep its model alive
+    p = prepare_cell(cell, device, data)
+    return phase_ops(count_steps(p.method, p.splits, p.config, steps))
 
 
 def record_failure(
@@ -513,6 +557,19 @@ def run_cells(
                 outcome = run_cell(
                     cell, device, data, on_progress=show_steps, dist=dist, monitor=monitor
                 )
+                ops: dict[str, PhaseOps] = {}
+                probe_s = 0.0
+                if counts_ops(cell, dist):
+                    probe_started = time.perf_counter()
+                    try:
+                        steps = min(PROBE_STEPS, outcome.result.steps)
+                        ops = probe_ops(cell, device, data, steps)
+                    except Exception as exc:  # the timed results stand without the counts
+                        console.print(
+                            f"[yellow]{escape(cell.label)}: ops not counted[/]"
+                            f" ({escape(one_line(exc))})"
+                        )
+                    probe_s = time.perf_counter() - probe_started
                 row = cell_row(
                     cell,
                     env,
@@ -523,9 +580,10 @@ def run_cells(
                     load=monitor.record,
                     flush_denormal=outcome.flush_denormal,
                     build_s=outcome.build_s,
+                    ops_probe_s=probe_s,
                     wall_s=time.perf_counter() - clock,
                 )
-                curves, phases = outcome.result.curves, phase_rows(outcome.result)
+                curves, phases = outcome.result.curves, phase_rows(outcome.result, ops)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one cell's failure must not end the suite

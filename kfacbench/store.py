@@ -53,9 +53,10 @@ CELL_COLUMNS = (
     "final_train_loss", "final_eval_loss", "final_eval_metric", "median_step_ms",
     "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
-    "device_name", "world_size", "backend", "flush_denormal", "tf32", "amp", "compile", "compile_s",
-    "build_s", "eval_s", "wall_s", "torch_version", "kfacbench_version", "git_commit", "host",
-    "started_at", "finished_at",
+    "device_name", "world_size", "backend", "flush_denormal", "tf32", "cudnn_benchmark", "amp",
+    "compile", "compile_s",
+    "build_s", "eval_s", "ops_probe_s", "wall_s", "torch_version", "kfacbench_version",
+    "git_commit", "host", "started_at", "finished_at",
 )  # fmt: skip
 """Columns of the ``cells`` table, in order."""
 

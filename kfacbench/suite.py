@@ -124,6 +124,15 @@ class Settings:
             be compiled: ``default``, ``max-autotune`` or ``reduce-overhead`` (CUDA graphs on a
             GPU); see :mod:`kfacbench.core.compiling`. Also a sweep axis (``sweep.compile``), so
             eager and compiled cells run side by side.
+        cudnn_benchmark: let cuDNN time its convolution algorithms and keep the fastest (CUDA
+            only; on by default there, as a user tuning a conv net would run it). The tuning
+            happens in an untimed pass before the clock starts (:func:`kfacbench.core.loop.train`)
+            and the setting is a column of the cells table.
+        count_ops: after the timed run, count the ops (kernel launches on a GPU) of each phase on
+            a few untimed probe steps of a fresh copy of the cell: the ``ops_per_step`` and
+            ``refresh_ops`` columns of the phases table (:mod:`kfacbench.core.opcount`). NaN
+            when off, and in data-parallel and compiled cells (whose ops are not the launches).
+            Never part of the cell id (:data:`MEASUREMENT_ONLY`).
     """
 
     device: str = "auto"
@@ -139,6 +148,8 @@ class Settings:
     diverge_factor: float = 10.0
     stop_at_target: bool = False
     compile: str = "off"
+    cudnn_benchmark: bool = True
+    count_ops: bool = True
 
 
 SYNTHETIC_EVAL: dict[str, Any] = {"train_eval_size": 0, "eval_size": 0}
@@ -149,8 +160,13 @@ LATER_SETTINGS = {
     "diverge_factor": Settings.diverge_factor,
     "stop_at_target": Settings.stop_at_target,
     "compile": Settings.compile,
+    "cudnn_benchmark": Settings.cudnn_benchmark,
 }
 """Settings that cell ids include only when not at their default (see :attr:`Cell.id`)."""
+
+MEASUREMENT_ONLY = ("count_ops",)
+"""Settings that change what is measured beside a cell, never its timed run: cell ids leave them
+out, so a run without them still compares (and resumes) cell by cell with one with them."""
 
 
 @dataclass(frozen=True)
@@ -250,11 +266,14 @@ class Cell:
         Settings added after ids were first published (:data:`LATER_SETTINGS`) are hashed only
         when they differ from their default, so a cell keeps its id across kfacbench versions and
         ``compare`` and ``--resume`` still match runs recorded before the setting existed.
+        Measurement-only settings (:data:`MEASUREMENT_ONLY`) are never hashed.
         """
         config = self.config()
         for key, default in LATER_SETTINGS.items():
             if config["settings"][key] == default:
                 del config["settings"][key]
+        for key in MEASUREMENT_ONLY:
+            del config["settings"][key]
         text = json.dumps(config, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -739,5 +758,7 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "tf32": _Reader.boolean,
     "amp": lambda r, v, p: r.string(v, p, ("off", "bf16")),
     "compile": lambda r, v, p: r.string(v, p, COMPILE_MODES),
+    "cudnn_benchmark": _Reader.boolean,
+    "count_ops": _Reader.boolean,
 }
 """Converter per :class:`Settings` field: the keys ``[defaults]`` and ``[workloads.*]`` take."""

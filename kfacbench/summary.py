@@ -8,6 +8,7 @@ import math
 import pandas as pd
 from rich.table import Table
 
+from kfacbench.core.timing import REFRESH_PHASE, STEP
 from kfacbench.machine_load import busy_cells
 from kfacbench.rundir import amortized_step_ms
 
@@ -33,10 +34,6 @@ def varying_hparams(cells: pd.DataFrame) -> pd.Series:
     return out
 
 
-REFRESH_PHASE = "inverse"
-"""The phase a second-order method pays at its refreshes (every ``inv_interval`` steps)."""
-
-
 def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per setting (seeds pooled): seeds, statuses, median final losses, times and step cost,
     and how many of its cells ran on a busy machine (:mod:`kfacbench.machine_load`).
@@ -47,6 +44,10 @@ def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd
     (``refresh_ms``) and the share of the training time spent in it (``refresh_share``). A
     median alone hides the refresh: K-FAC-fast refreshing every 20 steps on faces_ae read 1.75×
     SGD by median step on an H200 and 5.7× by training time / steps.
+
+    With ``phases`` recorded with op counts, the ops of the step beside them: ``ops_per_step``
+    (the non-refresh step) and ``refresh_ops`` (a refresh step), counted on untimed probe steps
+    (:mod:`kfacbench.core.opcount`); NaN for runs recorded before them.
     """
     busy = busy_cells(cells).index
     cells = cells.assign(
@@ -56,11 +57,17 @@ def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd
         amortized_ms=amortized_step_ms(cells),
         refresh_ms=math.nan,
         refresh_share=math.nan,
+        ops_per_step=math.nan,
+        refresh_ops=math.nan,
     )
     if phases is not None and not phases.empty:  # a run whose every cell failed has none
         refresh = phases[phases["phase"] == REFRESH_PHASE].set_index("cell_id")
         cells["refresh_ms"] = cells["cell_id"].map(refresh["median_ms"])
         cells["refresh_share"] = cells["cell_id"].map(refresh["total_s"]) / cells["train_time_s"]
+        step = phases[phases["phase"] == STEP].set_index("cell_id")
+        for column in ("ops_per_step", "refresh_ops"):
+            if column in step:  # runs recorded before ops were counted have neither
+                cells[column] = cells["cell_id"].map(step[column])
     if "compile_s" not in cells:  # runs recorded before compiled steps existed
         cells["compile_s"] = 0.0
     if "time_to_target_lo_s" not in cells:  # ... and before the eval interval was recorded
@@ -80,6 +87,8 @@ def summary_frame(cells: pd.DataFrame, phases: pd.DataFrame | None = None) -> pd
         median_step_ms=("median_step_ms", "median"),
         refresh_ms=("refresh_ms", "median"),
         refresh_share=("refresh_share", "median"),
+        ops_per_step=("ops_per_step", "median"),
+        refresh_ops=("refresh_ops", "median"),
         compile_s=("compile_s", "median"),
         busy=("busy", "sum"),
     ).reset_index()
@@ -90,10 +99,10 @@ def time_shares(cells: pd.DataFrame) -> str:
     """Where the cells' wall time went, e.g. ``the cells' wall time, 62 s: training 93%,
     evaluation 4%, building 2%, other 1%``; ``""`` for runs recorded before it was measured.
 
-    Training is the timed steps (``train_time_s``); compiling, evaluation and building are kept
-    off that clock, and ``other`` is the rest (read-backs, the machine-load sampler, the flush
-    probe). A timing suite whose cells spend their wall time elsewhere measures little for what
-    it costs.
+    Training is the timed steps (``train_time_s``); compiling, evaluation, building and counting
+    ops (the untimed probe steps after training, ``ops_probe_s``) are kept off that clock, and
+    ``other`` is the rest (read-backs, the machine-load sampler, the flush probe). A timing suite
+    whose cells spend their wall time elsewhere measures little for what it costs.
     """
     if "wall_s" not in cells or not cells["wall_s"].notna().any():
         return ""
@@ -104,6 +113,8 @@ def time_shares(cells: pd.DataFrame) -> str:
         "compiling": timed["compile_s"],
         "evaluation": timed["eval_s"],
         "building": timed["build_s"],
+        # Runs recorded before ops were counted: none.
+        "counting ops": timed.get("ops_probe_s", pd.Series(0.0, index=timed.index)),
     }
     seconds = {name: float(col.fillna(0).sum()) for name, col in parts.items()}
     seconds["other"] = max(wall - sum(seconds.values()), 0.0)
@@ -139,6 +150,10 @@ def rich_summary(cells: pd.DataFrame, title: str, phases: pd.DataFrame | None = 
     if frame["refresh_ms"].notna().any():  # methods that refresh: what each refresh costs
         headers["refresh_ms"] = "refresh ms"
         headers["refresh_share"] = "refresh %"
+    if frame["ops_per_step"].notna().any():  # the launch-cost proxy, where it was counted
+        headers["ops_per_step"] = "ops/step"
+    if frame["refresh_ops"].notna().any():
+        headers["refresh_ops"] = "refresh ops"
     if (frame["compile_s"] > 0).any():  # kept out of "train s" and "step ms"
         headers["compile_s"] = "compile s"
     if frame["busy"].any():  # cells timed while other processes used the CPUs
@@ -146,6 +161,8 @@ def rich_summary(cells: pd.DataFrame, title: str, phases: pd.DataFrame | None = 
     for key, head in headers.items():
         table.add_column(head, justify="left" if key in TEXT_COLUMNS else "right")
     frame["refresh_share"] = frame["refresh_share"] * 100
+    for column in ("ops_per_step", "refresh_ops"):  # counts: whole numbers, not 4 digits
+        frame[column] = frame[column].round().astype("Int64")
     for rec in frame.to_dict("records"):
         table.add_row(*(_fmt(rec[k]) for k in headers))
     table.caption = (
@@ -153,6 +170,11 @@ def rich_summary(cells: pd.DataFrame, title: str, phases: pd.DataFrame | None = 
         + (
             "; refresh: the inverse phase per refresh and its share of training"
             if "refresh_ms" in headers
+            else ""
+        )
+        + (
+            "; ops: aten ops (kernel launches on a GPU) of the step, counted on untimed steps"
+            if "ops_per_step" in headers or "refresh_ops" in headers
             else ""
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kfacbench import cli
+from kfacbench import cli, runner
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
@@ -78,7 +79,9 @@ def test_run_writes_the_tables(tmp_path: Path) -> None:
     assert (cells["median_step_ms"] > 0).all() and (cells["steps"] == 10).all()
     # Where each cell's wall time went: the parts are measured apart and fit inside it.
     parts = cells["train_time_s"] + cells["eval_s"] + cells["build_s"] + cells["compile_s"]
+    parts += cells["ops_probe_s"]  # counting ops on untimed steps after training
     assert (cells["eval_s"] > 0).all() and (cells["build_s"] > 0).all()
+    assert (cells["ops_probe_s"] > 0).all()
     assert (parts <= cells["wall_s"]).all() and (cells["wall_s"] < parts + 1.0).all()
     assert set(tables["curves"]["cell_id"]) == set(cells["cell_id"])
     assert set(tables["phases"]["phase"]) == {"forward", "backward", "update", "step"}
@@ -398,6 +401,9 @@ def test_compiled_cells_record_compile_time_and_compiled_phases(tmp_path: Path) 
     sgd = phases[phases["optimizer"] == "sgd"].set_index(["compile", "phase"])["compiled"]
     assert set(sgd.loc["off"]) == {"no"}
     assert sgd.loc[("default", "update")] == "all" and sgd.loc[("default", "step")] == "part"
+    # Inductor's fused kernels are not the ops the counter sees: compiled cells are not counted.
+    counted = phases.set_index("compile")["ops_per_step"]
+    assert counted.loc["default"].isna().all() and counted.loc["off"].notna().all()
 
 
 def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> None:
@@ -418,3 +424,63 @@ def test_an_error_message_names_no_folder_of_the_machine() -> None:
         'RuntimeError: Stack trace: File "kfacbench/optim/sgd.py", line 102 '
         'File "site-packages/torch/nn/modules.py", line 7'
     )
+
+
+def test_phases_record_the_ops_of_untimed_probe_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SGD and K-FAC-fast on curves_ae: each phase row carries its ops per plain step and per
+    refresh step, counted after the timed run on a fresh copy. The same cells with
+    ``count_ops = false`` keep their ids, train the same curves (the probe changes no result)
+    and have NaN counts."""
+    runs = {}
+    for name, override in (
+        ("counted", ""),
+        ("uncounted", "[workloads.curves_ae]\ncount_ops = false\n"),
+    ):
+        extra = f"[optimizers.kfac-fast]\n{override}"
+        suite = write_suite(tmp_path, name=name, lrs="0.01", extra=extra)
+        out = tmp_path / name
+        assert cli.main(["run", str(suite), "--out", str(out)]) == 0
+        runs[name] = load_tables(only_run_dir(out, name))
+    counted, uncounted = runs["counted"], runs["uncounted"]
+    optimizer = counted["cells"].set_index("cell_id")["optimizer"]
+    ops = counted["phases"].assign(optimizer=lambda f: f["cell_id"].map(optimizer))
+    ops = ops.set_index(["optimizer", "phase"])[["ops_per_step", "refresh_ops"]]
+    assert ops.loc[("sgd", "step"), "ops_per_step"] > 0
+    assert math.isnan(ops.loc[("sgd", "step"), "refresh_ops"])  # SGD never refreshes
+    assert ops.loc[("kfac-fast", "step"), "ops_per_step"] > ops.loc[("sgd", "step"), "ops_per_step"]
+    assert math.isnan(ops.loc[("kfac-fast", "inverse"), "ops_per_step"])  # refresh steps only
+    assert ops.loc[("kfac-fast", "inverse"), "refresh_ops"] > 0
+    assert (
+        ops.loc[("kfac-fast", "step"), "refresh_ops"]
+        > ops.loc[("kfac-fast", "step"), "ops_per_step"]
+    )
+    assert ops.loc[(slice(None), ["forward", "backward", "update"]), "ops_per_step"].gt(0).all()
+    assert set(uncounted["cells"]["cell_id"]) == set(counted["cells"]["cell_id"])
+    assert uncounted["phases"][["ops_per_step", "refresh_ops"]].isna().all().all()
+    assert (counted["cells"]["ops_probe_s"] > 0).all()
+    assert (uncounted["cells"]["ops_probe_s"] == 0).all()
+    curves = [
+        r["curves"].sort_values(["cell_id", "step"], ignore_index=True) for r in runs.values()
+    ]
+    pd.testing.assert_series_equal(curves[0]["train_loss"], curves[1]["train_loss"])
+    capsys.readouterr()
+    assert cli.main(["show", str(only_run_dir(tmp_path / "counted", "counted"))]) == 0
+    assert "counted on untimed steps" in capsys.readouterr().out  # the ops columns' caption
+
+
+def test_a_failed_op_count_leaves_the_timed_results_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(*args: Any) -> Any:
+        raise RuntimeError("no counter here")
+
+    monkeypatch.setattr(runner, "probe_ops", fail)
+    suite = write_suite(tmp_path, lrs="0.01")
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 0
+    tables = load_tables(only_run_dir(tmp_path / "out", "t"))
+    assert list(tables["cells"]["status"]) == ["ok"]
+    assert tables["phases"]["median_ms"].gt(0).all()
+    assert tables["phases"][["ops_per_step", "refresh_ops"]].isna().all().all()
+    assert "ops not counted (RuntimeError: no counter here)" in capsys.readouterr().out

@@ -173,6 +173,8 @@ def test_every_setting_is_read() -> None:
         "diverge_factor": 100.0,
         "stop_at_target": True,
         "compile": "reduce-overhead",
+        "cudnn_benchmark": False,
+        "count_ops": False,
     }
     assert set(values) == {f.name for f in fields(Settings)}
     defaults = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -280,8 +282,15 @@ def test_id_is_the_hash_of_the_config() -> None:
     assert config["settings"].pop("diverge_factor") == 10.0
     assert config["settings"].pop("stop_at_target") is False
     assert config["settings"].pop("compile") == "off"
+    assert config["settings"].pop("cudnn_benchmark") is True
+    # A measurement-only setting is never hashed: counting ops or not trains the same cell.
+    assert config["settings"].pop("count_ops") is True
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
     assert cell.id == hashlib.sha256(text.encode()).hexdigest()[:12]
+    uncounted = parse(BASE.replace("max_steps = 10", "max_steps = 10\ncount_ops = false"))
+    assert uncounted.cells[0].settings.count_ops is False and uncounted.cells[0].id == cell.id
+    untuned = parse(BASE.replace("max_steps = 10", "max_steps = 10\ncudnn_benchmark = false"))
+    assert untuned.cells[0].id != cell.id  # a setting that changes the timings is the cell's
 
 
 def test_same_config_in_two_suites_has_the_same_id() -> None:

@@ -64,6 +64,12 @@ def test_time_shares_split_the_cells_wall_time() -> None:
         "the cells' wall time, 300 s: training 70%, evaluation 20%, building 3%, other 7%"
     )
     assert time_shares(cells()) == ""
+    # Counting ops after training (ops_probe_s) is a part of its own, out of "other".
+    counted = table.assign(ops_probe_s=[6.0, 9.0])
+    assert time_shares(counted) == (
+        "the cells' wall time, 300 s: training 70%, evaluation 20%, building 3%, counting ops 5%,"
+        " other 2%"
+    )
 
 
 def test_the_amortized_step_leads_and_the_refresh_stands_beside_the_median() -> None:
@@ -110,3 +116,33 @@ def test_the_amortized_step_leads_and_the_refresh_stands_beside_the_median() -> 
     # Without the phases table, or with an empty one (every cell failed): no refresh columns.
     assert "refresh ms" not in rendered(cells())
     assert summary_frame(cells(), pd.DataFrame())["refresh_ms"].isna().all()
+
+
+def test_the_step_ops_stand_beside_the_times_where_counted() -> None:
+    """Two seeds of K-FAC-fast whose plain steps counted 300 and 302 ops and refresh steps 500:
+    the summary shows the median over seeds, as whole numbers. A run recorded before ops were
+    counted (no such columns) and a cell not counted (NaN) show none."""
+    table = cells(cell_id=["a", "b"])
+    phases = pd.DataFrame(
+        {
+            "cell_id": ["a", "a", "b", "b"],
+            "phase": ["step", "forward", "step", "forward"],
+            "median_ms": 1.0,
+            "total_s": 1.0,
+            "ops_per_step": [300.0, 40.0, 302.0, 40.0],
+            "refresh_ops": [500.0, 40.0, 500.0, 40.0],
+        }
+    )
+    frame = summary_frame(table, phases)
+    assert frame.loc[0, "ops_per_step"] == 301.0 and frame.loc[0, "refresh_ops"] == 500.0
+    console = Console(width=250, record=True)
+    console.print(rich_summary(table, "t", phases))
+    text = console.export_text()
+    assert "ops/step" in text and "refresh ops" in text and " 301 " in text and " 500 " in text
+    old = phases.drop(columns=["ops_per_step", "refresh_ops"])
+    assert summary_frame(table, old)["ops_per_step"].isna().all()
+    uncounted = phases.assign(ops_per_step=math.nan, refresh_ops=math.nan)
+    for without in (old, uncounted):
+        console = Console(width=250, record=True)
+        console.print(rich_summary(table, "t", without))
+        assert "ops" not in console.export_text()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.func import jvp
+from torch.func import functional_call, jvp
 
 from kfacbench.core.compiling import CompileClock, PhaseCompiled
 from kfacbench.core.problem import Problem, per_example_loss, prediction
@@ -138,6 +138,29 @@ def warm_up(device: torch.device) -> None:
     jvp(lambda t: t.tanh() @ a, (a,), (a,))
     torch.cuda.synchronize(device)
     _WARM.add(device)
+
+
+def tune_convolutions(problem: Problem, x: torch.Tensor, y: torch.Tensor) -> None:
+    """With ``cudnn.benchmark`` on, let cuDNN pick its algorithms for the cell's shapes off the
+    clock: one forward and backward pass of the training batch's shape on copies of the
+    parameters and buffers (the cell's state, BatchNorm statistics included, is untouched;
+    capture hooks record nothing outside a K-FAC step). Otherwise the first timed steps would
+    carry the tuning. A no-op without a convolution, off CUDA or with the setting off.
+    """
+    model = problem.model
+    if x.device.type != "cuda" or not torch.backends.cudnn.benchmark:
+        return
+    if not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()):
+        return
+    params = {
+        n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()
+    }
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with problem.precision(x.device):
+        output = functional_call(model, (params, buffers), (x,))
+    loss = problem.loss(output.float(), y)
+    torch.autograd.grad(loss, [p for p in params.values() if p.requires_grad])
+    torch.cuda.synchronize(x.device)
 
 
 class MinibatchSampler:
@@ -258,6 +281,7 @@ def train(
     test = eval_subset(data.test_x, data.test_y, config.eval_size)
     problem.model.train()
     warm_up(device)
+    tune_convolutions(problem, data.train_x[: config.batch_size], data.train_y[: config.batch_size])
     baseline = math.nan
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

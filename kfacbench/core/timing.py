@@ -27,6 +27,10 @@ ANNOTATION_PREFIX = "kfacbench/"
 STEP = "step"
 """Name under which the whole step (all phases plus the gaps between them) is recorded."""
 
+REFRESH_PHASE = "inverse"
+"""The phase a second-order method pays at its refreshes (every ``inv_interval`` steps): a step
+that runs it is a refresh step."""
+
 
 NVTX = os.environ.get("KFACBENCH_NVTX") == "1"
 """Whether CUDA phases are NVTX ranges outside torch.profiler sessions too (for Nsight Systems)."""

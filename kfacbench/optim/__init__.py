@@ -4,12 +4,19 @@ Each entry is a :class:`~kfacbench.optim.base.MethodSpec`; suites name them by k
 """
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import kfac, peers, peers_modern, sgd, skfac
+from kfacbench.optim import kfac, peers, peers_kaisa, peers_modern, sgd, skfac
 from kfacbench.optim.base import HParam, Method, MethodContext, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
-    for spec in (sgd.SPEC, *kfac.SPECS, *skfac.SPECS, *peers.SPECS, *peers_modern.SPECS)
+    for spec in (
+        sgd.SPEC,
+        *kfac.SPECS,
+        *skfac.SPECS,
+        *peers.SPECS,
+        *peers_kaisa.SPECS,
+        *peers_modern.SPECS,
+    )
 }
 
 

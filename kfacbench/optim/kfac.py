@@ -424,7 +424,7 @@ class KFAC:
                         nat = self.owners.share_directions(
                             nat, self.device, [c.layer for c in self.curv]
                         )
-                direction = self._assemble(nat, grads)
+                direction = self._assemble(nat, grads, negate=self.rescale)
                 if self.rescale:
                     with timer.phase("rescale"):
                         update = self._rescaled_update(x, y, output, grads, direction)
@@ -434,7 +434,7 @@ class KFAC:
                         self.prev_update = update
                     else:
                         assert self.sgd is not None
-                        self.sgd.apply([-d for d in direction], self.lr)
+                        self.sgd.apply(direction, self.lr)  # the preconditioned gradient
                 if self.rescale and self.adapt_damping and (k + 1) % self.lm_interval == 0:
                     with timer.phase("rescale"):
                         self._levenberg_marquardt(x, y, loss)
@@ -671,15 +671,18 @@ class KFAC:
         ]
 
     def _assemble(
-        self, nat: list[torch.Tensor | None], grads: list[torch.Tensor]
+        self, nat: list[torch.Tensor | None], grads: list[torch.Tensor], negate: bool = True
     ) -> list[torch.Tensor]:
-        """−(natural gradient) per parameter in ``self.params`` order, −∇h for the others."""
+        """−(natural gradient) per parameter in ``self.params`` order, −∇h for the others (the
+        descent direction); with ``negate`` off, the preconditioned gradient itself, as the SGD
+        update takes it (no negation kernels to undo)."""
         out: list[torch.Tensor] = []
         for c, v in zip(self.curv, nat, strict=True):
             assert v is not None
-            out += [-t for t in split_matrix(c.layer, v)]
-        covered = sum(len(c.layer.params()) for c in self.curv)
-        return out + [-g for g in grads[covered:]]
+            pieces = split_matrix(c.layer, v)
+            out += [-t for t in pieces] if negate else pieces
+        rest = grads[sum(len(c.layer.params()) for c in self.curv) :]
+        return out + ([-g for g in rest] if negate else list(rest))
 
     def _apply_block(
         self, c: LayerCurvature, v: torch.Tensor, gamma: torch.Tensor, current: bool

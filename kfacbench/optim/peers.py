@@ -35,7 +35,7 @@ FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 EMA_STARTS = ("zero", "one-over-k")
 """How the factors' moving average starts (see :class:`AsdlKfac`)."""
 
-COUNTERPARTS = {"asdl-kfac": "kfac-fast", "asdl-skfac": "skfac"}
+COUNTERPARTS = {"asdl-kfac": "kfac-fast", "asdl-skfac": "skfac", "kaisa-kfac": "kfac-fast"}
 """Each peer and the kfacbench preset it is measured against (the report's ratio table)."""
 
 
@@ -253,7 +253,9 @@ def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodCont
     def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AsdlKfac:
         if ctx.dist is not None:
             raise KfacbenchError("the ASDL peers run on one process (no --nproc)")
-        return AsdlKfac(problem, swift=swift, seed=ctx.seed, **hp)
+        # inverse_method names the one way ASDL inverts (for pairing), not a choice it takes.
+        settings = {k: v for k, v in hp.items() if k != "inverse_method"}
+        return AsdlKfac(problem, swift=swift, seed=ctx.seed, **settings)
 
     return build
 
@@ -263,7 +265,15 @@ def _adamw_build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) ->
 
 
 def _asdl_hparams(swift: bool) -> dict[str, HParam]:
-    return {
+    inverse = {
+        "inverse_method": HParam(
+            "cholesky",
+            "ASDL inverts the damped factors by Cholesky, its only way (pairs it with kfacbench's"
+            " Cholesky cell)",
+            choices=("cholesky",),
+        )
+    }
+    return ({} if swift else inverse) | {
         "lr": HParam(0.1, "learning rate of the SGD-momentum update", bounds="[0, inf)"),
         "momentum": HParam(0.9, "momentum of that update", bounds="[0, 1)"),
         "damping": HParam(1.0 if not swift else 0.03, "λ (π split of √λ)", bounds="(0, inf)"),

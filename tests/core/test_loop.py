@@ -398,3 +398,37 @@ def test_a_data_parallel_time_budget_is_decided_at_read_back_points_only(
     )
     assert asked == [5, 10]
     assert result.steps == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN's autotuner)")
+def test_convolutions_are_tuned_off_the_clock_without_touching_the_cell() -> None:
+    """The tuning pass runs a forward and backward of the batch's shape on copies: parameters,
+    gradients and BatchNorm statistics stay as they were."""
+    from kfacbench.core.loop import tune_convolutions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model = model.cuda()
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 2, (8,), device="cuda")
+    model(x)  # materialise the lazy layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.backends.cudnn.benchmark = True
+    try:
+        tune_convolutions(Problem(model, "categorical"), x, y)
+    finally:
+        torch.backends.cudnn.benchmark = False
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_tuning_is_a_no_op_off_cuda() -> None:
+    """On a CPU (or with the setting off) nothing runs: the model sees no call at all."""
+    from kfacbench.core.loop import tune_convolutions
+
+    calls = []
+    model = nn.Conv2d(1, 1, 1)
+    model.register_forward_hook(lambda *args: calls.append(1))
+    tune_convolutions(Problem(model, "gaussian"), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+    assert calls == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -95,3 +96,50 @@ def test_recorded_bucket_methods_take_precedence() -> None:
     )
     with pytest.raises(ValueError, match="buckets but 1 inverse methods"):
         arithmetic_table(cells, pd.DataFrame(columns=["cell_id", "phase", "calls", "total_s"]))
+
+
+ARITH_SUITE = """
+name = "arith"
+[defaults]
+device = "cpu"
+data = "synthetic"
+max_steps = 6
+eval_every = 6
+log_every = 3
+[sweep]
+workload = ["curves_ae"]
+batch_size = [32]
+inv_interval = [3]
+seed = [0]
+[optimizers.sgd]
+lr = 0.01
+[optimizers.kfac-fast]
+lr = 0.01
+inverse_method = "cholesky"
+[optimizers.adamw]
+lr = 0.001
+"""
+
+
+def test_the_cli_prints_the_table_of_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kfacbench import cli
+
+    suite = tmp_path / "arith.toml"
+    suite.write_text(ARITH_SUITE)
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "out")]) == 0
+    (run_dir,) = (tmp_path / "out" / "arith").iterdir()
+    capsys.readouterr()
+    assert cli.main(["arithmetic", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "kfac-fast" in text and "sgd" in text and "adamw" not in text
+    only_adamw = tmp_path / "only.toml"
+    only_adamw.write_text(
+        ARITH_SUITE.replace('name = "arith"', 'name = "only"').split("[optimizers.sgd]")[0]
+        + "[optimizers.adamw]\nlr = 0.001\n"
+    )
+    assert cli.main(["run", str(only_adamw), "--out", str(tmp_path / "out")]) == 0
+    (other,) = (tmp_path / "out" / "only").iterdir()
+    assert cli.main(["arithmetic", str(other)]) == 2  # bad input: one line, exit 2
+    assert "no ok cell of sgd or kfac-fast" in capsys.readouterr().err
