@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -59,7 +60,14 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.optim.curvature import find_layers
 from kfacbench.optim.inverses import bucket_ratio
-from kfacbench.optim.linalg_probe import Shape, build_name, probe, refresh_shapes, slow_eigh
+from kfacbench.optim.linalg_probe import (
+    Shape,
+    build_name,
+    fastest,
+    probe,
+    refresh_shapes,
+    slow_eigh,
+)
 from kfacbench.profiling import kernel_rows, profile_cell
 from kfacbench.runner import (
     DataCache,
@@ -308,25 +316,13 @@ class Doctor:
             raise Failed(f"no shape measured in {LINALG_BUDGET_S:.0f} s")
         failed = sorted({f"{r['method']} at {r['size']}" for r in rows if "failed" in r["status"]})
         cut = sorted({r["size"] for r in rows if r["status"] == "budget"})
-        wins: dict[str, int] = {}
-        for r in measured:
-            if r["dtype"] == "float32" and r["agrees"]:
-                best = min(
-                    (
-                        o
-                        for o in measured
-                        if (o["size"], o["batch"], o["dtype"]) == (r["size"], r["batch"], "float32")
-                        and o["agrees"]
-                    ),
-                    key=lambda o: o["ms"],
-                )
-                if best is r:
-                    wins[r["method"]] = wins.get(r["method"], 0) + 1
+        shapes = {Shape(r["size"], r["batch"]) for r in measured}
+        wins = Counter(fastest(measured, shape, "float32") for shape in shapes)
+        wins.pop(None, None)
         parts = [
             build_name(self.device),
-            f"{len({(r['size'], r['batch']) for r in measured})} shapes",
-            "fastest agreeing (float32): "
-            + ", ".join(f"{m} {n}×" for m, n in sorted(wins.items(), key=lambda kv: -kv[1])),
+            f"{len(shapes)} shapes",
+            "fastest agreeing (float32): " + ", ".join(f"{m} {n}×" for m, n in wins.most_common()),
         ]
         parts += slow_eigh(measured)
         if cut:

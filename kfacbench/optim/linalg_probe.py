@@ -250,15 +250,11 @@ def choose(shapes: Sequence[Shape], device: torch.device, dtype: str = "float32"
     """
     rows = load_cache(device)
     known = {(r["size"], r["batch"], r["dtype"]) for r in rows if r.get("status") == "measured"}
-    missing = [s for s in shapes if (s.size, s.batch, dtype) not in known]
+    missing = {(s.size, s.batch, dtype) for s in shapes} - known
     if missing:
-        fresh = probe(missing, device, dtypes=(dtype,), budget_s=math.inf)
-        rows = [
-            r
-            for r in rows
-            if (r["size"], r["batch"], r["dtype"])
-            not in {(s.size, s.batch, dtype) for s in missing}
-        ] + fresh
+        probed = [Shape(size, batch) for size, batch, _ in sorted(missing)]
+        fresh = probe(probed, device, dtypes=(dtype,), budget_s=math.inf)
+        rows = [r for r in rows if (r["size"], r["batch"], r["dtype"]) not in missing] + fresh
         save_cache(device, rows)
     return [fastest(rows, s, dtype) or "eigh" for s in shapes]
 
