@@ -36,6 +36,7 @@ from torch import nn
 
 from kfacbench.core import subnormals
 from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
+from kfacbench.core.graphs import GraphHooks
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.opcount import PROBE_STEPS, PhaseOps, count_steps, phase_ops
 from kfacbench.core.problem import Problem
@@ -139,6 +140,14 @@ def prepare_cell(
                 " use compile = 'off' with --nproc"
             )
         fresh_caches()
+    if settings.cuda_graph and (
+        dist is not None or settings.compile != "off" or settings.amp != "off"
+    ):
+        raise KfacbenchError(
+            "cuda_graph = true replays eager steps from CUDA graphs: it needs compile = 'off',"
+            " amp = 'off' (autocast's weight cache does not survive a capture) and one process"
+            " (not --nproc)"
+        )
     workload = get_workload(cell.workload)
     spec = get_method(cell.optimizer)
     if device.type == "cuda":
@@ -166,12 +175,18 @@ def prepare_cell(
         device,
         dist,
         settings.compile,  # type: ignore[arg-type]
+        settings.cuda_graph,
     )
     method = spec.build(problem, hparams, context)
     if settings.compile != "off" and not hasattr(method, "compiled_phases"):
         raise KfacbenchError(
             f"optimizer {cell.optimizer!r} has no compiled regions; compile ="
             f" {settings.compile!r} applies to SGD, K-FAC and SKFAC (set compile = 'off' for it)"
+        )
+    if settings.cuda_graph and not isinstance(method, GraphHooks):
+        raise KfacbenchError(
+            f"optimizer {cell.optimizer!r} has no steps a CUDA graph may replay; cuda_graph ="
+            " true applies to SGD, K-FAC and SKFAC (set cuda_graph = false for it)"
         )
     config = LoopConfig(
         batch_size=cell.batch_size,
@@ -184,6 +199,7 @@ def prepare_cell(
         eval_size=settings.eval_size,
         diverge_factor=settings.diverge_factor,
         stop_at_target=settings.stop_at_target,
+        cuda_graph=settings.cuda_graph,
     )
     return PreparedCell(workload, problem, method, splits, config)
 
@@ -321,6 +337,9 @@ def cell_row(
         "amp": cell.settings.amp,
         "compile": cell.settings.compile,
         "compile_s": result.compile_s if result else math.nan,
+        "cuda_graph": cell.settings.cuda_graph and env["device_kind"] == "cuda",
+        "graphed_steps": result.graphed_steps if result else 0,
+        "graphs_captured": result.graphs_captured if result else 0,
         "build_s": build_s,
         "eval_s": result.eval_s if result else math.nan,
         "ops_probe_s": ops_probe_s,

@@ -54,7 +54,7 @@ CELL_COLUMNS = (
     "timer_overhead_ms", "timer_overhead_ratio",
     "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
     "device_name", "world_size", "backend", "flush_denormal", "tf32", "cudnn_benchmark", "amp",
-    "compile", "compile_s",
+    "compile", "compile_s", "cuda_graph", "graphed_steps", "graphs_captured",
     "build_s", "eval_s", "ops_probe_s", "wall_s", "torch_version", "kfacbench_version",
     "git_commit", "host", "started_at", "finished_at",
 )  # fmt: skip
@@ -116,6 +116,8 @@ def cells_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         {
             "inv_interval": "Int64",
             "steps": "Int64",
+            "graphed_steps": "Int64",
+            "graphs_captured": "Int64",
             "world_size": "Int64",
             "torch_threads": "Int64",
             "cpus": "Int64",

@@ -16,6 +16,7 @@ training run. The schema (``suites/quick.toml`` is a working example)::
     seed = [0]                       # default [0]
     inv_interval = [20]              # default [20]; only for methods with uses_inv_interval
     compile = ["off", "default"]     # optional: the compile setting as a sweep axis
+    cuda_graph = [false, true]       # optional: the cuda_graph setting as a sweep axis
     [optimizers.sgd]                 # one table per registered method, at least one
     lr = [0.01, 0.1]                 # a value or a list of values per hyperparameter
     [[exclude]]                      # drop the cells matching every key given
@@ -57,7 +58,7 @@ from kfacbench.optim.base import Bounds, HParam, HParamValue, MethodSpec
 
 T = TypeVar("T")
 
-AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed", "compile")
+AXES = ("workload", "optimizer", "batch_size", "inv_interval", "seed", "compile", "cuda_graph")
 """The sweep axes of a cell; with hyperparameter names, the keys an ``[[exclude]]`` table takes."""
 
 _TOP_KEYS = (
@@ -72,7 +73,9 @@ _TOP_KEYS = (
     "diagnose",
 )
 _PROFILE_KEYS = ("wait", "warmup", "active")
-_SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval", "compile")
+SETTING_AXES = ("compile", "cuda_graph")
+"""Run settings that are also sweep axes, so their cells run side by side in one suite."""
+_SWEEP_KEYS = ("workload", "batch_size", "seed", "inv_interval", *SETTING_AXES)
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 """The device specs a suite and ``--device`` take."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # names a results directory
@@ -124,6 +127,11 @@ class Settings:
             be compiled: ``default``, ``max-autotune`` or ``reduce-overhead`` (CUDA graphs on a
             GPU); see :mod:`kfacbench.core.compiling`. Also a sweep axis (``sweep.compile``), so
             eager and compiled cells run side by side.
+        cuda_graph: replay each step a method allows (not its refreshes) from a whole-step CUDA
+            graph (:mod:`kfacbench.core.graphs`): SGD, K-FAC with fixed damping (kfac-fast) and
+            SKFAC. Capturing is kept off the clock, like compiling; the ``graphed_steps`` column
+            counts the replayed steps. On a CPU the cells run eagerly (``graphed_steps`` 0). Also
+            a sweep axis (``sweep.cuda_graph``), so graphed and eager cells run side by side.
         cudnn_benchmark: let cuDNN time its convolution algorithms and keep the fastest (CUDA
             only; on by default there, as a user tuning a conv net would run it). The tuning
             happens in an untimed pass before the clock starts (:func:`kfacbench.core.loop.train`)
@@ -150,6 +158,7 @@ class Settings:
     compile: str = "off"
     cudnn_benchmark: bool = True
     count_ops: bool = True
+    cuda_graph: bool = False
 
 
 SYNTHETIC_EVAL: dict[str, Any] = {"train_eval_size": 0, "eval_size": 0}
@@ -161,6 +170,7 @@ LATER_SETTINGS = {
     "stop_at_target": Settings.stop_at_target,
     "compile": Settings.compile,
     "cudnn_benchmark": Settings.cudnn_benchmark,
+    "cuda_graph": Settings.cuda_graph,
 }
 """Settings that cell ids include only when not at their default (see :attr:`Cell.id`)."""
 
@@ -286,6 +296,8 @@ class Cell:
         parts += [f"{key}={self.hparams[key]}" for key in self.label_keys]
         if self.settings.compile != "off":
             parts.append(f"compile={self.settings.compile}")
+        if self.settings.cuda_graph:
+            parts.append("cuda_graph")
         parts.append(f"seed={self.seed}")
         return " ".join(parts)
 
@@ -414,11 +426,15 @@ def parse_suite(
     )
 
     settings = _resolve_settings(r, names, data)
-    compiles: list[str | None] = [None]  # None: each workload's own setting
-    if "compile" in sweep:
-        compiles = [
-            *r.values(sweep["compile"], "sweep.compile", lambda v, p: r.string(v, p, COMPILE_MODES))
-        ]
+    # Per setting axis its values; {} (no override): each workload's own setting.
+    axes = [
+        [{key: v} for v in r.values(sweep[key], f"sweep.{key}", partial(_SETTINGS[key], r))]
+        for key in SETTING_AXES
+        if key in sweep
+    ]
+    overrides = [
+        dict(kv for one in combo for kv in one.items()) for combo in itertools.product(*axes)
+    ]
     grids = _grids(r, data, methods)
     profile = None
     if "profile" in data:
@@ -443,7 +459,7 @@ def parse_suite(
         * len(batch_sizes)
         * (len(inv_intervals) if methods[optimizer].uses_inv_interval else 1)
         * len(seeds)
-        * len(compiles)
+        * len(overrides)
         for optimizer, combos in grids.items()
     )
     if len(names) * per_workload > MAX_CELLS:
@@ -453,10 +469,10 @@ def parse_suite(
         invs: list[int | None] = (
             [*inv_intervals] if methods[optimizer].uses_inv_interval else [None]
         )
-        for hparams, batch_size, inv, seed, mode in itertools.product(
-            combos, batch_sizes, invs, seeds, compiles
+        for hparams, batch_size, inv, seed, override in itertools.product(
+            combos, batch_sizes, invs, seeds, overrides
         ):
-            run = settings[workload] if mode is None else replace(settings[workload], compile=mode)
+            run = replace(settings[workload], **override)
             cells.append(Cell(name, workload, optimizer, batch_size, inv, seed, hparams, run))
 
     kept = _exclude(r, data.get("exclude", []), cells, [methods[o] for o in grids])
@@ -578,8 +594,8 @@ def _exclude(
 
 def _value(cell: Cell, key: str) -> object:
     """The cell's value for an exclude key; ``None`` (which TOML cannot write) where it has none."""
-    if key == "compile":
-        return cell.settings.compile
+    if key in SETTING_AXES:
+        return getattr(cell.settings, key)
     return getattr(cell, key) if key in AXES else cell.hparams.get(key)
 
 
@@ -760,5 +776,6 @@ _SETTINGS: dict[str, Callable[[_Reader, object, str], Any]] = {
     "compile": lambda r, v, p: r.string(v, p, COMPILE_MODES),
     "cudnn_benchmark": _Reader.boolean,
     "count_ops": _Reader.boolean,
+    "cuda_graph": _Reader.boolean,
 }
 """Converter per :class:`Settings` field: the keys ``[defaults]`` and ``[workloads.*]`` take."""

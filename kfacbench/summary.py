@@ -16,8 +16,8 @@ TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
 
 
 def varying_hparams(cells: pd.DataFrame) -> pd.Series:
-    """For each cell, the hyperparameters whose values differ within its optimizer's cells, and
-    its ``compile`` mode when not ``off``."""
+    """For each cell, the hyperparameters whose values differ within its optimizer's cells, its
+    ``compile`` mode when not ``off``, and ``cuda_graph`` when its steps were graphed."""
     parsed = cells["hparams"].map(json.loads)
     out = pd.Series("", index=cells.index, dtype=object)
     for _, group in cells.groupby("optimizer"):
@@ -31,6 +31,9 @@ def varying_hparams(cells: pd.DataFrame) -> pd.Series:
         # some pandas versions (an empty object column becomes arrow's null type).
         for i in mode.index[mode != "off"]:
             out[i] = f"{out[i]} compile={mode[i]}".strip()
+    if "cuda_graph" in cells:  # likewise (cells before: no column)
+        for i in cells.index[cells["cuda_graph"].fillna(False).astype(bool)]:
+            out[i] = f"{out[i]} cuda_graph".strip()
     return out
 
 

@@ -406,6 +406,34 @@ def test_compiled_cells_record_compile_time_and_compiled_phases(tmp_path: Path) 
     assert counted.loc["default"].isna().all() and counted.loc["off"].notna().all()
 
 
+def test_cuda_graph_cells_run_eagerly_on_a_cpu_and_refuse_what_they_cannot_graph(
+    tmp_path: Path,
+) -> None:
+    """On a CPU a cuda_graph cell trains as its eager twin (no step replayed, the column says
+    the setting was not in effect); a method without graph hooks (AdamW) and a compiled cell
+    are one-line errors naming the setting."""
+    suite = write_suite(tmp_path, lrs="0.1", extra="[optimizers.adamw]\n")
+    text = suite.read_text().replace("seed = [0]", "seed = [0]\ncuda_graph = [false, true]")
+    suite.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 1  # AdamW has no graph hooks
+    cells = load_tables(only_run_dir(out, "t"))["cells"]
+    cells = cells.set_index([cells["optimizer"], cells["label"].str.contains("cuda_graph")])
+    sgd, adamw = cells.loc["sgd"], cells.loc["adamw"]
+    assert sgd.loc[True, "status"] == "ok" and sgd.loc[True, "graphed_steps"] == 0
+    assert not sgd["cuda_graph"].any()  # recorded as not in effect on this device
+    assert sgd.loc[True, "final_train_loss"] == sgd.loc[False, "final_train_loss"]
+    assert adamw.loc[True, "status"] == "error" and adamw.loc[False, "status"] == "ok"
+    assert "cuda_graph" in adamw.loc[True, "error"]
+    compiled = suite.read_text().replace("cuda_graph = [false, true]", 'compile = "default"')
+    suite.write_text(compiled.replace("[optimizers.adamw]\n", "") + "")
+    text = suite.read_text().replace("[defaults]", "[defaults]\ncuda_graph = true")
+    suite.write_text(text)
+    assert cli.main(["run", str(suite), "--out", str(tmp_path / "c")]) == 1
+    (row,) = load_tables(only_run_dir(tmp_path / "c", "t"))["cells"].to_dict("records")
+    assert "compile = 'off'" in row["error"]
+
+
 def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> None:
     suite = write_suite(tmp_path, lrs="0.1")
     suite.write_text(suite.read_text().replace("max_steps", 'compile = "default"\nmax_steps'))

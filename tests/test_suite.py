@@ -175,6 +175,7 @@ def test_every_setting_is_read() -> None:
         "compile": "reduce-overhead",
         "cudnn_benchmark": False,
         "count_ops": False,
+        "cuda_graph": True,
     }
     assert set(values) == {f.name for f in fields(Settings)}
     defaults = "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
@@ -283,6 +284,7 @@ def test_id_is_the_hash_of_the_config() -> None:
     assert config["settings"].pop("stop_at_target") is False
     assert config["settings"].pop("compile") == "off"
     assert config["settings"].pop("cudnn_benchmark") is True
+    assert config["settings"].pop("cuda_graph") is False
     # A measurement-only setting is never hashed: counting ops or not trains the same cell.
     assert config["settings"].pop("count_ops") is True
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))
@@ -754,6 +756,28 @@ def test_compile_is_a_setting_and_a_sweep_axis() -> None:
 def test_an_unknown_compile_mode_names_the_key(text: str, key: str) -> None:
     with pytest.raises(SuiteError, match=rf"{key}.*'reduce-overhead'"):
         parse(text)
+
+
+def test_cuda_graph_is_a_setting_and_a_sweep_axis_crossed_with_compile() -> None:
+    (eager,) = parse(BASE).cells
+    assert eager.settings.cuda_graph is False and "cuda_graph" not in eager.label
+    (on,) = parse(BASE.replace("max_steps = 10", "max_steps = 10\ncuda_graph = true")).cells
+    assert on.settings.cuda_graph is True and on.id != eager.id
+    swept = parse(
+        BASE.replace(
+            "batch_size = [100]",
+            'batch_size = [100]\ncuda_graph = [false, true]\ncompile = ["off", "default"]',
+        )
+        + '[[exclude]]\ncuda_graph = true\ncompile = "default"\n'
+    )
+    assert labels(swept) == [
+        "curves_ae sgd bs=100 seed=0",
+        "curves_ae sgd bs=100 cuda_graph seed=0",
+        "curves_ae sgd bs=100 compile=default seed=0",
+    ]
+    assert swept.cells[0].id == eager.id and swept.cells[1].id == on.id
+    with pytest.raises(SuiteError, match=r"sweep\.cuda_graph\[0\]: expected true or false"):
+        parse(BASE.replace("batch_size = [100]", "batch_size = [100]\ncuda_graph = [1]"))
 
 
 # --- evaluation sizes --------------------------------------------------------------------------

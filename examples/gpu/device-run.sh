@@ -16,8 +16,8 @@
 # the suites' cells (a glob on labels, e.g. '*kfac-fast*'). `--budget` caps the whole script:
 # each stage's limit shrinks to what is left (less 30 s to pack the results) and a stage with
 # under 20 s left is skipped, so a call with a hard time limit still returns every file.
-# `--suites` replaces the four suites (e.g. "compile_gpu kfac_inverse modern_speed", the second
-# run's). `--doctor` restricts the doctor to the checks matching a glob (e.g. 'linalg*': the
+# `--suites` replaces the four suites (e.g. "kfac_gpu graph_gpu modern_speed": issue 28's
+# figures). `--doctor` restricts the doctor to the checks matching a glob (e.g. 'linalg*': the
 # linear-algebra probe alone, whose rows come back as linalg.parquet). The peers need their
 # packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
 # Set KFACBENCH_COMMIT to the commit the working tree is (commit first): git in the device's copy
@@ -85,9 +85,8 @@ print("fp32 matmul precision", torch.get_float32_matmul_precision(), "threads", 
 print("kfacbench", kfacbench.__version__, kfacbench.__file__)'
 stage doctor 240 "$py" -m kfacbench doctor --device "$device" --out "$work/doctor" "${doctor_only[@]}"
 cp "$work/doctor/doctor.parquet" "$work/doctor/linalg.parquet" "$out/" 2>/dev/null
-# The tests that have CUDA-only paths (skipped on CPU; here they run).
-mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests)
-stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
+# Graphed steps must follow the eager trajectory before their timings mean anything.
+stage graph-tests 60 "$py" -m pytest -q -rs -p no:cacheprovider tests/core/test_graphs.py
 runs=()
 for suite in "${suites[@]}"; do
     stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
@@ -105,6 +104,10 @@ frames = [load_tables(Path(r), {"cells": ()})["cells"] for r in sys.argv[2:]]
 pd.concat(frames, ignore_index=True).to_parquet(sys.argv[1])' "$out/cells.parquet" "${runs[@]}" \
         >> "$log" 2>&1
 fi
+# The other tests that have CUDA-only paths (skipped on CPU; here they run), after the suites and
+# their report: a call with a tight budget returns its measurements first.
+mapfile -t cuda_tests < <(grep -rl "needs CUDA" tests | grep -v test_graphs.py)
+stage cuda-tests 150 "$py" -m pytest -q -rs -p no:cacheprovider "${cuda_tests[@]}"
 # The temporary folder and the working tree are this machine's: the log keeps what follows them.
 sed -i -e "s|$(dirname "$work")/||g" -e "s|$PWD/||g" "$log"
 tar -czf "$out/device-run.tar.gz" -C "$(dirname "$work")" device-run

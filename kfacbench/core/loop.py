@@ -26,6 +26,7 @@ import torch
 from torch.func import functional_call, jvp
 
 from kfacbench.core.compiling import CompileClock, PhaseCompiled
+from kfacbench.core.graphs import StepGraphs
 from kfacbench.core.problem import Problem, per_example_loss, prediction
 from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead, summarise
 from kfacbench.data import Splits
@@ -61,6 +62,7 @@ class LoopConfig:
     eval_size: int | None = None  # None: the whole test set; 0 (either size): no such eval
     diverge_factor: float = 10.0
     stop_at_target: bool = False
+    cuda_graph: bool = False  # replay steps from CUDA graphs (on a CUDA device; else eager)
 
 
 @dataclass
@@ -84,10 +86,15 @@ class TrainResult:
         mem_baseline_mb: device memory allocated when training began: the data on the device,
             the model and the state a method allocates when built (CUDA only). The peak minus
             it is what training adds: activations, curvature factors, inverses, workspaces.
-        compile_s: seconds spent compiling (``compile`` setting), kept out of ``train_time_s``
-            and of the phase times: the steps a compilation fell into are dropped from them.
+        compile_s: seconds spent compiling (``compile`` setting) or capturing CUDA graphs
+            (``cuda_graph``), kept out of ``train_time_s`` and of the phase times: the steps a
+            compilation fell into are dropped from them, and a capture runs before its step's
+            clock.
         compiled: the phases that ran compiled (the method's ``compiled_phases()``).
         eval_s: wall-clock seconds spent evaluating (off the training clock).
+        graphed_steps: steps replayed from a CUDA graph (``cuda_graph``); their phases are
+            timed as one ``step``, so the other phases' rows count the eager steps only.
+        graphs_captured: CUDA graphs captured (one per key: :mod:`kfacbench.core.graphs`).
     """
 
     status: Literal["ok", "diverged"]
@@ -105,6 +112,8 @@ class TrainResult:
     compiled: dict[str, PhaseCompiled] = field(default_factory=dict)
     time_to_target_lo_s: float | None = None
     eval_s: float = 0.0
+    graphed_steps: int = 0
+    graphs_captured: int = 0
 
 
 def synchronize(device: torch.device) -> None:
@@ -287,6 +296,7 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device) / 2**20
 
+    graphs = StepGraphs(method, device) if config.cuda_graph and device.type == "cuda" else None
     batch_size_at = getattr(method, "batch_size_at", None)
     averaged = getattr(method, "averaged", None)
     examples = 0
@@ -372,6 +382,11 @@ def train(
     step = 0
     reason = ""
     with CompileClock() as clock:
+
+        def off_clock() -> float:
+            """Seconds compiling and capturing graphs so far: kept off the training time."""
+            return clock.seconds + (graphs.capture_s if graphs is not None else 0.0)
+
         segment_start, segment_compile = time.perf_counter(), 0.0
         while True:
             size = config.batch_size
@@ -381,18 +396,22 @@ def train(
             examples += idx.shape[0]
             if dist is not None:
                 idx = shard(idx, dist)
-            mark, compiles = timer.mark(), clock.events
-            with timer.step():
-                loss = method.step(data.train_x[idx], data.train_y[idx], timer)
-            if clock.events != compiles:  # the step compiled: its phase times are the compiler's
-                timer.discard_since(mark)
+            key = graphs.plan(step, idx.shape[0]) if graphs is not None else None
+            if graphs is not None and key is not None:
+                loss = graphs.step(key, data.train_x, data.train_y, idx, timer)
+            else:
+                mark, compiles = timer.mark(), clock.events
+                with timer.step():
+                    loss = method.step(data.train_x[idx], data.train_y[idx], timer)
+                if clock.events != compiles:  # the step compiled: its times are the compiler's
+                    timer.discard_since(mark)
             pending_losses.append(loss)
             step += 1
             if on_step is not None:
                 on_step(step)
             read_back = step % config.eval_every == 0 or step % config.log_every == 0
             # Compilation is kept off the training time (the compile_s column).
-            compiling = clock.seconds - segment_compile
+            compiling = off_clock() - segment_compile
             elapsed = train_time + time.perf_counter() - segment_start - compiling
             out_of_time = config.max_seconds is not None and elapsed >= config.max_seconds
             if dist is not None and config.max_seconds is not None:
@@ -415,7 +434,7 @@ def train(
                 break
             if done or (config.stop_at_target and time_to_target is not None):
                 break
-            segment_start, segment_compile = time.perf_counter(), clock.seconds
+            segment_start, segment_compile = time.perf_counter(), off_clock()
 
     durations = timer.all_durations()
     if dist is not None:
@@ -438,7 +457,9 @@ def train(
         timer_overhead_ms=overhead,
         peak_mem_mb=peak,
         mem_baseline_mb=baseline,
-        compile_s=clock.seconds,
+        compile_s=off_clock(),
         compiled=method.compiled_phases() if hasattr(method, "compiled_phases") else {},
         eval_s=eval_time,
+        graphed_steps=graphs.replayed if graphs is not None else 0,
+        graphs_captured=graphs.captured if graphs is not None else 0,
     )

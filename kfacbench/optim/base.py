@@ -41,6 +41,9 @@ class Method(Protocol):
     - ``compiled_phases() -> dict``: which phases ran compiled (``all`` or ``part``) under the
       cell's ``compile`` setting; the ``compiled`` column of the phases table. A method without
       it cannot run a cell with ``compile`` on.
+    - ``graph_key(step)``, ``graph_replayed()`` and optionally ``graph_generators()``: which
+      steps a CUDA graph may replay under the ``cuda_graph`` setting
+      (:mod:`kfacbench.core.graphs`). A method without them cannot run a cell with it on.
     """
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -198,6 +201,8 @@ class MethodContext:
             curvature share it over the ranks (:mod:`kfacbench.distributed`).
         compile: the cell's ``compile`` setting: which torch.compile mode the method's
             compilable regions use (:mod:`kfacbench.core.compiling`).
+        cuda_graph: the cell's ``cuda_graph`` setting: steps may be replayed from CUDA graphs,
+            so a refresh must land in the memory the graphs read (:mod:`kfacbench.core.graphs`).
     """
 
     total_steps: int | None
@@ -205,6 +210,7 @@ class MethodContext:
     device: torch.device
     dist: Dist | None = None
     compile: CompileMode = "off"
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
+from kfacbench.core.graphs import land
 from kfacbench.core.problem import Distribution, Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -216,6 +217,8 @@ class KFAC:
             couples all layers and is computed on every rank.
         compile: the torch.compile mode of the compilable regions (:meth:`compiled_phases`);
             ``off`` runs eagerly.
+        cuda_graph: steps may be replayed from CUDA graphs (:meth:`graph_key`): refreshes land
+            in place, in the memory the graphs read.
     """
 
     def __init__(
@@ -250,6 +253,7 @@ class KFAC:
         dist: Dist | None = None,
         dist_strategy: str = "comm-opt",
         compile: CompileMode = "off",
+        cuda_graph: bool = False,
     ) -> None:
         if inverse_method not in INVERSE_METHODS:
             raise KfacbenchError(
@@ -341,6 +345,8 @@ class KFAC:
         )
         self._compiled_direction = compiled(self._direction, compile)
         self.compile: CompileMode = compile
+        self.cuda_graph = cuda_graph
+        self.graph_generation = 0  # bumped when a refresh cannot land in place
         if not 0.0 <= polyak < 1.0:
             raise KfacbenchError(f"polyak must be in [0, 1), got {polyak}")
         self.growing_batch = growing_batch
@@ -462,6 +468,38 @@ class KFAC:
             }
         return {"lr": self.lr, "damping": float(self.lam), "gamma": float(self.gamma)}
 
+    def graph_key(self, step: int) -> Hashable | None:
+        """The steps a CUDA graph may replay (:mod:`kfacbench.core.graphs`): with fixed damping
+        and no re-scaling (kfac-fast), every step but the refreshes and those before the moving
+        average's weight ε = min(1 − 1/k, ε_max) (§5) stops changing; a factor-update step and a
+        plain one have different kernels. The adaptive methods (LM, the γ search, the quadratic
+        model's α and μ) decide on the host between refreshes, and data-parallel, tridiagonal
+        and compiled steps are not graphed."""
+        if not (
+            self.fixed_damping
+            and not self.rescale
+            and self.dist is None
+            and self.structure == "blockdiag"
+            and self.compile == "off"
+        ):
+            return None
+        if step < 3 or step % self.inv_interval == 0:
+            return None
+        update_cov = step % self.cov_interval == 0
+        if update_cov and 1 - 1 / (self.factor_updates + 1) < self.ema_max:
+            return None
+        return ("kfac", update_cov, self.graph_generation)
+
+    def graph_replayed(self) -> None:
+        """A replayed step's host state: the step and factor-update counts."""
+        if self.steps % self.cov_interval == 0:
+            self.factor_updates += 1
+        self.steps += 1
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The sampled Fisher's target draws."""
+        return [self.generator]
+
     def compiled_phases(self) -> dict[str, PhaseCompiled]:
         """Preconditioning is a compiled region, and so is the SGD update without re-scaling.
         Forward and backward stay eager: the capture hooks record layer inputs and output
@@ -582,7 +620,7 @@ class KFAC:
         for c in self.curv:
             if c.a is None or c.g is None:
                 raise RuntimeError("K-FAC inverse requested before any factor update")
-            c.pi = factored_damping_pi(c.a, c.g)
+            self._land(c, "pi", factored_damping_pi(c.a, c.g))
         if self.structure == "tridiag":
             self.tridiag = self._tridiag_pieces(self.gamma)
         elif self.eigenbasis:
@@ -598,7 +636,13 @@ class KFAC:
                 dampings += (c.pi * self.gamma, self.gamma / c.pi)
             inverses = self.inverter.refresh(mats, dampings)
             for c, a_inv, g_inv in zip(owned, inverses[::2], inverses[1::2], strict=True):
-                c.a_inv, c.g_inv = a_inv, g_inv
+                self._land(c, "a_inv", a_inv)
+                self._land(c, "g_inv", g_inv)
+
+    def _land(self, c: LayerCurvature, name: str, value: torch.Tensor) -> None:
+        """Store a refresh's result; under CUDA graphs in place (:func:`.graphs.land`)."""
+        if land(c, name, value, in_place=self.cuda_graph):
+            self.graph_generation += 1
 
     def _batched_eigh(self) -> None:
         """Eigendecompose all factors, one batched call per distinct size (fewer launches on a
@@ -612,8 +656,8 @@ class KFAC:
             stack = torch.stack([getattr(c, which) for c, which in members])
             vals, vecs = robust_eigh(stack, f"the {len(members)} factors of size {size}")
             for (c, which), d, q in zip(members, vals, vecs, strict=True):
-                setattr(c, f"d{which}", d)
-                setattr(c, f"q{which}", q)
+                self._land(c, f"d{which}", d)
+                self._land(c, f"q{which}", q)
 
     def _tridiag_pieces(self, gamma: torch.Tensor) -> TridiagInverse:
         diag_a, diag_g = [], []
@@ -930,7 +974,14 @@ def _hparams(**overrides: HParam) -> dict[str, HParam]:
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
-    return KFAC(problem, **hp, seed=ctx.seed, dist=ctx.dist, compile=ctx.compile)
+    return KFAC(
+        problem,
+        **hp,
+        seed=ctx.seed,
+        dist=ctx.dist,
+        compile=ctx.compile,
+        cuda_graph=ctx.cuda_graph,
+    )
 
 
 def _spec(name: str, summary: str, hparams: dict[str, HParam]) -> MethodSpec:

@@ -18,7 +18,7 @@ instead of one per tensor, which matters for short steps on a GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,20 @@ class SGD:
     def log_values(self) -> dict[str, float]:
         """Current learning rate."""
         return {"lr": self.lr}
+
+    def graph_key(self, step: int) -> Hashable | None:
+        """Every step may be replayed from a CUDA graph (:mod:`kfacbench.core.graphs`); the
+        learning rate is a kernel argument, so each value has its own graph (a schedule that
+        changes it every step runs eagerly: a key is captured only once it repeats). Not when
+        compiled (torch.compile's own graphs)."""
+        if self._compiled_update is not None:
+            return None
+        return ("sgd", self.lr_at(step))
+
+    def graph_replayed(self) -> None:
+        """A replayed step's host state: the learning rate and the step count."""
+        self.lr = self.lr_at(self.steps)
+        self.steps += 1
 
     def compiled_phases(self) -> dict[str, PhaseCompiled]:
         """Forward (with the loss) and update are compiled regions; the backward pass runs the

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
+from kfacbench.core.graphs import land
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -291,6 +292,8 @@ class SKFAC:
         dist_strategy: ``comm-opt`` or ``mem-opt`` (see :class:`~kfacbench.optim.kfac.KFAC`).
         compile: the torch.compile mode of the compilable regions (:meth:`compiled_phases`);
             ``off`` runs eagerly.
+        cuda_graph: steps may be replayed from CUDA graphs (:meth:`graph_key`): refreshes land
+            in place, in the memory the graphs read.
     """
 
     def __init__(
@@ -317,6 +320,7 @@ class SKFAC:
         dist: Dist | None = None,
         dist_strategy: str = "comm-opt",
         compile: CompileMode = "off",
+        cuda_graph: bool = False,
     ) -> None:
         for key, value, known in (
             ("reduction", reduction, REDUCTIONS),
@@ -373,6 +377,8 @@ class SKFAC:
         self.compile: CompileMode = compile
         self._compiled_direction = compiled(self._direction, compile)
         self.float64_systems = False
+        self.cuda_graph = cuda_graph
+        self.graph_generation = 0  # bumped when a refresh cannot land in place
         self.steps = 0
         self.device = device
         self.dist = dist
@@ -427,6 +433,25 @@ class SKFAC:
     def log_values(self) -> dict[str, float]:
         """The learning rate and λ."""
         return {"lr": self.sgd.lr, "damping": float(self.lam)}
+
+    def graph_key(self, step: int) -> Hashable | None:
+        """The steps a CUDA graph may replay (:mod:`kfacbench.core.graphs`): those that neither
+        refresh nor measure factor roots (the moving average keeps a window of them on the host),
+        one graph per learning rate. Data-parallel and compiled steps are not graphed."""
+        if self.dist is not None or self.compile != "off":
+            return None
+        if step % self.inv_interval == 0 or (-step) % self.inv_interval < self.window:
+            return None
+        return ("skfac", self.sgd.lr_at(step), self.graph_generation)
+
+    def graph_replayed(self) -> None:
+        """A replayed step's host state: the learning rate and the step count."""
+        self.sgd.lr = self.sgd.lr_at(self.steps)
+        self.steps += 1
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The sampled Fisher's target draws and the sampled positions of conv layers."""
+        return [self.generator, self.position_generator]
 
     def info(self) -> dict[str, Any]:
         """Which layers are preconditioned, and per layer the rank of the last factors and the
@@ -547,7 +572,9 @@ class SKFAC:
         # Once float32 has failed, later refreshes go straight to float64 (no failing attempt).
         self.float64_systems = self.float64_systems or any(inv.float64 for inv in inverses)
         for i, c in enumerate(owned):
-            c.a_inv, c.g_inv = inverses[2 * i], inverses[2 * i + 1]
+            for name, inverse in (("a_inv", inverses[2 * i]), ("g_inv", inverses[2 * i + 1])):
+                if land(c, name, inverse, in_place=self.cuda_graph):
+                    self.graph_generation += 1
 
     def compiled_phases(self) -> dict[str, PhaseCompiled]:
         """Preconditioning and the update are compiled regions. Forward and backward stay eager
@@ -663,6 +690,7 @@ def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SKFAC
         seed=ctx.seed,
         dist=ctx.dist,
         compile=ctx.compile,
+        cuda_graph=ctx.cuda_graph,
     )
 
 

@@ -22,6 +22,7 @@ from kfacbench.report.tables import (
     baseline_name,
     busy_warnings,
     final_metric_table,
+    graph_table,
     not_races,
     peer_table,
     step_time_table,
@@ -47,6 +48,14 @@ class Section:
     details: list[tuple[str, str]] = field(default_factory=list)
     """(summary, preformatted text): shown collapsed in the HTML page only."""
 
+
+GRAPHS_NOTE = (
+    "Settings run both eagerly and with cuda_graph = true (each step the method allows replayed"
+    " from a whole-step CUDA graph; refreshes and warm-up steps stay eager). Amortized step"
+    " (training time / steps) eager and graphed and their ratio (speedup, eager / graphed), the"
+    " median step likewise, and the share of steps replayed; medians over seeds. Capturing is"
+    " off the clock (the compile s column)."
+)
 
 TTT_NOTE = (
     "Every setting, with its median time to the target over seeds, or what happened instead. "
@@ -181,6 +190,9 @@ def sections(
         final = final_metric_table(data.cells)
         if not final.empty:
             out.append(Section("At the end of training", text=[FINAL_NOTE], table=final))
+        graphs = graph_table(data)
+        if not graphs.empty:
+            out.append(Section("CUDA graphs against eager steps", text=[GRAPHS_NOTE], table=graphs))
         peers = peer_table(data)
         if not peers.empty:
             out.append(Section("kfacbench vs peers", text=[PEERS_NOTE], table=peers))

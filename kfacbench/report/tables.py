@@ -309,8 +309,9 @@ def step_time_table(data: ReportData) -> pd.DataFrame:
     baseline = data.baseline
     ok = data.cells[data.cells["status"] == "ok"].copy()
     ok["compile"] = ok["compile"].fillna("off") if "compile" in ok else "off"
+    ok["cuda_graph"] = ok["cuda_graph"].fillna(False).astype(bool) if "cuda_graph" in ok else False
     ok["amortized_ms"] = amortized_step_ms(ok)
-    keys = ["suite", "workload", "batch_size", "compile"]
+    keys = ["suite", "workload", "batch_size", "compile", "cuda_graph"]
     table = ok.groupby([*keys, "optimizer", "setting"], as_index=False).agg(
         seeds=("seed", "nunique"),
         amortized_ms=("amortized_ms", "median"),
@@ -390,6 +391,53 @@ the setting; the seeds of a setting are its replicates. Compiled cells are never
 peers run eager)."""
 
 
+def graph_table(data: ReportData) -> pd.DataFrame:
+    """Whole-step CUDA graphs against eager steps (the ``cuda_graph`` setting), per setting run
+    both ways in the same suite, workload, batch size and compile mode: the amortized step
+    (training time / steps, refreshes and eager warm-up steps included) and the median step
+    (a replayed one, where most steps are), each eager / graphed, medians over seeds. Only cells
+    that replayed steps count as graphed (on a CPU the setting runs eagerly). Empty without
+    such pairs."""
+    if "cuda_graph" not in data.cells:
+        return pd.DataFrame()
+    ok = data.cells[data.cells["status"] == "ok"].copy()
+    ok["graphed"] = ok["cuda_graph"].fillna(False).astype(bool)
+    ok = ok[~ok["graphed"] | (ok["graphed_steps"].fillna(0) > 0)]
+    ok["compile"] = ok["compile"].fillna("off") if "compile" in ok else "off"
+    ok["amortized_ms"] = amortized_step_ms(ok)
+    ok["base_setting"] = ok["setting"].str.replace(r" cuda_graph(?= \[|$)", "", regex=True)
+    keys = ["suite", "workload", "batch_size", "compile", "optimizer", "base_setting"]
+    per = ok.groupby([*keys, "graphed"], as_index=False).agg(
+        seeds=("seed", "nunique"),
+        amortized_ms=("amortized_ms", "median"),
+        median_step_ms=("median_step_ms", "median"),
+    )
+    share = ok[ok["graphed"]].assign(share=lambda f: f["graphed_steps"] / f["steps"])
+    shares = share.groupby(keys)["share"].median()
+    eager = per[~per["graphed"]].set_index(keys)
+    graphed = per[per["graphed"]].set_index(keys)
+    both = eager.index.intersection(graphed.index)
+    rows = []
+    for key in both:
+        e, g = eager.loc[key], graphed.loc[key]
+        rows.append(
+            {
+                "workload": key[1],
+                "optimizer": key[4],
+                "setting": key[5],
+                "seeds": int(min(e["seeds"], g["seeds"])),
+                "eager_ms": e["amortized_ms"],
+                "graphed_ms": g["amortized_ms"],
+                "speedup": e["amortized_ms"] / g["amortized_ms"],
+                "eager_median_ms": e["median_step_ms"],
+                "graphed_median_ms": g["median_step_ms"],
+                "speedup_median": e["median_step_ms"] / g["median_step_ms"],
+                "graphed_share": shares.get(key, math.nan),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def peer_table(data: ReportData) -> pd.DataFrame:
     """kfacbench's presets against the peers that implement the same method, paired on identical
     settings (:data:`PAIR_KEYS`, and equal values of every hyperparameter both name): the
@@ -399,6 +447,8 @@ def peer_table(data: ReportData) -> pd.DataFrame:
     ok = data.cells[data.cells["status"] == "ok"].copy()
     if "compile" in ok:
         ok = ok[ok["compile"].fillna("off") == "off"]
+    if "cuda_graph" in ok:
+        ok = ok[~ok["cuda_graph"].fillna(False).astype(bool)]
     ok["amortized_ms"] = amortized_step_ms(ok)
     ok["setting_label"] = settings_of(ok["label"].astype(str))
     keys = [k for k in PAIR_KEYS if k in ok]
