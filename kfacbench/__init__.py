@@ -12,4 +12,29 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+# The public contract, for plugins (docs/plugins.md): imported on first use, so that reading the
+# version does not import torch.
+_PUBLIC = {
+    "Method": "kfacbench.core.method",
+    "MethodContext": "kfacbench.core.method",
+    "MethodSpec": "kfacbench.core.method",
+    "HParam": "kfacbench.core.method",
+    "Param": "kfacbench.core.method",
+    "hparams_from": "kfacbench.core.method",
+    "method_spec": "kfacbench.core.method",
+    "PhaseTimer": "kfacbench.core.timing",
+    "Problem": "kfacbench.core.problem",
+    "Splits": "kfacbench.data",
+    "Workload": "kfacbench.workloads",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _PUBLIC:
+        from importlib import import_module
+
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'kfacbench' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_PUBLIC]

@@ -36,7 +36,6 @@ from torch import nn
 
 from kfacbench.core import subnormals
 from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
-from kfacbench.core.graphs import GraphHooks
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.opcount import PROBE_STEPS, PhaseOps, count_steps, phase_ops
 from kfacbench.core.problem import Problem
@@ -178,12 +177,12 @@ def prepare_cell(
         settings.cuda_graph,
     )
     method = spec.build(problem, hparams, context)
-    if settings.compile != "off" and not hasattr(method, "compiled_phases"):
+    if settings.compile != "off" and not method.supports("compiled_phases"):
         raise KfacbenchError(
             f"optimizer {cell.optimizer!r} has no compiled regions; compile ="
             f" {settings.compile!r} applies to SGD, K-FAC and SKFAC (set compile = 'off' for it)"
         )
-    if settings.cuda_graph and not isinstance(method, GraphHooks):
+    if settings.cuda_graph and not method.supports("graph_key"):
         raise KfacbenchError(
             f"optimizer {cell.optimizer!r} has no steps a CUDA graph may replay; cuda_graph ="
             " true applies to SGD, K-FAC and SKFAC (set cuda_graph = false for it)"
@@ -252,7 +251,7 @@ def run_cell(
             on_progress=on_progress,
             dist=dist,
         )
-    info = p.method.info() if hasattr(p.method, "info") else {}
+    info = p.method.info()
     flushed = subnormals.flushing()
     if dist is not None:
         flushed = not any_rank(not flushed, device)

@@ -52,9 +52,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from kfacbench import plugins
 from kfacbench.core.compiling import COMPILE_MODES
-from kfacbench.errors import SuiteError
-from kfacbench.optim.base import Bounds, HParam, HParamValue, MethodSpec
+from kfacbench.core.method import Bounds, HParam, HParamValue, MethodSpec
+from kfacbench.errors import KfacbenchError, SuiteError
 
 T = TypeVar("T")
 
@@ -71,6 +72,7 @@ _TOP_KEYS = (
     "exclude",
     "profile",
     "diagnose",
+    "plugins",
 )
 _PROFILE_KEYS = ("wait", "warmup", "active")
 SETTING_AXES = ("compile", "cuda_graph")
@@ -352,6 +354,7 @@ def load_suite(
         SuiteError: missing or unreadable file, TOML syntax error, or any invalid content.
     """
     source = str(path)
+    plugins.load_entry_points()  # installed packages' methods and workloads (once per process)
     try:
         # A FIFO or a device would block the read (or never end): only regular files are read.
         if path.exists() and not path.is_file():
@@ -373,7 +376,12 @@ def load_suite(
         raise SuiteError(_line(f"{source}: invalid TOML: nested too deeply")) from None
     try:
         suite = parse_suite(
-            data, source=source, workloads=workloads, methods=methods, name_default=path.stem
+            data,
+            source=source,
+            workloads=workloads,
+            methods=methods,
+            name_default=path.stem,
+            base_dir=path.parent,
         )
     except RecursionError:  # comparing or printing a value nested hundreds of levels deep
         raise SuiteError(_line(f"{source}: a value is nested too deeply")) from None
@@ -387,6 +395,7 @@ def parse_suite(
     workloads: Collection[str],
     methods: Mapping[str, MethodSpec],
     name_default: str,
+    base_dir: Path | None = None,
 ) -> Suite:
     """Validate and expand a parsed suite (tests, embedded suites).
 
@@ -396,6 +405,8 @@ def parse_suite(
         workloads: registered workload names.
         methods: registered methods by name.
         name_default: the suite name when ``data`` sets none (the file stem).
+        base_dir: what the suite's plugin files and ``file.py:Class`` import paths are relative
+            to (the suite file's folder; ``None``: the working directory).
 
     Raises:
         SuiteError: any invalid content; the message names ``source``, the key path and the value.
@@ -403,6 +414,7 @@ def parse_suite(
     r = _Reader(source)
     _check_magnitudes(r, data, "")
     r.check_keys(data, "", _TOP_KEYS)
+    methods, workloads = _plugins(r, data, methods, workloads, base_dir)
     name = data.get("name", name_default)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         r.fail("name", f"expected up to 100 letters, digits, '_', '-' or '.', got {_show(name)}")
@@ -522,6 +534,41 @@ def _resolve_settings(
     return resolved
 
 
+def _plugins(
+    r: _Reader,
+    data: Mapping[str, Any],
+    methods: Mapping[str, MethodSpec],
+    workloads: Collection[str],
+    base_dir: Path | None,
+) -> tuple[dict[str, MethodSpec], set[str]]:
+    """The methods and workload names with the suite's own plugins registered: the files of
+    ``plugins = [...]`` and the ``class = "module:Optimizer"`` of ``[optimizers.<name>]`` tables
+    (:mod:`kfacbench.plugins`; the runner builds cells from the same registries)."""
+    methods, names = dict(methods), set(workloads)
+    if "plugins" in data:
+        files = r.values(data["plugins"], "plugins", lambda v, p: r.string(v, p))
+        for i, file in enumerate(files):
+            try:
+                items = plugins.load_file(Path(file) if base_dir is None else base_dir / file)
+            except KfacbenchError as exc:
+                r.fail(f"plugins[{i}]", str(exc))
+            methods |= {m.name: m for m in items if isinstance(m, MethodSpec)}
+            names |= {w.name for w in items if not isinstance(w, MethodSpec)}
+    tables = data.get("optimizers")
+    for name, table in tables.items() if isinstance(tables, dict) else []:
+        if not isinstance(table, dict) or "class" not in table:
+            continue
+        key = f"optimizers.{name}.class"
+        target = r.string(table["class"], key)
+        try:
+            spec = plugins.optimizer_spec(name, target, base_dir, f"suite {r.source}: {target}")
+            plugins.register(spec)
+        except (ValueError, KfacbenchError) as exc:
+            r.fail(key, str(exc))
+        methods[name] = spec
+    return methods, names
+
+
 def _grids(
     r: _Reader, data: Mapping[str, Any], methods: Mapping[str, MethodSpec]
 ) -> dict[str, list[dict[str, HParamValue]]]:
@@ -538,6 +585,8 @@ def _grids(
         if optimizer not in methods:
             r.unknown(path, "optimizer", optimizer, list(methods))
         specs = methods[optimizer].hparams
+        if isinstance(value, dict):  # a class import path (read by _plugins): no hyperparameter
+            value = {k: v for k, v in value.items() if k != "class"}
         table = r.table(value, path, list(specs), what=f"{optimizer} hyperparameter")
         keys = sorted(specs)
         lists = [

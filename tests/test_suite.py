@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from kfacbench.core.method import HParam, MethodSpec
 from kfacbench.errors import SuiteError
-from kfacbench.optim.base import HParam, MethodSpec
 from kfacbench.suite import Cell, Settings, Suite, load_suite, parse_suite
 
 

@@ -3,7 +3,7 @@
 A short step on a GPU is bound by kernel launches, not arithmetic: the autoencoders' SGD step ran
 about 10× above its FLOP floor on an H200. A CUDA graph launches a whole step's kernels at once.
 The ``cuda_graph`` run setting turns it on for methods that say which of their steps a graph may
-replay, through two hooks (:class:`GraphHooks`):
+replay, through two hooks of :class:`~kfacbench.core.method.Method`:
 
 - ``graph_key(step)``: ``None`` for a step that must run eagerly (a refresh, a step whose scalar
   kernel arguments still change, such as K-FAC's moving-average weight before it saturates);
@@ -14,8 +14,8 @@ replay, through two hooks (:class:`GraphHooks`):
 - ``graph_replayed()``: advance the host-side state (step counters) as the step would have, since
   a replay runs no Python.
 
-A method may also name the random generators its steps draw from (``graph_generators()``): they
-are registered with each graph so replays draw fresh numbers.
+A method also names the random generators its steps draw from (``graph_generators()``): they are
+registered with each graph so replays draw fresh numbers.
 
 :class:`StepGraphs` captures a key's graph the third time the key comes up (the two eager steps
 before it are the warm-up PyTorch asks for: lazy library handles, autograd's first pass) and
@@ -30,33 +30,17 @@ import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from kfacbench.core.method import Method
 from kfacbench.core.timing import PhaseTimer
 
 GRAPH_WARMUP = 2
 """Eager steps of a key before its graph is captured (PyTorch's CUDA-graph notes ask for warm-up
 iterations: lazily created library handles and workspaces must not be first allocated inside a
 capture)."""
-
-
-@runtime_checkable
-class GraphHooks(Protocol):
-    """What a method offers to be replayed from CUDA graphs (see the module docstring)."""
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
-        """One training step (the method's own)."""
-        ...
-
-    def graph_key(self, step: int) -> Hashable | None:
-        """The key of step ``step``'s graph, or ``None`` to run it eagerly."""
-        ...
-
-    def graph_replayed(self) -> None:
-        """Advance host-side state as an eager step would have."""
-        ...
 
 
 class SilentTimer(PhaseTimer):
@@ -80,18 +64,17 @@ class StepGraphs:
     """The CUDA graphs of one cell's steps, one per key, sharing one memory pool.
 
     Args:
-        method: the method under test; it must implement :class:`GraphHooks`.
+        method: the method under test; it must override ``graph_key`` (and
+            ``graph_replayed``).
         device: a CUDA device.
     """
 
-    def __init__(self, method: object, device: torch.device) -> None:
-        if not isinstance(method, GraphHooks):
-            raise TypeError(f"{type(method).__name__} has no graph_key/graph_replayed hooks")
+    def __init__(self, method: Method, device: torch.device) -> None:
+        if not method.supports("graph_key"):
+            raise TypeError(f"{type(method).__name__} does not override Method.graph_key")
         self.method = method
         self.device = device
-        self.generators: list[torch.Generator] = list(
-            getattr(method, "graph_generators", lambda: [])()
-        )
+        self.generators = method.graph_generators()
         self._graphs: dict[Hashable, _Graph] = {}
         self._seen: dict[Hashable, int] = {}
         self._pool: Any = None  # one memory pool for all the cell's graphs

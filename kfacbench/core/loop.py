@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,11 +26,11 @@ from torch.func import functional_call, jvp
 
 from kfacbench.core.compiling import CompileClock, PhaseCompiled
 from kfacbench.core.graphs import StepGraphs
+from kfacbench.core.method import Method
 from kfacbench.core.problem import Problem, per_example_loss, prediction
 from kfacbench.core.timing import PhaseStats, PhaseTimer, measure_overhead, summarise
 from kfacbench.data import Splits
 from kfacbench.distributed import Dist, any_rank, mean_losses, shard, slowest
-from kfacbench.optim.base import Method
 
 EVAL_CHUNK = 1024
 """Examples per forward pass during eval (bounds activation memory: a ResNet's first stage holds
@@ -297,8 +296,6 @@ def train(
         baseline = torch.cuda.memory_allocated(device) / 2**20
 
     graphs = StepGraphs(method, device) if config.cuda_graph and device.type == "cuda" else None
-    batch_size_at = getattr(method, "batch_size_at", None)
-    averaged = getattr(method, "averaged", None)
     examples = 0
     curves: list[dict[str, Any]] = []
     pending_losses: list[torch.Tensor] = []
@@ -343,7 +340,7 @@ def train(
         reason = reason or too_large(row, "train_loss")
         if (with_eval or reason) and (len(train_sub[0]) or len(test[0])):
             started = time.perf_counter()
-            with averaged() if averaged is not None else nullcontext():
+            with method.averaged():
                 train_loss, _ = evaluate(problem, *train_sub, metric)
                 eval_loss, eval_metric = evaluate(problem, *test, metric)
             eval_time += time.perf_counter() - started
@@ -389,10 +386,7 @@ def train(
 
         segment_start, segment_compile = time.perf_counter(), 0.0
         while True:
-            size = config.batch_size
-            if batch_size_at is not None:
-                size = batch_size_at(step, config.batch_size, sampler.n)
-            idx = sampler.next(size)
+            idx = sampler.next(method.batch_size_at(step, config.batch_size, sampler.n))
             examples += idx.shape[0]
             if dist is not None:
                 idx = shard(idx, dist)
@@ -458,7 +452,7 @@ def train(
         peak_mem_mb=peak,
         mem_baseline_mb=baseline,
         compile_s=off_clock(),
-        compiled=method.compiled_phases() if hasattr(method, "compiled_phases") else {},
+        compiled=method.compiled_phases(),
         eval_s=eval_time,
         graphed_steps=graphs.replayed if graphs is not None else 0,
         graphs_captured=graphs.captured if graphs is not None else 0,

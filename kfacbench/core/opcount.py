@@ -47,9 +47,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kfacbench.core.loop import LoopConfig, MinibatchSampler
+from kfacbench.core.method import Method
 from kfacbench.core.timing import REFRESH_PHASE, STEP, PhaseTimer
 from kfacbench.data import Splits
-from kfacbench.optim.base import Method
 
 PROBE_STEPS = 6
 """Probe steps per cell: K-FAC refreshes at its first three steps, and three plain steps after
@@ -142,14 +142,10 @@ def count_steps(
     gathered inside the step), so they are the timed run's first steps again."""
     device = data.train_x.device
     sampler = MinibatchSampler(data.train_x.shape[0], config.batch_size, config.seed, device)
-    batch_size_at = getattr(method, "batch_size_at", None)
     timer = OpCountingTimer(device)
     with timer.counting():
         for step in range(steps):
-            size = config.batch_size
-            if batch_size_at is not None:
-                size = batch_size_at(step, config.batch_size, sampler.n)
-            idx = sampler.next(size)
+            idx = sampler.next(method.batch_size_at(step, config.batch_size, sampler.n))
             with timer.step():
                 method.step(data.train_x[idx], data.train_y[idx], timer)
     return timer.steps

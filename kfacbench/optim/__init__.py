@@ -3,9 +3,9 @@
 Each entry is a :class:`~kfacbench.optim.base.MethodSpec`; suites name them by key.
 """
 
+from kfacbench.core.method import HParam, Method, MethodContext, MethodSpec
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import kfac, peers, peers_kaisa, peers_modern, sgd, skfac
-from kfacbench.optim.base import HParam, Method, MethodContext, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec

@@ -41,6 +41,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
+from kfacbench.core.method import (
+    HParamValue,
+    Method,
+    MethodContext,
+    MethodSpec,
+    Param,
+    hparams_from,
+)
 from kfacbench.core.problem import Distribution, Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -51,14 +59,7 @@ from kfacbench.distributed import (
     mean_over_ranks,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import (
-    HParam,
-    IterateAverage,
-    MethodContext,
-    MethodSpec,
-    fp32_matmuls,
-    gradients,
-)
+from kfacbench.optim.base import IterateAverage, fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
     WEIGHT_SHARING,
     Capture,
@@ -142,7 +143,7 @@ class LayerCurvature:
     g_inv: torch.Tensor | None = None
 
 
-class KFAC:
+class KFAC(Method):
     """K-FAC on any ``nn.Module`` whose curvature is captured for its Linear and Conv2d layers.
 
     Parameters of other modules (BatchNorm, ...) get the identity preconditioner: with re-scaling
@@ -923,54 +924,64 @@ def factored_damping_pi(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(ta / tg)
 
 
-def _hparams(**overrides: HParam) -> dict[str, HParam]:
-    """The K-FAC hyperparameters with a preset's defaults."""
-    base = {
-        "lr": HParam(
-            1.0, "learning rate of the SGD update (rescale = false only)", bounds="[0, inf)"
-        ),
-        "momentum": HParam(
-            0.9, "momentum of the SGD update (rescale = false only)", bounds="[0, 1)"
-        ),
-        "fisher": HParam(
-            "sampled", "Fisher estimate (exact: type-2, few outputs)", choices=FISHERS
-        ),
-        "cov_interval": HParam(1, "steps between factor updates", bounds="[1, inf)"),
-        "cov_fraction": HParam(1.0, "fraction of the batch used for statistics", bounds="(0, 1]"),
-        "weight_sharing": HParam(
-            "expand", "factors of layers shared over positions", choices=WEIGHT_SHARING
-        ),
-        "ema_max": HParam(0.95, "cap of the moving-average weight ε_k", bounds="[0, 1)"),
-        "damping": HParam(150.0, "initial λ (λ₀)", bounds="(0, inf)"),
-        "weight_decay": HParam(1e-5, "η, the ℓ2 cost of the objective", bounds="[0, inf)"),
-        "inverse_method": HParam("eigh", "factor inversion", choices=INVERSE_METHODS),
-        "structure": HParam("blockdiag", "inverse structure", choices=("blockdiag", "tridiag")),
-        "rescale": HParam(True, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
-        "rescale_momentum": HParam(True, "include the previous update in the model (§7)"),
-        "adapt_damping": HParam(True, "Levenberg–Marquardt adjustment of λ (§6.5)"),
-        "lm_interval": HParam(5, "T1: steps between λ adjustments", bounds="[1, inf)"),
-        "lm_include_damping": HParam(False, "ρ's model change includes λ"),
-        "adapt_gamma": HParam(True, "greedy γ search (§6.6)"),
-        "gamma_tracks_lambda": HParam(True, "γ = c·√(λ+η) between searches; the search adapts c"),
-        "gamma_interval": HParam(20, "T2: steps between γ searches", bounds="[1, inf)"),
-        "gamma_ratio_bound": HParam(
-            1, "m: γ kept within ω₂^±m of √(λ+η) (0: unbounded)", bounds="[0, 64]"
-        ),
-        "gamma_criterion": HParam(
-            "loss", "γ candidates scored by h(θ+δ) or by M(δ)", choices=("loss", "model")
-        ),
-        "growing_batch": HParam(
-            0, "iteration from which the batch is the full set (0: off)", bounds="[0, inf)"
-        ),
-        "polyak": HParam(
-            0.0, "Polyak-average decay of evaluated iterates (0: off)", bounds="[0, 1)"
-        ),
-        "dist_strategy": HParam(
-            "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
-        ),
-    }
-    base.update(overrides)
-    return base
+_PARAMS: dict[str, Param] = {
+    "lr": Param("learning rate of the SGD update (rescale = false only)", bounds="[0, inf)"),
+    "momentum": Param("momentum of the SGD update (rescale = false only)", bounds="[0, 1)"),
+    "fisher": Param("Fisher estimate (exact: type-2, few outputs)", choices=FISHERS),
+    "cov_interval": Param("steps between factor updates", bounds="[1, inf)"),
+    "cov_fraction": Param("fraction of the batch used for statistics", bounds="(0, 1]"),
+    "weight_sharing": Param("factors of layers shared over positions", choices=WEIGHT_SHARING),
+    "ema_max": Param("cap of the moving-average weight ε_k", bounds="[0, 1)"),
+    "damping": Param("initial λ (λ₀)", bounds="(0, inf)"),
+    "weight_decay": Param("η, the ℓ2 cost of the objective", bounds="[0, inf)"),
+    "inverse_method": Param("factor inversion", choices=INVERSE_METHODS),
+    "structure": Param("inverse structure", choices=("blockdiag", "tridiag")),
+    "rescale": Param("α (and μ) from the exact-Fisher quadratic model (§6.4)"),
+    "rescale_momentum": Param("include the previous update in the model (§7)"),
+    "adapt_damping": Param("Levenberg–Marquardt adjustment of λ (§6.5)"),
+    "lm_interval": Param("T1: steps between λ adjustments", bounds="[1, inf)"),
+    "lm_include_damping": Param("ρ's model change includes λ"),
+    "adapt_gamma": Param("greedy γ search (§6.6)"),
+    "gamma_tracks_lambda": Param("γ = c·√(λ+η) between searches; the search adapts c"),
+    "gamma_interval": Param("T2: steps between γ searches", bounds="[1, inf)"),
+    "gamma_ratio_bound": Param("m: γ kept within ω₂^±m of √(λ+η) (0: unbounded)", bounds="[0, 64]"),
+    "gamma_criterion": Param("γ candidates scored by h(θ+δ) or by M(δ)", choices=("loss", "model")),
+    "growing_batch": Param(
+        "iteration from which the batch is the full set (0: off)", bounds="[0, inf)"
+    ),
+    "polyak": Param("Polyak-average decay of evaluated iterates (0: off)", bounds="[0, 1)"),
+    "dist_strategy": Param("data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES),
+}
+"""K-FAC's hyperparameters: keyword arguments of :class:`KFAC`, whose signature holds the
+defaults (those of the ``kfac`` preset)."""
+
+PRESETS: dict[str, dict[str, HParamValue]] = {
+    "kfac": {},
+    "kfac-tridiag": {"structure": "tridiag"},
+    "kfac-fast": {
+        "lr": 0.1,
+        "damping": 1.0,
+        "weight_decay": 0.0,
+        "rescale": False,
+        "adapt_damping": False,
+        "adapt_gamma": False,
+        "inverse_method": "auto",
+    },
+}
+"""Each registry entry's defaults that differ from :class:`KFAC`'s signature."""
+
+_HELPS: dict[str, dict[str, str]] = {
+    "kfac-fast": {
+        "lr": "learning rate of the SGD update",
+        "damping": "fixed λ (γ = sqrt(λ + η))",
+        "inverse_method": "factor inversion (auto: measured per size bucket)",
+    },
+}
+"""The help lines a preset changes the meaning of."""
+
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = dict.fromkeys(PRESETS, KFAC)
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
@@ -984,7 +995,8 @@ def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KFAC:
     )
 
 
-def _spec(name: str, summary: str, hparams: dict[str, HParam]) -> MethodSpec:
+def _spec(name: str, summary: str) -> MethodSpec:
+    hparams = hparams_from(KFAC, _PARAMS, PRESETS[name], _HELPS.get(name))
     return MethodSpec(name, summary, hparams, uses_inv_interval=True, build=_build)
 
 
@@ -992,28 +1004,13 @@ SPECS = (
     _spec(
         "kfac",
         "K-FAC as in Martens & Grosse 2015 (sampled Fisher, all adaptation, block-diag)",
-        _hparams(),
     ),
     _spec(
         "kfac-tridiag",
         "K-FAC with the block-tridiagonal inverse (§4.3; chains of Linear layers)",
-        _hparams(
-            structure=HParam("tridiag", "inverse structure", choices=("blockdiag", "tridiag"))
-        ),
     ),
     _spec(
         "kfac-fast",
         "K-FAC as distributed implementations run it: fixed damping, no re-scaling, SGD momentum",
-        _hparams(
-            lr=HParam(0.1, "learning rate of the SGD update", bounds="[0, inf)"),
-            damping=HParam(1.0, "fixed λ (γ = sqrt(λ + η))", bounds="(0, inf)"),
-            weight_decay=HParam(0.0, "η, the ℓ2 cost of the objective", bounds="[0, inf)"),
-            rescale=HParam(False, "α (and μ) from the exact-Fisher quadratic model (§6.4)"),
-            adapt_damping=HParam(False, "Levenberg–Marquardt adjustment of λ (§6.5)"),
-            adapt_gamma=HParam(False, "greedy γ search (§6.6)"),
-            inverse_method=HParam(
-                "auto", "factor inversion (auto: measured per size bucket)", choices=INVERSE_METHODS
-            ),
-        ),
     ),
 )

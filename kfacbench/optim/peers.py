@@ -24,10 +24,17 @@ from typing import Any
 
 import torch
 
+from kfacbench.core.method import (
+    HParamValue,
+    Method,
+    MethodContext,
+    MethodSpec,
+    Param,
+    hparams_from,
+)
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
 
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 """kfacbench's Fisher estimates and ASDL's names for them."""
@@ -74,7 +81,7 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-class AsdlKfac:
+class AsdlKfac(Method):
     """ASDL's ``KfacGradientMaker`` (``swift=False``: K-FAC; ``True``: SKFAC) with SGD momentum.
 
     What maps to what (kfacbench's ``kfac-fast`` / ``skfac`` presets):
@@ -103,6 +110,10 @@ class AsdlKfac:
 
     Where the algorithms agree (no biases; for swift, Linear layers), the steps are the same to
     rounding: tests/optim/test_peers.py trains both side by side and compares the parameters.
+
+    The keyword defaults are the ``asdl-kfac`` entry's (``asdl-skfac`` presets its own damping
+    and ``ema_decay``). ``inverse_method`` names the one way ASDL inverts, Cholesky, so that the
+    report pairs the peer with kfacbench's Cholesky cells; it is not a choice ASDL takes.
     """
 
     def __init__(
@@ -110,16 +121,21 @@ class AsdlKfac:
         problem: Problem,
         *,
         swift: bool,
-        lr: float,
-        momentum: float,
-        damping: float,
-        fisher: str,
         inv_interval: int,
-        cov_interval: int,
-        ema_decay: float,
-        ema_start: str,
         seed: int,
+        inverse_method: str = "cholesky",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        damping: float = 1.0,
+        fisher: str = "empirical",
+        cov_interval: int = 1,
+        ema_decay: float = 0.05,
+        ema_start: str = "zero",
     ) -> None:
+        if inverse_method != "cholesky":
+            raise KfacbenchError(
+                f"ASDL inverts by Cholesky only, got inverse_method = {inverse_method!r}"
+            )
         asdl = _asdl()
         if fisher == "sampled" and problem.distribution == "bernoulli":
             raise KfacbenchError(
@@ -206,18 +222,18 @@ def _reducible_loss(problem: Problem) -> Callable[..., torch.Tensor]:
     return loss
 
 
-class AdamW:
+class AdamW(Method):
     """torch.optim.AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in the core."""
 
     def __init__(
         self,
         problem: Problem,
         *,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        eps: float,
-        weight_decay: float,
+        lr: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
     ) -> None:
         self.problem = problem
         self.lr = lr
@@ -253,9 +269,7 @@ def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodCont
     def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AsdlKfac:
         if ctx.dist is not None:
             raise KfacbenchError("the ASDL peers run on one process (no --nproc)")
-        # inverse_method names the one way ASDL inverts (for pairing), not a choice it takes.
-        settings = {k: v for k, v in hp.items() if k != "inverse_method"}
-        return AsdlKfac(problem, swift=swift, seed=ctx.seed, **settings)
+        return AsdlKfac(problem, swift=swift, seed=ctx.seed, **hp)
 
     return build
 
@@ -264,59 +278,67 @@ def _adamw_build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) ->
     return AdamW(problem, **hp)
 
 
-def _asdl_hparams(swift: bool) -> dict[str, HParam]:
-    inverse = {
-        "inverse_method": HParam(
-            "cholesky",
-            "ASDL inverts the damped factors by Cholesky, its only way (pairs it with kfacbench's"
-            " Cholesky cell)",
-            choices=("cholesky",),
-        )
-    }
-    return ({} if swift else inverse) | {
-        "lr": HParam(0.1, "learning rate of the SGD-momentum update", bounds="[0, inf)"),
-        "momentum": HParam(0.9, "momentum of that update", bounds="[0, 1)"),
-        "damping": HParam(1.0 if not swift else 0.03, "λ (π split of √λ)", bounds="(0, inf)"),
-        "fisher": HParam("empirical", "sampled (fisher_mc) or empirical", choices=tuple(FISHERS)),
-        "cov_interval": HParam(
-            1, "steps between curvature updates (K-FAC only)", bounds="[1, inf)"
-        ),
-        "ema_decay": HParam(
-            0.05 if not swift else 0.0,
-            "weight of the newest batch's factors (0: per batch)",
-            bounds="[0, 1]",
-        ),
-        "ema_start": HParam(
-            "zero", "zero (ASDL) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS
-        ),
-    }
+_ASDL_PARAMS: dict[str, Param] = {
+    "inverse_method": Param(
+        "ASDL inverts the damped factors by Cholesky, its only way (pairs it with kfacbench's"
+        " Cholesky cell)",
+        choices=("cholesky",),
+    ),
+    "lr": Param("learning rate of the SGD-momentum update", bounds="[0, inf)"),
+    "momentum": Param("momentum of that update", bounds="[0, 1)"),
+    "damping": Param("λ (π split of √λ)", bounds="(0, inf)"),
+    "fisher": Param("sampled (fisher_mc) or empirical", choices=tuple(FISHERS)),
+    "cov_interval": Param("steps between curvature updates (K-FAC only)", bounds="[1, inf)"),
+    "ema_decay": Param("weight of the newest batch's factors (0: per batch)", bounds="[0, 1]"),
+    "ema_start": Param("zero (ASDL) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS),
+}
+"""The ASDL peers' hyperparameters: keyword arguments of :class:`AsdlKfac`, whose signature
+holds the defaults (those of ``asdl-kfac``). Swift takes no ``inverse_method``."""
+
+PRESETS: dict[str, dict[str, HParamValue]] = {"asdl-skfac": {"damping": 0.03, "ema_decay": 0.0}}
+"""The registry entries whose defaults differ from their constructor's signature, and how."""
+
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = {
+    "asdl-kfac": AsdlKfac,
+    "asdl-skfac": AsdlKfac,
+    "adamw": AdamW,
+}
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
 
 
 SPECS = (
     MethodSpec(
         "asdl-kfac",
         "ASDL's K-FAC (KfacGradientMaker) with SGD momentum [peers extra]",
-        _asdl_hparams(swift=False),
+        hparams_from(AsdlKfac, _ASDL_PARAMS),
         uses_inv_interval=True,
         build=_asdl_build(swift=False),
     ),
     MethodSpec(
         "asdl-skfac",
         "ASDL's swift K-FAC (SKFAC, KfacGradientMaker swift=True) with SGD momentum [peers]",
-        _asdl_hparams(swift=True),
+        hparams_from(
+            AsdlKfac,
+            {k: v for k, v in _ASDL_PARAMS.items() if k != "inverse_method"},
+            PRESETS["asdl-skfac"],
+        ),
         uses_inv_interval=True,
         build=_asdl_build(swift=True),
     ),
     MethodSpec(
         "adamw",
         "torch.optim.AdamW (decoupled weight decay)",
-        {
-            "lr": HParam(1e-3, "learning rate", bounds="[0, inf)"),
-            "beta1": HParam(0.9, "β₁", bounds="[0, 1)"),
-            "beta2": HParam(0.999, "β₂", bounds="[0, 1)"),
-            "eps": HParam(1e-8, "ε", bounds="[0, inf)"),
-            "weight_decay": HParam(0.01, "decoupled weight decay", bounds="[0, inf)"),
-        },
+        hparams_from(
+            AdamW,
+            {
+                "lr": Param("learning rate", bounds="[0, inf)"),
+                "beta1": Param("β₁", bounds="[0, 1)"),
+                "beta2": Param("β₂", bounds="[0, 1)"),
+                "eps": Param("ε", bounds="[0, inf)"),
+                "weight_decay": Param("decoupled weight decay", bounds="[0, inf)"),
+            },
+        ),
         uses_inv_interval=False,
         build=_adamw_build,
     ),

@@ -25,17 +25,17 @@ from __future__ import annotations
 import importlib
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
 from kfacbench.optim.peers import _version
 
 INSTALL = "pip install 'git+https://github.com/gpauloski/kfac-pytorch@869cf11'"
@@ -125,7 +125,7 @@ def _unsupported_convs(model: nn.Module) -> list[str]:
     ]
 
 
-class KaisaKfac:
+class KaisaKfac(Method):
     """KAISA's ``KFACPreconditioner`` with ``torch.optim.SGD`` momentum.
 
     What maps to what (kfacbench's ``kfac-fast``):
@@ -150,6 +150,9 @@ class KaisaKfac:
       Fisher, the only choice. kfac-fast's default is ``sampled``.
     - ``weight_sharing``: a Linear layer applied at several positions treats them as extra
       examples, Eschenhagen et al.'s expand, the only choice.
+
+    ``fisher`` and ``weight_sharing`` have one value each: they state what KAISA computes, so
+    that the report pairs the peer only with kfac-fast cells computing the same.
 
     What cannot be matched:
 
@@ -177,18 +180,26 @@ class KaisaKfac:
         self,
         problem: Problem,
         *,
-        lr: float,
-        momentum: float,
-        weight_decay: float,
-        damping: float,
-        cov_interval: int,
         inv_interval: int,
-        inverse_method: str,
-        ema_max: float,
-        ema_start: str,
-        early_refreshes: bool,
-        kl_clip: float,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 0.001,
+        cov_interval: int = 1,
+        inverse_method: str = "eigh",
+        ema_max: float = 0.95,
+        ema_start: str = "identity",
+        early_refreshes: bool = False,
+        kl_clip: float = 0.0,
+        fisher: str = "empirical",
+        weight_sharing: str = "expand",
     ) -> None:
+        for key, value, only in (
+            ("fisher", fisher, "empirical"),
+            ("weight_sharing", weight_sharing, "expand"),
+        ):
+            if value != only:
+                raise KfacbenchError(f"KAISA computes {key} = {only!r} only, got {value!r}")
         preconditioner = _kaisa()
         self.problem = problem
         self.lr = lr
@@ -254,40 +265,43 @@ class KaisaKfac:
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> KaisaKfac:
     if ctx.dist is not None:
         raise KfacbenchError("the kaisa-kfac peer runs on one process (no --nproc)")
-    # fisher and weight_sharing have one value each: they state what KAISA computes, so that the
-    # report pairs it only with kfac-fast cells computing the same.
-    fixed = ("fisher", "weight_sharing")
-    return KaisaKfac(problem, **{k: v for k, v in hp.items() if k not in fixed})
+    return KaisaKfac(problem, **hp)
+
+
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = {"kaisa-kfac": KaisaKfac}
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
 
 
 SPECS = (
     MethodSpec(
         "kaisa-kfac",
         "KAISA's K-FAC (kfac-pytorch KFACPreconditioner) with SGD momentum [from GitHub]",
-        {
-            "lr": HParam(0.1, "learning rate of the SGD-momentum update", bounds="[0, inf)"),
-            "momentum": HParam(0.9, "momentum of that update", bounds="[0, 1)"),
-            "weight_decay": HParam(0.0, "SGD's ℓ2, added after preconditioning", bounds="[0, inf)"),
-            "damping": HParam(
-                0.001, "λ on the eigenvalue products (eigh) or each factor (inv)", bounds="(0, inf)"
-            ),
-            "cov_interval": HParam(1, "steps between factor updates", bounds="[1, inf)"),
-            "inverse_method": HParam(
-                "eigh", "eigh (KAISA's eigen) or inv (its inverse)", choices=tuple(COMPUTE_METHODS)
-            ),
-            "ema_max": HParam(0.95, "factor_decay: weight of the old factors", bounds="[0, 1)"),
-            "ema_start": HParam(
-                "identity", "identity (KAISA) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS
-            ),
-            "early_refreshes": HParam(False, "also refresh at steps 1 and 2 (kfacbench's K-FAC)"),
-            "kl_clip": HParam(0.0, "KAISA's KL clip of the step (0: off)", bounds="[0, inf)"),
-            "fisher": HParam(
-                "empirical", "KAISA's only: the loss's own gradients", choices=("empirical",)
-            ),
-            "weight_sharing": HParam(
-                "expand", "KAISA's only: positions as extra examples", choices=("expand",)
-            ),
-        },
+        hparams_from(
+            KaisaKfac,
+            {
+                "lr": Param("learning rate of the SGD-momentum update", bounds="[0, inf)"),
+                "momentum": Param("momentum of that update", bounds="[0, 1)"),
+                "weight_decay": Param("SGD's ℓ2, added after preconditioning", bounds="[0, inf)"),
+                "damping": Param(
+                    "λ on the eigenvalue products (eigh) or each factor (inv)", bounds="(0, inf)"
+                ),
+                "cov_interval": Param("steps between factor updates", bounds="[1, inf)"),
+                "inverse_method": Param(
+                    "eigh (KAISA's eigen) or inv (its inverse)", choices=tuple(COMPUTE_METHODS)
+                ),
+                "ema_max": Param("factor_decay: weight of the old factors", bounds="[0, 1)"),
+                "ema_start": Param(
+                    "identity (KAISA) or one-over-k (kfacbench's K-FAC)", choices=EMA_STARTS
+                ),
+                "early_refreshes": Param("also refresh at steps 1 and 2 (kfacbench's K-FAC)"),
+                "kl_clip": Param("KAISA's KL clip of the step (0: off)", bounds="[0, inf)"),
+                "fisher": Param("KAISA's only: the loss's own gradients", choices=("empirical",)),
+                "weight_sharing": Param(
+                    "KAISA's only: positions as extra examples", choices=("expand",)
+                ),
+            },
+        ),
         uses_inv_interval=True,
         build=_build,
     ),

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
+from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec
 from kfacbench.optim.peers import _version
 
 EXTRA = "pip install 'kfacbench[peers]'"
@@ -62,7 +62,7 @@ def _one_process(ctx: MethodContext, who: str) -> None:
         raise KfacbenchError(f"the {who} peer runs on one process (no --nproc)")
 
 
-class _Peer:
+class _Peer(Method):
     """Forward, backward and the package's ``step()`` (timed as ``update``)."""
 
     problem: Problem
@@ -122,15 +122,15 @@ class Singd(_Peer):
         problem: Problem,
         *,
         inv_interval: int,
-        lr: float,
-        momentum: float,
-        damping: float,
-        alpha1: float,
-        lr_cov: float,
-        weight_decay: float,
-        structure: str,
-        weight_sharing: str,
-        kfac_like: bool,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        damping: float = 1e-3,
+        alpha1: float = 0.5,
+        lr_cov: float = 1e-2,
+        weight_decay: float = 0.0,
+        structure: str = "dense",
+        weight_sharing: str = "expand",
+        kfac_like: bool = False,
     ) -> None:
         optimizer = _import("singd.optim.optimizer", "singd", "the singd peer")
         self.problem = problem
@@ -209,14 +209,14 @@ class Shampoo(_Peer):
         problem: Problem,
         *,
         inv_interval: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        weight_decay: float,
-        graft: str,
-        block_size: int,
-        matrix_eps: float,
-        nesterov: bool,
+        lr: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        weight_decay: float = 0.0,
+        graft: str = "adagrad",
+        block_size: int = 512,
+        matrix_eps: float = 1e-6,
+        nesterov: bool = True,
     ) -> None:
         package = _import("pytorch_optimizer", "pytorch-optimizer", "the shampoo peer")
         grafting = importlib.import_module("pytorch_optimizer.optimizer.utils.graft")
@@ -263,15 +263,15 @@ class Soap(_Peer):
         problem: Problem,
         *,
         inv_interval: int,
-        lr: float,
-        beta1: float,
-        beta2: float,
-        shampoo_beta: float,
-        weight_decay: float,
-        eps: float,
-        max_precondition_dim: int,
-        precondition_1d: bool,
-        normalize_gradient: bool,
+        lr: float = 3e-3,
+        beta1: float = 0.95,
+        beta2: float = 0.95,
+        shampoo_beta: float = 0.95,
+        weight_decay: float = 0.01,
+        eps: float = 1e-8,
+        max_precondition_dim: int = 10000,
+        precondition_1d: bool = False,
+        normalize_gradient: bool = False,
     ) -> None:
         package = _import("pytorch_optimizer", "pytorch-optimizer", "the soap peer")
         self.problem = problem
@@ -306,58 +306,72 @@ def _build(
     return build
 
 
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = {"singd": Singd, "shampoo": Shampoo, "soap": Soap}
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
+
+
 SPECS = (
     MethodSpec(
         "singd",
         "SINGD, inverse-free structured natural gradient (Lin et al. 2024) [peers extra]",
-        {
-            "lr": HParam(1e-3, "β₂, the step size", bounds="[0, inf)"),
-            "momentum": HParam(0.9, "α₂, momentum of the update", bounds="[0, 1)"),
-            "damping": HParam(1e-3, "λ", bounds="(0, inf)"),
-            "alpha1": HParam(0.5, "α₁, Riemannian momentum of the factors", bounds="[0, 1)"),
-            "lr_cov": HParam(1e-2, "β₁, the factors' step size", bounds="(0, inf)"),
-            "weight_decay": HParam(0.0, "γ, ℓ2 added to the update", bounds="[0, inf)"),
-            "structure": HParam("dense", "structure of both factors", choices=SINGD_STRUCTURES),
-            "weight_sharing": HParam(
-                "expand", "layers shared over positions (kfac_approx)", choices=("expand", "reduce")
-            ),
-            "kfac_like": HParam(False, "the K-FAC-like variant (α₁ = 0)"),
-        },
+        hparams_from(
+            Singd,
+            {
+                "lr": Param("β₂, the step size", bounds="[0, inf)"),
+                "momentum": Param("α₂, momentum of the update", bounds="[0, 1)"),
+                "damping": Param("λ", bounds="(0, inf)"),
+                "alpha1": Param("α₁, Riemannian momentum of the factors", bounds="[0, 1)"),
+                "lr_cov": Param("β₁, the factors' step size", bounds="(0, inf)"),
+                "weight_decay": Param("γ, ℓ2 added to the update", bounds="[0, inf)"),
+                "structure": Param("structure of both factors", choices=SINGD_STRUCTURES),
+                "weight_sharing": Param(
+                    "layers shared over positions (kfac_approx)", choices=("expand", "reduce")
+                ),
+                "kfac_like": Param("the K-FAC-like variant (α₁ = 0)"),
+            },
+        ),
         uses_inv_interval=True,
         build=_build(Singd, "singd"),
     ),
     MethodSpec(
         "shampoo",
         "Shampoo with blocking and grafting (pytorch-optimizer ScalableShampoo) [peers extra]",
-        {
-            "lr": HParam(1e-3, "learning rate", bounds="[0, inf)"),
-            "beta1": HParam(0.9, "momentum", bounds="[0, 1)"),
-            "beta2": HParam(0.999, "moving average of the statistics", bounds="[0, 1]"),
-            "weight_decay": HParam(0.0, "weight decay (coupled)", bounds="[0, inf)"),
-            "graft": HParam("adagrad", "the graft's first-order method", choices=GRAFTS),
-            "block_size": HParam(512, "largest preconditioner block", bounds="[1, inf)"),
-            "matrix_eps": HParam(1e-6, "ridge of the inverse roots", bounds="(0, inf)"),
-            "nesterov": HParam(True, "Nesterov momentum"),
-        },
+        hparams_from(
+            Shampoo,
+            {
+                "lr": Param("learning rate", bounds="[0, inf)"),
+                "beta1": Param("momentum", bounds="[0, 1)"),
+                "beta2": Param("moving average of the statistics", bounds="[0, 1]"),
+                "weight_decay": Param("weight decay (coupled)", bounds="[0, inf)"),
+                "graft": Param("the graft's first-order method", choices=GRAFTS),
+                "block_size": Param("largest preconditioner block", bounds="[1, inf)"),
+                "matrix_eps": Param("ridge of the inverse roots", bounds="(0, inf)"),
+                "nesterov": Param("Nesterov momentum"),
+            },
+        ),
         uses_inv_interval=True,
         build=_build(Shampoo, "shampoo"),
     ),
     MethodSpec(
         "soap",
         "SOAP, Adam in Shampoo's eigenbasis (pytorch-optimizer, Vyas et al. 2024) [peers extra]",
-        {
-            "lr": HParam(3e-3, "learning rate", bounds="[0, inf)"),
-            "beta1": HParam(0.95, "Adam's β₁", bounds="[0, 1)"),
-            "beta2": HParam(0.95, "Adam's β₂", bounds="[0, 1)"),
-            "shampoo_beta": HParam(0.95, "moving average of the Shampoo factors", bounds="[0, 1)"),
-            "weight_decay": HParam(0.01, "decoupled weight decay", bounds="[0, inf)"),
-            "eps": HParam(1e-8, "Adam's ε", bounds="(0, inf)"),
-            "max_precondition_dim": HParam(
-                10000, "larger dimensions are not rotated", bounds="[1, inf)"
-            ),
-            "precondition_1d": HParam(False, "rotate 1-D parameters too"),
-            "normalize_gradient": HParam(False, "normalise the gradient"),
-        },
+        hparams_from(
+            Soap,
+            {
+                "lr": Param("learning rate", bounds="[0, inf)"),
+                "beta1": Param("Adam's β₁", bounds="[0, 1)"),
+                "beta2": Param("Adam's β₂", bounds="[0, 1)"),
+                "shampoo_beta": Param("moving average of the Shampoo factors", bounds="[0, 1)"),
+                "weight_decay": Param("decoupled weight decay", bounds="[0, inf)"),
+                "eps": Param("Adam's ε", bounds="(0, inf)"),
+                "max_precondition_dim": Param(
+                    "larger dimensions are not rotated", bounds="[1, inf)"
+                ),
+                "precondition_1d": Param("rotate 1-D parameters too"),
+                "normalize_gradient": Param("normalise the gradient"),
+            },
+        ),
         uses_inv_interval=True,
         build=_build(Soap, "soap"),
     ),

@@ -25,26 +25,14 @@ from typing import Any
 import torch
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
+from kfacbench.core.method import HParam, Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec, gradients
+from kfacbench.optim.base import gradients
 from kfacbench.optim.schedules import SCHEDULES, scheduled_lr
 
-SGD_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(0.01, "learning rate η (peak value under a schedule)", bounds="[0, inf)"),
-    "momentum": HParam(0.9, "momentum μ", bounds="[0, 1)"),
-    "form": HParam("pytorch", "momentum form", choices=("pytorch", "sutskever")),
-    "nesterov": HParam(False, "Nesterov momentum"),
-    "weight_decay": HParam(0.0, "coupled ℓ2 cost η (added to the gradient)", bounds="[0, inf)"),
-    "schedule": HParam("constant", "learning-rate schedule", choices=SCHEDULES),
-    "warmup_steps": HParam(0, "linear learning-rate warm-up steps", bounds="[0, inf)"),
-    "lr_decay": HParam(
-        0.1, "factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"
-    ),
-}
 
-
-class SGD:
+class SGD(Method):
     """SGD with momentum as a :class:`~kfacbench.optim.base.Method`.
 
     Usable on its own: ``SGD(Problem(model, "categorical"), lr=0.1)`` then
@@ -223,6 +211,28 @@ def _momentum_update(
         torch._foreach_mul_(vel, mu)
         axpy(vel, grads, -lr)
         torch._foreach_add_(params, vel)
+
+
+SGD_HPARAMS: dict[str, HParam] = hparams_from(
+    SGD,
+    {
+        "lr": Param("learning rate η (peak value under a schedule)", bounds="[0, inf)"),
+        "momentum": Param("momentum μ", bounds="[0, 1)"),
+        "form": Param("momentum form", choices=("pytorch", "sutskever")),
+        "nesterov": Param("Nesterov momentum"),
+        "weight_decay": Param("coupled ℓ2 cost η (added to the gradient)", bounds="[0, inf)"),
+        "schedule": Param("learning-rate schedule", choices=SCHEDULES),
+        "warmup_steps": Param("linear learning-rate warm-up steps", bounds="[0, inf)"),
+        "lr_decay": Param(
+            "factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"
+        ),
+    },
+)
+"""SGD's hyperparameters: the keyword arguments of :class:`SGD`, defaults from its signature."""
+
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = {"sgd": SGD}
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SGD:

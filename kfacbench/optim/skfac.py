@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -66,6 +66,14 @@ from torch import Tensor, nn
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
+from kfacbench.core.method import (
+    HParamValue,
+    Method,
+    MethodContext,
+    MethodSpec,
+    Param,
+    hparams_from,
+)
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import (
@@ -75,7 +83,7 @@ from kfacbench.distributed import (
     gather_rows,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
+from kfacbench.optim.base import fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
     WEIGHT_SHARING,
     Capture,
@@ -263,7 +271,7 @@ class LayerRoots:
     rank: int = 0
 
 
-class SKFAC:
+class SKFAC(Method):
     """SKFAC on any ``nn.Module`` (Linear and Conv2d layers preconditioned).
 
     Args:
@@ -649,37 +657,35 @@ def _unpack(tensors: list[Tensor], tag: float) -> DampedInverse:
     return DampedInverse(damping, dense=tensors[2], float64=wide, woodbury_formed=formed)
 
 
-def _hparams(**overrides: HParam) -> dict[str, HParam]:
-    """The SKFAC hyperparameters with a preset's defaults."""
-    base = {
-        "lr": HParam(0.1, "learning rate of the momentum update", bounds="[0, inf)"),
-        "momentum": HParam(0.9, "momentum μ", bounds="[0, 1)"),
-        "schedule": HParam("constant", "learning-rate schedule", choices=SCHEDULES),
-        "warmup_steps": HParam(0, "linear learning-rate warm-up steps", bounds="[0, inf)"),
-        "lr_decay": HParam(
-            0.1, "factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"
-        ),
-        "damping": HParam(0.03, "λ, split over the two factors", bounds="(0, inf)"),
-        "damping_split": HParam("sqrt", "√λ per factor, or the π split", choices=DAMPING_SPLITS),
-        "weight_decay": HParam(
-            0.0, "η, added to the gradient before preconditioning", bounds="[0, inf)"
-        ),
-        "fisher": HParam("sampled", "Fisher estimate", choices=FISHERS),
-        "reduction": HParam("sum", "conv dimension reduction", choices=REDUCTIONS),
-        "weight_sharing": HParam(
-            "reduce", "Linear layers shared over positions", choices=WEIGHT_SHARING
-        ),
-        "samples": HParam(4, "positions per example kept by subsample", bounds="[1, inf)"),
-        "factor_decay": HParam(
-            0.0, "moving-average ε of the factors (0: per batch)", bounds="[0, 1)"
-        ),
-        "factor_window": HParam(4, "batches in the moving average", bounds="[1, inf)"),
-        "dist_strategy": HParam(
-            "comm-opt", "data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES
-        ),
-    }
-    base.update(overrides)
-    return base
+_PARAMS: dict[str, Param] = {
+    "lr": Param("learning rate of the momentum update", bounds="[0, inf)"),
+    "momentum": Param("momentum μ", bounds="[0, 1)"),
+    "schedule": Param("learning-rate schedule", choices=SCHEDULES),
+    "warmup_steps": Param("linear learning-rate warm-up steps", bounds="[0, inf)"),
+    "lr_decay": Param("factor of the step schedule (at 50% and 75% of the steps)", bounds="(0, 1]"),
+    "damping": Param("λ, split over the two factors", bounds="(0, inf)"),
+    "damping_split": Param("√λ per factor, or the π split", choices=DAMPING_SPLITS),
+    "weight_decay": Param("η, added to the gradient before preconditioning", bounds="[0, inf)"),
+    "fisher": Param("Fisher estimate", choices=FISHERS),
+    "reduction": Param("conv dimension reduction", choices=REDUCTIONS),
+    "weight_sharing": Param("Linear layers shared over positions", choices=WEIGHT_SHARING),
+    "samples": Param("positions per example kept by subsample", bounds="[1, inf)"),
+    "factor_decay": Param("moving-average ε of the factors (0: per batch)", bounds="[0, 1)"),
+    "factor_window": Param("batches in the moving average", bounds="[1, inf)"),
+    "dist_strategy": Param("data-parallel runs: who preconditions (KAISA)", choices=STRATEGIES),
+}
+"""SKFAC's hyperparameters: keyword arguments of :class:`SKFAC`, whose signature holds the
+defaults (those of the ``skfac`` preset)."""
+
+PRESETS: dict[str, dict[str, HParamValue]] = {
+    "skfac": {},
+    "skfac-subsample": {"reduction": "subsample"},
+}
+"""Each registry entry's defaults that differ from :class:`SKFAC`'s signature."""
+
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = dict.fromkeys(PRESETS, SKFAC)
+"""Each spec of this module and the callable whose signature holds its defaults (checked by
+tests/optim/test_hparams.py)."""
 
 
 def _build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> SKFAC:
@@ -698,14 +704,14 @@ SPECS = (
     MethodSpec(
         "skfac",
         "SKFAC (Tang et al. 2021): per-batch factors, Woodbury inverses, conv reduce-sum",
-        _hparams(),
+        hparams_from(SKFAC, _PARAMS, PRESETS["skfac"]),
         uses_inv_interval=True,
         build=_build,
     ),
     MethodSpec(
         "skfac-subsample",
         "SKFAC with spatial subsampling of conv positions (s per example)",
-        _hparams(reduction=HParam("subsample", "conv dimension reduction", choices=REDUCTIONS)),
+        hparams_from(SKFAC, _PARAMS, PRESETS["skfac-subsample"]),
         uses_inv_interval=True,
         build=_build,
     ),

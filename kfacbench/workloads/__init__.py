@@ -57,6 +57,7 @@ class Workload:
         target_note: where the target value comes from.
         num_classes: classes for classification workloads, the vocabulary of a language model
             (0 for autoencoders).
+        origin: where it comes from: ``kfacbench``, or a plugin (:mod:`kfacbench.plugins`).
     """
 
     name: str
@@ -70,6 +71,7 @@ class Workload:
     synthetic_sizes: tuple[int, int]
     target_note: str
     num_classes: int = 0
+    origin: str = "kfacbench"
 
     @property
     def higher_is_better(self) -> bool:

@@ -20,11 +20,11 @@ from torch import nn
 
 from kfacbench.core.graphs import GRAPH_WARMUP, StepGraphs, land
 from kfacbench.core.loop import LoopConfig, train
+from kfacbench.core.method import Method, MethodContext
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
 from kfacbench.optim import get_method
-from kfacbench.optim.base import MethodContext
 from kfacbench.optim.lowrank import DampedInverse
 from kfacbench.report.tables import graph_table
 
@@ -193,7 +193,7 @@ def test_land_copies_into_a_matching_layout_and_reports_a_rebinding() -> None:
     assert land(h, "inv", wider, in_place=True) and h.inv is wider
 
 
-class Keyed:
+class Keyed(Method):
     """A method stand-in for the warm-up rule: a fixed key from step 2 on."""
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
@@ -211,8 +211,8 @@ def test_a_key_is_replayed_only_after_its_warm_up_steps() -> None:
     plans = [graphs.plan(step, 16) for step in range(2 + GRAPH_WARMUP + 1)]
     assert plans == [None] * (2 + GRAPH_WARMUP) + [("k", 16)]
     assert graphs.plan(9, 32) is None  # another batch size is another graph, warming up anew
-    with pytest.raises(TypeError, match="graph_key"):
-        StepGraphs(object(), CPU)
+    with pytest.raises(TypeError, match="graph_key"):  # a method that cannot be graphed
+        StepGraphs(Method(), CPU)
 
 
 def blobs(device: torch.device) -> Splits:

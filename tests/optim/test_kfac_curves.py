@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kfacbench.core.loop import LoopConfig, TrainResult, train
+from kfacbench.core.method import Method
 from kfacbench.core.problem import Problem
-from kfacbench.optim.base import Method
 from kfacbench.optim.kfac import KFAC
 from kfacbench.optim.sgd import SGD
 from kfacbench.workloads import WORKLOADS

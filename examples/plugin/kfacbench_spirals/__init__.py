@@ -1,0 +1,1 @@
+"""An example kfacbench plugin package: the Signum optimizer and the two-spirals workload."""
