@@ -17,6 +17,7 @@ import pytest
 from shared_suites import PROFILED
 
 from kfacbench import cli, compare, regress
+from kfacbench.cli import show
 from kfacbench.diagnose import diagnostics_frame
 from kfacbench.errors import RunDirError
 from kfacbench.profiling import kernels_frame
@@ -40,8 +41,8 @@ COMMANDS: dict[str, Argv] = {
 
 _COMPARED = compare.required_columns("amortized")  # compare's default metric
 READS: dict[str, Mapping[str, Sequence[str]]] = {
-    "show": cli.SHOW_TABLES,
-    "show --kernels": {"kernels": cli.SHOW_KERNELS},
+    "show": show.SHOW_TABLES,
+    "show --kernels": {"kernels": show.SHOW_KERNELS},
     "report": report_data.REQUIRED,
     "compare BASE": _COMPARED,
     "compare NEW": _COMPARED,

@@ -445,7 +445,7 @@ def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> N
 def test_an_error_message_names_no_folder_of_the_machine() -> None:
     """torch quotes stack traces in its errors (a CUDA-graph error of the first GPU run named
     `/work/main/kfacbench/optim/sgd.py`); the error column keeps the paths from the package on."""
-    source = Path(cli.__file__).resolve().parent / "optim" / "sgd.py"
+    source = Path(runner.__file__).resolve().parent / "optim" / "sgd.py"
     site = Path(sysconfig.get_paths()["purelib"]).resolve() / "torch" / "nn" / "modules.py"
     exc = RuntimeError(f'Stack trace: File "{source}", line 102 File "{site}", line 7')
     assert one_line(exc) == (
