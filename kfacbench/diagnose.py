@@ -60,7 +60,8 @@ from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows, pi_split
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
 from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
-from kfacbench.store import atomic_write_parquet
+from kfacbench.runs.schema import DIAGNOSTIC_COLUMNS
+from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell
 
 ReferenceFisher = Literal["exact", "empirical"]
@@ -342,15 +343,6 @@ def dense_matrix(
 
 
 # ---------------------------------------------------------------- along training (`diagnose`)
-
-DIAGNOSTIC_COLUMNS = (
-    "cell_id", "label", "optimizer", "step", "approximation", "fisher", "layer", "rank", "metric",
-    "value",
-)  # fmt: skip
-"""Columns of ``diagnostics.parquet``: one row per cell, checkpoint, approximation, layer, rank
-and metric. ``layer`` is ``all`` for whole-network scores, ``dense:<first>..<last>`` for the dense
-diagnostics and a layer's name for per-layer ones; ``rank`` (nullable integer) is the rank of
-SKFAC's factors for its rank ladder, missing elsewhere (and in tables from before it existed)."""
 
 DIAGNOSTIC_BATCH = 1000
 """Examples of the fixed diagnostic batch (the first of the training set), at most."""

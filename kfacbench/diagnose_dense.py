@@ -84,7 +84,7 @@ from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows
 from kfacbench.optim.tridiag import tridiag_inverse
-from kfacbench.store import atomic_write_bytes
+from kfacbench.runs.store import atomic_write_bytes
 from kfacbench.workloads import get_workload
 
 DENSE_BUDGET = 3000

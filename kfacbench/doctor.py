@@ -77,7 +77,8 @@ from kfacbench.runner import (
     prepare_cell,
     run_cell,
 )
-from kfacbench.store import atomic_write_parquet, environment
+from kfacbench.runs.environment import environment
+from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell, ProfileWindow, parse_suite
 from kfacbench.workloads import WORKLOADS
 

@@ -47,7 +47,8 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, write_json
 from kfacbench.machine_load import LoadMonitor, LoadRecord
 from kfacbench.optim import Method, MethodContext, get_method
-from kfacbench.store import RunStore, dumps, environment
+from kfacbench.runs.environment import environment
+from kfacbench.runs.store import RunStore, dumps
 from kfacbench.suite import Cell
 from kfacbench.workloads import Workload, get_workload
 

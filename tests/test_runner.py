@@ -22,9 +22,10 @@ from kfacbench import cli, runner
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
-from kfacbench.rundir import load_tables
 from kfacbench.runner import DataCache, RunOptions, one_line, prepare_cell
-from kfacbench.store import CELL_COLUMNS, TMP_SUFFIX, RunStore
+from kfacbench.runs.rundir import load_tables
+from kfacbench.runs.schema import CELL_COLUMNS
+from kfacbench.runs.store import TMP_SUFFIX, RunStore
 
 SUITE = """
 name = "{name}"

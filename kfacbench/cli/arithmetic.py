@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kfacbench.errors import KfacbenchError
 from kfacbench.report.arithmetic import MODELLED, arithmetic_table
-from kfacbench.rundir import load_tables
+from kfacbench.runs.rundir import load_tables
 
 ARITHMETIC_TABLES = {
     "cells": (

@@ -21,9 +21,10 @@ from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim import METHODS
 from kfacbench.profiling import top_kernels
-from kfacbench.rundir import read_manifest
 from kfacbench.runner import one_line, resolve_device
-from kfacbench.store import RunStore, environment, new_manifest
+from kfacbench.runs.environment import environment
+from kfacbench.runs.rundir import read_manifest
+from kfacbench.runs.store import RunStore, new_manifest
 from kfacbench.suite import DEVICE, Cell, Suite, load_suite
 from kfacbench.workloads import WORKLOADS
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kfacbench.cli.common import finite
-from kfacbench.compare import METRICS, compare_runs
+from kfacbench.runs.compare import METRICS, compare_runs
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> int:

@@ -30,7 +30,7 @@ from kfacbench.diagnose_dense import DENSE_BUDGET, DenseSelection, dense_part, d
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.runner import RunOptions
-from kfacbench.store import RunStore
+from kfacbench.runs.store import RunStore
 from kfacbench.suite import Cell
 
 DIAGNOSE_AT = (0, 50, 200)

@@ -16,9 +16,9 @@ from rich.table import Table
 import kfacbench
 from kfacbench.cli.common import add_placement, check_devices, finite, read_suite
 from kfacbench.errors import KfacbenchError
-from kfacbench.regress import (
+from kfacbench.runner import RunOptions, run_cells
+from kfacbench.runs.regress import (
     FAIL_ABOVE,
-    KEYS,
     MIN_SHARE,
     ab_records,
     baseline_commit,
@@ -31,8 +31,8 @@ from kfacbench.regress import (
     read_baseline,
     write_baseline,
 )
-from kfacbench.runner import RunOptions, run_cells
-from kfacbench.store import RunStore, fresh_dir
+from kfacbench.runs.schema import RECORD_KEYS
+from kfacbench.runs.store import RunStore, fresh_dir
 from kfacbench.suite import Suite
 
 BASELINES = Path("results/baselines")
@@ -170,7 +170,7 @@ def _confirm_regressions(
     console: Console,
 ) -> int:
     """The A/B confirmation of lines flagged against the baseline file (module docstring of
-    :mod:`kfacbench.regress`): exit 1 only when the baseline's own commit, run here with the
+    :mod:`kfacbench.runs.regress`): exit 1 only when the baseline's own commit, run here with the
     current code in alternating passes, shows the regression too."""
     rev = args.against or baseline_commit(baseline_path)
     if rev is None or suite.path is None:
@@ -203,7 +203,7 @@ def _confirm_regressions(
         console.print(f"[yellow]cannot confirm by an A/B run[/]: {escape(str(exc))}")
         return 1
     ab = check(new, old, args.fail_above / 100, args.min_share / 100)
-    ab = ab.merge(flagged[[*KEYS, "change"]], on=KEYS, suffixes=("", "_file"))
+    ab = ab.merge(flagged[[*RECORD_KEYS, "change"]], on=RECORD_KEYS, suffixes=("", "_file"))
     table = Table(title=f"flagged lines, A/B on this machine: {rev[:12]} vs current code")
     for col in ("setting", "phase", "vs file", "then / SGD", "now / SGD", "now passes", "A/B", ""):
         table.add_column(col, justify="left" if col in ("setting", "phase", "") else "right")

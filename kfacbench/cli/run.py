@@ -33,11 +33,11 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
 from kfacbench.machine_load import busy_cells
 from kfacbench.profiling import profile_cells
-from kfacbench.rundir import load_tables
 from kfacbench.runner import RunOptions, record_failure, resolve_device, run_cells
-from kfacbench.store import RunStore
+from kfacbench.runs.rundir import load_tables
+from kfacbench.runs.store import RunStore
+from kfacbench.runs.summary import rich_summary, time_shares
 from kfacbench.suite import Cell, Suite
-from kfacbench.summary import rich_summary, time_shares
 
 
 def open_run(args: argparse.Namespace, suite: Suite) -> tuple[RunStore, bool]:

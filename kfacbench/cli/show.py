@@ -9,8 +9,8 @@ from rich.console import Console
 
 from kfacbench.cli.common import at_least, kernels_table, warn_busy
 from kfacbench.errors import KfacbenchError
-from kfacbench.rundir import load_tables, read_table
-from kfacbench.summary import rich_summary, time_shares
+from kfacbench.runs.rundir import load_tables, read_table
+from kfacbench.runs.summary import rich_summary, time_shares
 
 SHOW_CELLS = (
     "cell_id", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed", "hparams",

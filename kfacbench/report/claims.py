@@ -25,9 +25,9 @@ import pandas as pd
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import seconds
 from kfacbench.report.tables import time_to_target_table
-from kfacbench.rundir import amortized_step_ms
-from kfacbench.store import settings_of
-from kfacbench.summary import REFRESH_PHASE
+from kfacbench.runs.rundir import amortized_step_ms
+from kfacbench.runs.store import settings_of
+from kfacbench.runs.summary import REFRESH_PHASE
 from kfacbench.workloads import get_workload
 
 AUTOENCODERS = ("curves_ae", "mnist_ae", "faces_ae")
