@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kfacbench import cli, diagnose
+from kfacbench import cli
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
-from kfacbench.diagnose import (
+from kfacbench.diagnostics import quality as diagnose
+from kfacbench.diagnostics.quality import (
     Damping,
     FisherProducts,
     checkpoint_rows,

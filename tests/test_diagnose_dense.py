@@ -14,9 +14,11 @@ import torch
 from test_diagnose import SUITE, output_hessian, tiny, tiny_workload
 from torch import Tensor, nn
 
-from kfacbench import cli, diagnose, diagnose_dense
+from kfacbench import cli
 from kfacbench.core.problem import Problem
-from kfacbench.diagnose_dense import (
+from kfacbench.diagnostics import dense as diagnose_dense
+from kfacbench.diagnostics import quality as diagnose
+from kfacbench.diagnostics.dense import (
     DenseSelection,
     choose_layers,
     dense_curvature,

@@ -18,7 +18,7 @@ from shared_suites import PROFILED
 
 from kfacbench import cli
 from kfacbench.cli import show
-from kfacbench.diagnose import diagnostics_frame
+from kfacbench.diagnostics.quality import diagnostics_frame
 from kfacbench.errors import RunDirError
 from kfacbench.profiling import kernels_frame
 from kfacbench.report import data as report_data

@@ -25,8 +25,14 @@ from kfacbench.cli.common import (
     read_suite,
     write_env,
 )
-from kfacbench.diagnose import CheckpointPart, diagnose_cells
-from kfacbench.diagnose_dense import DENSE_BUDGET, DenseSelection, dense_part, dense_plan, rank_part
+from kfacbench.diagnostics.dense import (
+    DENSE_BUDGET,
+    DenseSelection,
+    dense_part,
+    dense_plan,
+    rank_part,
+)
+from kfacbench.diagnostics.quality import CheckpointPart, diagnose_cells
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.runner import RunOptions

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from kfacbench.diagnose import diagnostics_frame
+from kfacbench.diagnostics.quality import diagnostics_frame
 from kfacbench.errors import KfacbenchError
 from kfacbench.runs.rundir import load_tables, read_env, read_manifest, read_table
 from kfacbench.runs.store import settings_of

@@ -16,7 +16,7 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
-from kfacbench.diagnose_dense import read_heatmaps
+from kfacbench.diagnostics.dense import read_heatmaps
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import plural
 from kfacbench.report.plotting import Figures

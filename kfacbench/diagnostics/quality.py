@@ -23,7 +23,7 @@ approximation; a run's own (stale) inverses are scored through the optimizer its
 Along training (:func:`diagnose_cells`), further diagnostics join these scores at every
 checkpoint as parts (:class:`CheckpointPart`), each resumed on its own: the dense matrices F, F̃ and
 their damped inverses on a few layers, and SKFAC's factor error against rank
-(:mod:`kfacbench.diagnose_dense`).
+(:mod:`kfacbench.diagnostics.dense`).
 """
 
 from __future__ import annotations
@@ -513,7 +513,7 @@ def diagnose_cells(
 
     Each checkpoint's rows are kept in ``parts/<cell-id>.s<step>.diagnostics.parquet`` (the
     matrix-free scores of :func:`checkpoint_rows`) and one file per further part in ``parts``
-    (e.g. the dense diagnostics, :mod:`kfacbench.diagnose_dense`): a resumed invocation trains
+    (e.g. the dense diagnostics, :mod:`kfacbench.diagnostics.dense`): a resumed invocation trains
     through a checkpoint whose files all exist (training is deterministic) without computing its
     diagnostics again, and computes only the missing parts of the others. The diagnostic batch
     is fixed: the first :data:`DIAGNOSTIC_BATCH` training examples (at most the cell's batch

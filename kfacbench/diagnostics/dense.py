@@ -1,9 +1,9 @@
 """Dense curvature diagnostics on a parameter budget, and SKFAC's factor error against rank.
 
-The matrix-free diagnostics (:mod:`kfacbench.diagnose`) score each approximation by the direction
-it takes. This module looks at the matrices themselves, as Martens & Grosse (2015) do in Figs. 2
-and 3, for a run of consecutive layers small enough to form densely (:func:`choose_layers`; the
-CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
+The matrix-free diagnostics (:mod:`kfacbench.diagnostics.quality`) score each approximation by the
+direction it takes. This module looks at the matrices themselves, as Martens & Grosse (2015) do in
+Figs. 2 and 3, for a run of consecutive layers small enough to form densely (:func:`choose_layers`;
+the CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
 
 - **the exact Fisher** F restricted to those layers' parameters (the type-2 Fisher / GGN of the
   mean loss, or the empirical Fisher), formed from per-example Jacobians (:func:`dense_curvature`);
@@ -14,7 +14,8 @@ CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
   (§4.2, §6.3) and with exact damping, and the block-tridiagonal F̂⁻¹ (§4.3);
 
 and records their relative Frobenius errors within the diagonal blocks and off them
-(:func:`dense_rows`), with pooled heatmaps of |F|, |F̃|, |(F+λI)⁻¹|, |F̃⁻¹| and |F̂⁻¹| for the report.
+(:func:`dense_rows`), with pooled heatmaps of |F|, |F̃|, |(F+λI)⁻¹|, |F̃⁻¹| and |F̂⁻¹| for the
+report.
 
 **Which inverse.** (F + λI)⁻¹ is the inverse of the *restricted* damped Fisher: the natural
 gradient of these layers with the other parameters held fixed, the quantity F̃⁻¹ and F̂⁻¹
@@ -24,15 +25,15 @@ approximate when restricted to the same layers (Fig. 3 does the same).
 parameters are vec(W̄_i) for its ``(out, in)`` matrix W̄_i = [W_i | b_i], so its K-FAC block is
 ``torch.kron(A, G)``, as in :mod:`kfacbench.optim.tridiag`.
 
-**Cost.** F comes from the layers' pre-activations s = (s_1, …, s_ℓ) (S values per example):
-per example, M_n = J_nᵀ H_n J_n with J_n = ∂z_n/∂s_n (S forward-mode JVPs through the network,
-batched), and F_ij = (1/m) Σ_n ā_{n,i} ā_{n,j}ᵀ ⊗ M_n^{ij}: O(m·P²) for P parameters, against
-O(P) JVP+VJP pairs through the whole network for :func:`~kfacbench.diagnose.dense_matrix`. On
-the CURVES autoencoder (S = 106, P = 2,906) that is seconds on one CPU core. It uses the first
-:data:`DENSE_BATCH` examples of the diagnostic batch, which keeps the per-example Jacobians
-small, and it holds about five P×P float64 matrices (68 MB each at P = 3,000): the budget bounds
-both. It assumes what K-FAC assumes, that examples do not interact after the first chosen layer
-(no BatchNorm in training mode there): the examples' tangents are pushed through together.
+**Cost.** F comes from the layers' pre-activations s = (s_1, …, s_ℓ) (S values per example): per
+example, M_n = J_nᵀ H_n J_n with J_n = ∂z_n/∂s_n (S forward-mode JVPs through the network, batched),
+and F_ij = (1/m) Σ_n ā_{n,i} ā_{n,j}ᵀ ⊗ M_n^{ij}: O(m·P²) for P parameters, against O(P) JVP+VJP
+pairs through the whole network for :func:`~kfacbench.diagnostics.quality.dense_matrix`. On the
+CURVES autoencoder (S = 106, P = 2,906) that is seconds on one CPU core. It uses the first
+:data:`DENSE_BATCH` examples of the diagnostic batch, which keeps the per-example Jacobians small,
+and it holds about five P×P float64 matrices (68 MB each at P = 3,000): the budget bounds both. It
+assumes what K-FAC assumes, that examples do not interact after the first chosen layer (no BatchNorm
+in training mode there): the examples' tangents are pushed through together.
 
 **SKFAC against rank** (:func:`rank_rows`). SKFAC (Tang et al. 2021) inverts factors of rank r
 (the examples of one batch, per-example conv rows reduced by ``sum`` or ``subsample``). For each
@@ -63,7 +64,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from kfacbench.core.problem import Problem
-from kfacbench.diagnose import (
+from kfacbench.diagnostics.quality import (
     Checkpoint,
     CheckpointPart,
     ReferenceFisher,
