@@ -43,13 +43,7 @@ from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
 from kfacbench.core.problem import Distribution, Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.distributed import (
-    STRATEGIES,
-    Dist,
-    LayerOwners,
-    PendingMean,
-    mean_over_ranks,
-)
+from kfacbench.distributed import Dist, PendingMean, mean_over_ranks
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import (
     HParam,
@@ -81,6 +75,7 @@ from kfacbench.optim.inverses import (
     robust_eigh,
 )
 from kfacbench.optim.linalg_probe import choose, refresh_shapes
+from kfacbench.optim.owners import STRATEGIES, LayerOwners
 from kfacbench.optim.schedules import growing_batch_size
 from kfacbench.optim.sgd import SGD
 from kfacbench.optim.tridiag import TridiagInverse, tridiag_apply, tridiag_inverse

@@ -68,12 +68,7 @@ from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.distributed import (
-    STRATEGIES,
-    Dist,
-    LayerOwners,
-    gather_rows,
-)
+from kfacbench.distributed import Dist, gather_rows
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
 from kfacbench.optim.curvature import (
@@ -89,6 +84,7 @@ from kfacbench.optim.curvature import (
     split_matrix,
 )
 from kfacbench.optim.lowrank import DampedInverse, damped_inverses, dense_pays, kronecker_apply
+from kfacbench.optim.owners import STRATEGIES, LayerOwners
 from kfacbench.optim.schedules import SCHEDULES
 from kfacbench.optim.sgd import SGD
 
