@@ -58,7 +58,7 @@ from kfacbench.core.loop import TrainResult, synchronize
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.optim.curvature import find_layers
+from kfacbench.optim.capture import find_layers
 from kfacbench.optim.inverses import bucket_ratio
 from kfacbench.optim.linalg_probe import (
     Shape,

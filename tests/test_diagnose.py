@@ -28,7 +28,8 @@ from kfacbench.diagnostics.quality import (
     quality,
     skfac_direction,
 )
-from kfacbench.optim.curvature import grad_matrix, kronecker_factors, split_matrix
+from kfacbench.optim.capture import grad_matrix, split_matrix
+from kfacbench.optim.factors import kronecker_factors
 from kfacbench.optim.kfac import KFAC
 from kfacbench.workloads import WORKLOADS, Workload
 

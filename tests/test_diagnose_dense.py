@@ -31,15 +31,8 @@ from kfacbench.diagnostics.dense import (
     tridiag_dense_inverse,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.curvature import (
-    Capture,
-    Layer,
-    cross_factors,
-    exact_output_grads,
-    find_layers,
-    grad_matrix,
-    kronecker_factors,
-)
+from kfacbench.optim.capture import Capture, Layer, exact_output_grads, find_layers, grad_matrix
+from kfacbench.optim.factors import cross_factors, kronecker_factors
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
 from kfacbench.runs.schema import DIAGNOSTIC_COLUMNS
 from kfacbench.workloads import WORKLOADS

@@ -72,15 +72,8 @@ from kfacbench.diagnostics.quality import (
     output_loss_grad,
 )
 from kfacbench.errors import KfacbenchError, RunDirError
-from kfacbench.optim.curvature import (
-    Capture,
-    Layer,
-    as_float,
-    factors,
-    find_layers,
-    grad_matrix,
-    output_grads,
-)
+from kfacbench.optim.capture import Capture, Layer, as_float, find_layers, grad_matrix, output_grads
+from kfacbench.optim.factors import factors
 from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows
@@ -624,7 +617,7 @@ def rank_rows(
 
     One forward pass and one output-gradient pass (``fisher``) on the batch give every example's
     statistics; SKFAC's rows (:func:`~kfacbench.optim.skfac.factor_rows`) take the first r
-    examples, K-FAC's factors (:func:`~kfacbench.optim.curvature.factors`) all of them. The
+    examples, K-FAC's factors (:func:`~kfacbench.optim.factors.factors`) all of them. The
     gradient the inverses are applied to is the mean loss's on the whole batch.
 
     Rows: approximation ``skfac-<reduction>[<fisher>]``, ``layer`` the layer, ``rank`` r (examples;

@@ -43,18 +43,16 @@ from torch.func import functional_call, jvp, vjp
 from kfacbench.core.loop import train
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.curvature import (
+from kfacbench.optim.capture import (
     Capture,
     Layer,
-    cross_factors,
-    factors,
     find_layers,
     grad_matrix,
-    kronecker_factors,
     other_params,
     output_grads,
     split_matrix,
 )
+from kfacbench.optim.factors import cross_factors, factors, kronecker_factors
 from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows, pi_split
@@ -278,7 +276,7 @@ def kfac_direction(
     how: Damping = "factored",
 ) -> list[Tensor]:
     """Δ = −F̆⁻¹∇h with F̆ K-FAC's block-diagonal approximation (§4.2) from ``factors`` (one
-    ``(Ā, G)`` per layer, e.g. from :func:`~kfacbench.optim.curvature.kronecker_factors`) and
+    ``(Ā, G)`` per layer, e.g. from :func:`~kfacbench.optim.factors.kronecker_factors`) and
     λ = ``damping``; parameters outside the covered layers get −∇h (the identity), as in K-FAC.
 
     ``factored``: (Ā + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹ (§6.3), i.e. G_d⁻¹ V Ā_d⁻¹ on the gradient

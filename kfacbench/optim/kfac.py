@@ -53,19 +53,21 @@ from kfacbench.optim.base import (
     fp32_matmuls,
     gradients,
 )
-from kfacbench.optim.curvature import (
-    WEIGHT_SHARING,
+from kfacbench.optim.capture import (
     Capture,
     Layer,
-    accumulate_gram,
-    cross_factors,
-    factor_rows,
-    factors,
     find_layers,
     fisher_output_grads,
     grad_matrix,
     other_params,
     split_matrix,
+)
+from kfacbench.optim.factors import (
+    WEIGHT_SHARING,
+    accumulate_gram,
+    cross_factors,
+    factor_rows,
+    factors,
 )
 from kfacbench.optim.inverses import (
     INVERSE_METHODS,

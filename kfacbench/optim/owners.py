@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from kfacbench.distributed import Dist, Layout, broadcast_from_owners
-from kfacbench.optim.curvature import Layer
+from kfacbench.optim.capture import Layer
 
 STRATEGIES = ("comm-opt", "mem-opt")
 """Where preconditioning happens (KAISA's names): every rank, or each layer's owner."""

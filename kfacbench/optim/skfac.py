@@ -71,8 +71,7 @@ from kfacbench.core.timing import PhaseTimer
 from kfacbench.distributed import Dist, gather_rows
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import HParam, MethodContext, MethodSpec, fp32_matmuls, gradients
-from kfacbench.optim.curvature import (
-    WEIGHT_SHARING,
+from kfacbench.optim.capture import (
     Capture,
     Layer,
     as_float,
@@ -83,6 +82,7 @@ from kfacbench.optim.curvature import (
     pad_conv_input,
     split_matrix,
 )
+from kfacbench.optim.factors import WEIGHT_SHARING
 from kfacbench.optim.lowrank import DampedInverse, damped_inverses, dense_pays, kronecker_apply
 from kfacbench.optim.owners import STRATEGIES, LayerOwners
 from kfacbench.optim.schedules import SCHEDULES
