@@ -43,6 +43,10 @@ and of Ā ⊗ G, and of the damped inverse applied to the layer's gradient,
 (Ā_δ ⊗ G_δ)⁻¹ vec(∇W̄). Both sides are damped SKFAC's way (√λ on each factor), so the error is
 the rank's and the reduction's, not the damping split's; on a Linear layer with ``sum`` at r = the
 whole batch the two are the same matrices (error 0, up to rounding).
+
+Size: its first four sections (which layers, F and F̃, the damped inverses, errors and heatmaps) are
+one computation on the same chosen layers; the last, SKFAC against rank (about 130 lines), is the
+seam for a later split.
 """
 
 from __future__ import annotations

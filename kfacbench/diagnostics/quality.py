@@ -24,6 +24,10 @@ Along training (:func:`diagnose_cells`), further diagnostics join these scores a
 checkpoint as parts (:class:`CheckpointPart`), each resumed on its own: the dense matrices F, F̃ and
 their damped inverses on a few layers, and SKFAC's factor error against rank
 (:mod:`kfacbench.diagnostics.dense`).
+
+Size: it holds the matrix-free scores (Fisher-vector products, conjugate gradient, each
+approximation's direction) and the checkpoint loop that trains a cell and applies them; the section
+"along training" is the seam for a later split.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ implementation.
 
 Caveat: the rows are per-example only when examples do not interact in the network. BatchNorm in
 training mode couples them; like all K-FAC implementations this module ignores that coupling.
+
+Size: the hooks and the three Fishers' output-gradients (sampled, empirical, exact) fill one Capture
+and use its private row layout (_grad_rows).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ T3 steps (eigh/Cholesky check their result).
 Presets (``kfac``, ``kfac-tridiag``, ``kfac-fast``) are registry entries with different defaults;
 ``kfac-fast`` is the variant distributed implementations use: fixed damping, no re-scaling, the
 preconditioned gradient applied by SGD with momentum.
+
+Size: the KFAC class alone is about 770 lines: its factors, damping (LM and the γ search), the
+quadratic-model re-scaling and the inverse refresh share one per-layer state; the split at those
+seams that issue 29 asks for is a separate change.
 """
 
 from __future__ import annotations

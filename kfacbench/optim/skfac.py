@@ -51,6 +51,9 @@ Woodbury path still applies. Those batches are the ones just before each refresh
 
 Weight decay η is part of the objective, as in K-FAC: ∇h = ∇L + ηθ is what gets preconditioned.
 Parameters of unsupported modules (BatchNorm) get the identity preconditioner.
+
+Size: the SKFAC class is about 350 lines, and the conv patch reductions (sum, subsample) that make
+its factor rows are used by it alone.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ that decided it, so a reader can disagree with a threshold without having to tru
 Claims come from Martens & Grosse 2015 (abstract, §4.3, §13, Figs. 2–3) and Tang et al. 2021
 (abstract); both papers' experiments are at GPU scale and report curves, so "reproduced" here
 means the direction and rough size of each effect at CPU scale, not the papers' numbers.
+
+Size: one function per claim of the two papers, each with the small helpers only it uses.
 """
 
 from __future__ import annotations
