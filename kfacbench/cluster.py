@@ -26,7 +26,7 @@ from kfacbench.core import subnormals
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.runner import RunOptions, one_line, record_failure, run_cells
-from kfacbench.store import RunStore
+from kfacbench.runs.store import RunStore
 from kfacbench.suite import Cell, load_suite
 from kfacbench.workloads import WORKLOADS
 

@@ -28,7 +28,7 @@ from torch.distributed.run import get_args_parser
 from torch.distributed.run import run as torchrun
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.store import atomic_write_bytes
+from kfacbench.runs.store import atomic_write_bytes
 
 TIMEOUT_ENV = "KFACBENCH_DIST_TIMEOUT"
 """Environment variable carrying ``--dist-timeout`` (seconds) to the workers."""

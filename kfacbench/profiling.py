@@ -42,7 +42,8 @@ from kfacbench.core.timing import ANNOTATION_PREFIX, STEP
 from kfacbench.distributed import Dist, broadcast_object
 from kfacbench.errors import KfacbenchError
 from kfacbench.runner import DataCache, RunOptions, dist_device, prepare_cell, resolve_device
-from kfacbench.store import atomic_write_parquet
+from kfacbench.runs.schema import KERNEL_COLUMNS
+from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell, ProfileWindow
 
 CATEGORIES = ("gemm", "solver", "elementwise", "reduction", "copy/memset", "communication", "other")
@@ -96,22 +97,6 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
-
-KERNEL_COLUMNS = (
-    "cell_id",
-    "label",
-    "workload",
-    "optimizer",
-    "device",
-    "phase",
-    "kernel",
-    "category",
-    "calls",
-    "total_ms",
-    "mean_ms",
-    "share",
-)
-"""Columns of the ``kernels`` table."""
 
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 _LAUNCH_CATS = ("cuda_runtime", "cuda_driver")

@@ -3,6 +3,9 @@
 A cell that diverges, runs out of device memory or raises is recorded with status ``diverged``,
 ``oom`` or ``error`` (with its message) and the suite goes on. An interrupted run (Ctrl-C, a
 killed process) keeps every finished cell; ``kfacbench run --resume`` reruns only the rest.
+
+Size: run_cells (about 150 lines) drives resume, progress, failures and the ranks of a data-parallel
+run around the build, train and record steps of one cell, which are beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, write_json
 from kfacbench.machine_load import LoadMonitor, LoadRecord
 from kfacbench.optim import Method, MethodContext, get_method
-from kfacbench.store import RunStore, dumps, environment
+from kfacbench.runs.environment import environment
+from kfacbench.runs.store import RunStore, dumps
 from kfacbench.suite import Cell
 from kfacbench.workloads import Workload, get_workload
 

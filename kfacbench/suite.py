@@ -34,6 +34,9 @@ configuration: an unknown key, an ill-typed value or a sweep that expands to not
 :class:`~kfacbench.errors.SuiteError` whose one-line message names the file, the key path and the
 bad value. Cells are named by a hash of their resolved config, so the same run in two suites, or in
 an interrupted and resumed run, has the same id.
+
+Size: one file format end to end: the settings schema, the reader that names the file and key in
+every error, and the sweep expansion with its exclusions.
 """
 
 from __future__ import annotations
@@ -318,7 +321,7 @@ class Suite:
         profile: when set, ``kfacbench run`` also profiles every cell, in a separate pass after
             the timed runs (:mod:`kfacbench.profiling`).
         diagnose_at: the steps ``kfacbench diagnose`` measures curvature quality at, when the
-            suite sets them (:mod:`kfacbench.diagnose`).
+            suite sets them (:mod:`kfacbench.diagnostics.quality`).
     """
 
     name: str

@@ -14,7 +14,7 @@ from shared_suites import PROFILED
 from kfacbench import cli, cluster
 from kfacbench.optim import METHODS
 from kfacbench.runner import RunOptions
-from kfacbench.store import RunStore
+from kfacbench.runs.store import RunStore
 from kfacbench.suite import load_suite
 from kfacbench.workloads import WORKLOADS
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from kfacbench import cli
-from kfacbench.compare import compare_runs
 from kfacbench.errors import KfacbenchError
+from kfacbench.runs.compare import compare_runs
 
 SUITE = """
 name = "c"

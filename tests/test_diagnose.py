@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kfacbench import cli, diagnose
+from kfacbench import cli
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.data import Splits
-from kfacbench.diagnose import (
+from kfacbench.diagnostics import quality as diagnose
+from kfacbench.diagnostics.quality import (
     Damping,
     FisherProducts,
     checkpoint_rows,
@@ -27,7 +28,8 @@ from kfacbench.diagnose import (
     quality,
     skfac_direction,
 )
-from kfacbench.optim.curvature import grad_matrix, kronecker_factors, split_matrix
+from kfacbench.optim.capture import grad_matrix, split_matrix
+from kfacbench.optim.factors import kronecker_factors
 from kfacbench.optim.kfac import KFAC
 from kfacbench.workloads import WORKLOADS, Workload
 

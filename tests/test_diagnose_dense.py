@@ -14,9 +14,11 @@ import torch
 from test_diagnose import SUITE, output_hessian, tiny, tiny_workload
 from torch import Tensor, nn
 
-from kfacbench import cli, diagnose, diagnose_dense
+from kfacbench import cli
 from kfacbench.core.problem import Problem
-from kfacbench.diagnose_dense import (
+from kfacbench.diagnostics import dense as diagnose_dense
+from kfacbench.diagnostics import quality as diagnose
+from kfacbench.diagnostics.dense import (
     DenseSelection,
     choose_layers,
     dense_curvature,
@@ -29,16 +31,10 @@ from kfacbench.diagnose_dense import (
     tridiag_dense_inverse,
 )
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.curvature import (
-    Capture,
-    Layer,
-    cross_factors,
-    exact_output_grads,
-    find_layers,
-    grad_matrix,
-    kronecker_factors,
-)
+from kfacbench.optim.capture import Capture, Layer, exact_output_grads, find_layers, grad_matrix
+from kfacbench.optim.factors import cross_factors, kronecker_factors
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
+from kfacbench.runs.schema import DIAGNOSTIC_COLUMNS
 from kfacbench.workloads import WORKLOADS
 
 
@@ -279,7 +275,7 @@ def test_diagnose_writes_dense_and_rank_parts_and_resumes_without_recomputing(
     assert calls == {"base": 4, "dense": 4}  # 2 cells × 2 checkpoints
     (run_dir,) = (tmp_path / "out" / "dg").iterdir()
     table = pd.read_parquet(run_dir / "diagnostics.parquet")
-    assert list(table.columns) == list(diagnose.DIAGNOSTIC_COLUMNS)
+    assert list(table.columns) == list(DIAGNOSTIC_COLUMNS)
     dense_rows_ = table[table["layer"] == "dense:0..2"]
     assert set(dense_rows_["step"]) == {0, 3} and len(dense_rows_["cell_id"].unique()) == 2
     ranks = table[table["approximation"] == "skfac-sum[sampled]"]
@@ -307,7 +303,7 @@ def test_an_old_table_without_rank_reads_with_rank_missing(tmp_path: Path) -> No
           "fisher": "exact", "layer": "all", "metric": "cosine", "value": 0.5}]
     )  # fmt: skip
     table = diagnose.diagnostics_frame([old])
-    assert list(table.columns) == list(diagnose.DIAGNOSTIC_COLUMNS)
+    assert list(table.columns) == list(DIAGNOSTIC_COLUMNS)
     assert table["rank"].isna().all() and str(table["rank"].dtype) == "Int64"
 
 

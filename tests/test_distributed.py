@@ -26,10 +26,11 @@ from torch import nn
 
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.distributed import Dist, assign_owners, broadcast_from_owners, shard
+from kfacbench.distributed import Dist, broadcast_from_owners, shard
 from kfacbench.errors import KfacbenchError
 from kfacbench.launch import LaunchOptions, torchrun_args
 from kfacbench.optim import MethodContext, get_method
+from kfacbench.optim.owners import assign_owners
 
 CPU = torch.device("cpu")
 BATCH = 8

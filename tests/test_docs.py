@@ -25,11 +25,9 @@ from kfacbench.cli import build_parser
 from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
 from kfacbench.data import Splits
-from kfacbench.diagnose import DIAGNOSTIC_COLUMNS
 from kfacbench.optim.sgd import SGD
-from kfacbench.profiling import KERNEL_COLUMNS
 from kfacbench.runner import phase_rows
-from kfacbench.store import CELL_COLUMNS
+from kfacbench.runs.schema import CELL_COLUMNS, DIAGNOSTIC_COLUMNS, KERNEL_COLUMNS
 from kfacbench.suite import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

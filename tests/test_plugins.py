@@ -13,7 +13,7 @@ import pytest
 from kfacbench import cli, plugins
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.optim import METHODS
-from kfacbench.rundir import load_tables
+from kfacbench.runs.rundir import load_tables
 from kfacbench.suite import load_suite
 from kfacbench.workloads import WORKLOADS
 
@@ -183,3 +183,15 @@ def test_entry_points_of_an_installed_package_register_with_their_origin(
 def test_the_docs_show_the_example_file_as_it_is() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
     assert MY_METHOD.strip() in docs
+
+
+def test_list_shows_each_origin_and_takes_a_plugin_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "signsgd.py"
+    file.write_text(MY_METHOD)
+    assert cli.main(["list", "optimizers", "--plugin", str(file)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "origin" in out and "signsgd" in out and "kfacbench" in out
+    assert cli.main(["list", "optimizers", "--plugin", str(tmp_path / "none.py")]) == 2
+    assert "plugin" in capsys.readouterr().err

@@ -15,9 +15,10 @@ from kfacbench import cli
 from kfacbench.core.timing import ANNOTATION_PREFIX
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.profiling import CATEGORIES, KERNEL_COLUMNS, categorize, kernel_rows, profile_cell
-from kfacbench.rundir import load_tables
+from kfacbench.profiling import CATEGORIES, categorize, kernel_rows, profile_cell
 from kfacbench.runner import DataCache, RunOptions, run_cell
+from kfacbench.runs.rundir import load_tables
+from kfacbench.runs.schema import KERNEL_COLUMNS
 from kfacbench.suite import Cell, ProfileWindow, parse_suite
 from kfacbench.workloads import WORKLOADS
 

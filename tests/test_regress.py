@@ -15,7 +15,7 @@ import kfacbench
 from kfacbench import cli
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.skfac import SKFAC
-from kfacbench.regress import (
+from kfacbench.runs.regress import (
     ab_records,
     baseline_commit,
     baseline_for,

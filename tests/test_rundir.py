@@ -16,13 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 from shared_suites import PROFILED
 
-from kfacbench import cli, compare, regress
-from kfacbench.diagnose import diagnostics_frame
+from kfacbench import cli
+from kfacbench.cli import show
+from kfacbench.diagnostics.quality import diagnostics_frame
 from kfacbench.errors import RunDirError
 from kfacbench.profiling import kernels_frame
 from kfacbench.report import data as report_data
-from kfacbench.rundir import load_tables, read_env, read_table
-from kfacbench.store import atomic_write_parquet
+from kfacbench.runs import compare, regress
+from kfacbench.runs.rundir import load_tables, read_env, read_table
+from kfacbench.runs.store import atomic_write_parquet
 
 Argv = Callable[[Path, Path, Path], list[str]]
 """A command line from the damaged run, an intact run and a scratch folder."""
@@ -40,8 +42,8 @@ COMMANDS: dict[str, Argv] = {
 
 _COMPARED = compare.required_columns("amortized")  # compare's default metric
 READS: dict[str, Mapping[str, Sequence[str]]] = {
-    "show": cli.SHOW_TABLES,
-    "show --kernels": {"kernels": cli.SHOW_KERNELS},
+    "show": show.SHOW_TABLES,
+    "show --kernels": {"kernels": show.SHOW_KERNELS},
     "report": report_data.REQUIRED,
     "compare BASE": _COMPARED,
     "compare NEW": _COMPARED,

@@ -22,9 +22,10 @@ from kfacbench import cli, runner
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
-from kfacbench.rundir import load_tables
 from kfacbench.runner import DataCache, RunOptions, one_line, prepare_cell
-from kfacbench.store import CELL_COLUMNS, TMP_SUFFIX, RunStore
+from kfacbench.runs.rundir import load_tables
+from kfacbench.runs.schema import CELL_COLUMNS
+from kfacbench.runs.store import TMP_SUFFIX, RunStore
 
 SUITE = """
 name = "{name}"
@@ -445,7 +446,7 @@ def test_compile_in_a_data_parallel_run_is_a_one_line_error(tmp_path: Path) -> N
 def test_an_error_message_names_no_folder_of_the_machine() -> None:
     """torch quotes stack traces in its errors (a CUDA-graph error of the first GPU run named
     `/work/main/kfacbench/optim/sgd.py`); the error column keeps the paths from the package on."""
-    source = Path(cli.__file__).resolve().parent / "optim" / "sgd.py"
+    source = Path(runner.__file__).resolve().parent / "optim" / "sgd.py"
     site = Path(sysconfig.get_paths()["purelib"]).resolve() / "torch" / "nn" / "modules.py"
     exc = RuntimeError(f'Stack trace: File "{source}", line 102 File "{site}", line 7')
     assert one_line(exc) == (

@@ -13,14 +13,13 @@ import pandas as pd
 import pytest
 
 from kfacbench.errors import KfacbenchError
-from kfacbench.store import (
-    CELL_COLUMNS,
-    COMMIT_ENV,
+from kfacbench.runs.environment import COMMIT_ENV, git_commit
+from kfacbench.runs.schema import CELL_COLUMNS
+from kfacbench.runs.store import (
     TMP_SUFFIX,
     DamagedPartError,
     RunStore,
     atomic_write_parquet,
-    git_commit,
     new_manifest,
 )
 

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 from rich.console import Console
 
-from kfacbench.summary import rich_summary, summary_frame, time_shares
+from kfacbench.runs.summary import rich_summary, summary_frame, time_shares
 
 
 def cells(**extra: list[float]) -> pd.DataFrame:

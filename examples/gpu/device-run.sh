@@ -99,7 +99,7 @@ if [ ${#runs[@]} -gt 0 ]; then
     "$py" -c '
 import sys, pandas as pd
 from pathlib import Path
-from kfacbench.rundir import load_tables
+from kfacbench.runs.rundir import load_tables
 frames = [load_tables(Path(r), {"cells": ()})["cells"] for r in sys.argv[2:]]
 pd.concat(frames, ignore_index=True).to_parquet(sys.argv[1])' "$out/cells.parquet" "${runs[@]}" \
         >> "$log" 2>&1

@@ -11,7 +11,7 @@ out: they are linear in the activations, not in the weights):
 - curvature (K-FAC, Martens & Grosse 2015 §5): the sampled backward pass to every layer's output
   (input gradients only: the first layer's again needs none) and the factor products Āᵀā,
   gᵀg (2·r·d² each; ``reduce`` uses one row per example; a CPU's blocked symmetric product does
-  5/8 of it from 256 columns on, as :func:`~kfacbench.optim.curvature.gram` runs it);
+  5/8 of it from 256 columns on, as :func:`~kfacbench.optim.factors.gram` runs it);
 - precondition: G⁻¹VĀ⁻¹, 2·d_out²·d_in + 2·d_out·d_in² per layer;
 - inverse (every T_inv steps and at each of the first three): per factor of size n, counted as
   LAPACK's and cuSOLVER's routines run: Cholesky n³/3, then the inverse from it 2n³/3 on a CPU
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kfacbench.optim.curvature import SYMMETRIC_BLOCKS, SYMMETRIC_MIN_DIM, find_layers
+from kfacbench.optim.capture import find_layers
+from kfacbench.optim.factors import SYMMETRIC_BLOCKS, SYMMETRIC_MIN_DIM
 from kfacbench.optim.inverses import NEWTON_STEPS, bucket_ratio, plan_buckets
 
 UPDATE_FLOPS_PER_PARAM = 4
@@ -86,7 +87,7 @@ def _takes_tokens(model: nn.Module) -> bool:
 
 
 def gram_flops(rows: int, d: int, device: str) -> float:
-    """FLOPs of rowsᵀrows as :func:`~kfacbench.optim.curvature.gram` runs it on ``device``."""
+    """FLOPs of rowsᵀrows as :func:`~kfacbench.optim.factors.gram` runs it on ``device``."""
     full = 2.0 * rows * d * d
     if device == "cpu" and d >= SYMMETRIC_MIN_DIM and SYMMETRIC_BLOCKS > 1:
         b = SYMMETRIC_BLOCKS

@@ -28,12 +28,12 @@ under ``"sum"``):
 - Linear, and conv under ``"sum"``/``"mean"``: R_A = ā/√m, R_G = g/√m, so Ā = (1/m) Σ_i ā_i ā_iᵀ
   and G = (1/m) Σ_i g_i g_iᵀ, with g the per-example gradient (the official code's
   ``batch_coefficient`` 1/√m on both factors and ``dout·batch_size``). On a Linear layer these are
-  exactly K-FAC's per-batch factors (:func:`~kfacbench.optim.curvature.factors`).
+  exactly K-FAC's per-batch factors (:func:`~kfacbench.optim.factors.factors`).
 - Linear layers applied at R positions (a transformer's): ``weight_sharing = "reduce"`` (the
   default) R_A = â/√m, R_G = ĝ/√m with â the mean of an example's ā over positions and ĝ the
   sum of its g, rank m; ``"expand"`` every position a row, R_A = ā/√(mR), R_G = g/√m, rank m·R:
   the roots of K-FAC-reduce's and K-FAC-expand's factors (Eschenhagen et al. 2023; g of a
-  per-token mean loss carries the √P of :mod:`~kfacbench.optim.curvature`).
+  per-token mean loss carries the √P of :mod:`~kfacbench.optim.factors`).
 - conv under ``"subsample"``: R_A = ā_S/√(m·s), R_G = g_S·√(|T|/(m·s)), so Ā and G are unbiased
   estimates of K-FAC's conv factors in this package's KFC normalisation (Ā the average over all
   patch rows, G summed over positions and averaged over examples), and equal them when s ≥ |T|.
@@ -51,6 +51,9 @@ Woodbury path still applies. Those batches are the ones just before each refresh
 
 Weight decay η is part of the objective, as in K-FAC: ∇h = ∇L + ηθ is what gets preconditioned.
 Parameters of unsupported modules (BatchNorm) get the identity preconditioner.
+
+Size: the SKFAC class is about 350 lines, and the conv patch reductions (sum, subsample) that make
+its factor rows are used by it alone.
 """
 
 from __future__ import annotations
@@ -76,16 +79,10 @@ from kfacbench.core.method import (
 )
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.distributed import (
-    STRATEGIES,
-    Dist,
-    LayerOwners,
-    gather_rows,
-)
+from kfacbench.distributed import Dist, gather_rows
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim.base import fp32_matmuls, gradients
-from kfacbench.optim.curvature import (
-    WEIGHT_SHARING,
+from kfacbench.optim.capture import (
     Capture,
     Layer,
     as_float,
@@ -96,7 +93,9 @@ from kfacbench.optim.curvature import (
     pad_conv_input,
     split_matrix,
 )
+from kfacbench.optim.factors import WEIGHT_SHARING
 from kfacbench.optim.lowrank import DampedInverse, damped_inverses, dense_pays, kronecker_apply
+from kfacbench.optim.owners import STRATEGIES, LayerOwners
 from kfacbench.optim.schedules import SCHEDULES
 from kfacbench.optim.sgd import SGD
 
@@ -196,16 +195,16 @@ def factor_rows(
 
     Args:
         layer: the layer.
-        x: its recorded input (:meth:`~kfacbench.optim.curvature.Capture.raw_input`).
+        x: its recorded input (:meth:`~kfacbench.optim.capture.Capture.raw_input`).
         grad: the output-gradient of the per-example losses, shaped like the layer's output
-            (:func:`~kfacbench.optim.curvature.output_grads` with ``as_rows=False``).
+            (:func:`~kfacbench.optim.capture.output_grads` with ``as_rows=False``).
         reduction: ``sum``, ``mean`` or ``subsample`` over a conv layer's positions; see the
             module docstring.
         samples: s, positions kept per example by ``subsample``.
         generator: the random source of ``subsample`` (on the layer's device).
         weight_sharing: ``reduce`` or ``expand`` for a Linear layer applied to inputs with
             extra position dimensions (a transformer's): the roots of K-FAC-reduce's or
-            K-FAC-expand's factors (Eschenhagen et al. 2023; :func:`~kfacbench.optim.curvature.
+            K-FAC-expand's factors (Eschenhagen et al. 2023; :func:`~kfacbench.optim.factors.
             factors`).
 
     Returns:
@@ -400,7 +399,7 @@ class SKFAC(Method):
         refresh = k % self.inv_interval == 0
         # With the moving average, the batches just before each refresh are measured too.
         measure = refresh or (-k) % self.inv_interval < self.window
-        keep = self.fisher == "empirical"  # its g come with the loss gradient (curvature.py)
+        keep = self.fisher == "empirical"  # its g come with the loss gradient (capture.py)
         with timer.phase("forward"):
             with self.capture.recording(measure, keep_grads=keep):
                 output = self.problem.forward(x)

@@ -27,7 +27,7 @@ from kfacbench.optim.flops import (
     sgd_flops,
 )
 from kfacbench.optim.inverses import bucket_ratio, plan_buckets
-from kfacbench.rundir import amortized_step_ms
+from kfacbench.runs.rundir import amortized_step_ms
 from kfacbench.workloads import WORKLOADS
 
 MODELLED = ("sgd", "kfac-fast")

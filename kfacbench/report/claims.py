@@ -9,6 +9,8 @@ that decided it, so a reader can disagree with a threshold without having to tru
 Claims come from Martens & Grosse 2015 (abstract, §4.3, §13, Figs. 2–3) and Tang et al. 2021
 (abstract); both papers' experiments are at GPU scale and report curves, so "reproduced" here
 means the direction and rough size of each effect at CPU scale, not the papers' numbers.
+
+Size: one function per claim of the two papers, each with the small helpers only it uses.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import pandas as pd
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import seconds
 from kfacbench.report.tables import time_to_target_table
-from kfacbench.rundir import amortized_step_ms
-from kfacbench.store import settings_of
-from kfacbench.summary import REFRESH_PHASE
+from kfacbench.runs.rundir import amortized_step_ms
+from kfacbench.runs.store import settings_of
+from kfacbench.runs.summary import REFRESH_PHASE
 from kfacbench.workloads import get_workload
 
 AUTOENCODERS = ("curves_ae", "mnist_ae", "faces_ae")

@@ -12,10 +12,10 @@ from typing import Any
 
 import pandas as pd
 
-from kfacbench.diagnose import diagnostics_frame
+from kfacbench.diagnostics.quality import diagnostics_frame
 from kfacbench.errors import KfacbenchError
-from kfacbench.rundir import load_tables, read_env, read_manifest, read_table
-from kfacbench.store import settings_of
+from kfacbench.runs.rundir import load_tables, read_env, read_manifest, read_table
+from kfacbench.runs.store import settings_of
 
 ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[\w.+-]+/)+[\w.+-]*")
 """A path of the machine (``/work/x/``, ``/tmp/run``) in text a reader gets: a report that

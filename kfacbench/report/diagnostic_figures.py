@@ -16,11 +16,11 @@ from matplotlib.ticker import (
     NullLocator,
 )
 
-from kfacbench.diagnose_dense import read_heatmaps
+from kfacbench.diagnostics.dense import read_heatmaps
 from kfacbench.report.data import ReportData
 from kfacbench.report.format import plural
 from kfacbench.report.plotting import Figures
-from kfacbench.store import settings_of
+from kfacbench.runs.store import settings_of
 
 MAX_DIAGNOSED_CELLS = 8
 """Cells of a report given their own curvature figures (quality, dense heatmaps, rank), at most:

@@ -49,7 +49,7 @@ from kfacbench.report.tables import (
     time_to_target_table,
     time_to_target_text,
 )
-from kfacbench.rundir import amortized_step_ms
+from kfacbench.runs.rundir import amortized_step_ms
 
 _WIDTH = re.compile(r"^wide_ae_(\d+)$")
 

@@ -19,8 +19,8 @@ from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim.peers import COUNTERPARTS
 from kfacbench.report.data import BASELINE, ReportData
 from kfacbench.report.format import seconds
-from kfacbench.rundir import amortized_step_ms
-from kfacbench.store import settings_of
+from kfacbench.runs.rundir import amortized_step_ms
+from kfacbench.runs.store import settings_of
 
 TIMING_ONLY = "timing-only run"
 

@@ -6,7 +6,7 @@
   (Tang et al. 2021) and of most K-FAC-on-convnets papers.
 
 Both are plain chains of ``nn.Linear`` / ``nn.Conv2d`` layers, the layer types whose Kronecker
-factors ``optim/curvature.py`` knows how to capture.
+factors ``optim/capture.py`` knows how to capture.
 """
 
 from __future__ import annotations

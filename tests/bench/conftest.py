@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from benchkit import bench_device
 
-from kfacbench.store import environment
+from kfacbench.runs.environment import environment
 
 
 def pytest_benchmark_update_machine_info(

@@ -9,7 +9,7 @@ import torch
 
 from kfacbench.core.opcount import PROBE_STEPS, OpCountingTimer, PhaseOps, launches, phase_ops
 from kfacbench.optim import METHODS
-from kfacbench.optim.curvature import find_layers
+from kfacbench.optim.capture import find_layers
 from kfacbench.runner import DataCache, RunOptions, probe_ops
 from kfacbench.suite import parse_suite
 from kfacbench.workloads import WORKLOADS, get_workload

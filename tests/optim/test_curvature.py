@@ -12,20 +12,22 @@ from torch import Tensor, nn
 
 from kfacbench.core.problem import Distribution, Problem, per_example_loss
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.curvature import (
-    SYMMETRIC_MIN_DIM,
+from kfacbench.optim.capture import (
     Capture,
     Layer,
-    accumulate_gram,
-    cross_factors,
     exact_output_grads,
-    factors,
     find_layers,
     grad_matrix,
-    gram,
-    kronecker_factors,
     output_grads,
     split_matrix,
+)
+from kfacbench.optim.factors import (
+    SYMMETRIC_MIN_DIM,
+    accumulate_gram,
+    cross_factors,
+    factors,
+    gram,
+    kronecker_factors,
 )
 from kfacbench.workloads.nets import cifar_resnet
 

@@ -13,7 +13,8 @@ from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
-from kfacbench.optim.curvature import grad_matrix, kronecker_factors
+from kfacbench.optim.capture import grad_matrix
+from kfacbench.optim.factors import kronecker_factors
 from kfacbench.optim.kfac import KFAC, fisher_quadratic
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 

@@ -75,7 +75,7 @@ def test_dense_pays_when_its_flops_over_the_interval_are_fewer(
 
 
 def test_kronecker_apply_equals_the_dense_kronecker_solve() -> None:
-    """G_δ⁻¹ V A_δ⁻¹ == (G_δ ⊗ A_δ)⁻¹ vec(V) for row-major vec (curvature.py's ordering)."""
+    """G_δ⁻¹ V A_δ⁻¹ == (G_δ ⊗ A_δ)⁻¹ vec(V) for row-major vec (factors.py's ordering)."""
     gen = torch.Generator().manual_seed(1)
     ra = torch.randn(3, 6, generator=gen, dtype=torch.float64)  # Woodbury side
     rg = torch.randn(8, 4, generator=gen, dtype=torch.float64)  # dense side

@@ -33,7 +33,7 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.optim import MethodContext, get_method, peers_kaisa
 from kfacbench.report.data import load_runs
 from kfacbench.report.tables import peer_table
-from kfacbench.rundir import load_tables
+from kfacbench.runs.rundir import load_tables
 from kfacbench.workloads import WORKLOADS
 from kfacbench.workloads.transformer import byte_gpt
 

@@ -15,14 +15,8 @@ from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
-from kfacbench.optim.curvature import (
-    Capture,
-    factors,
-    find_layers,
-    grad_matrix,
-    kronecker_factors,
-    output_grads,
-)
+from kfacbench.optim.capture import Capture, find_layers, grad_matrix, output_grads
+from kfacbench.optim.factors import factors, kronecker_factors
 from kfacbench.optim.kfac import KFAC
 from kfacbench.optim.skfac import (
     SKFAC,

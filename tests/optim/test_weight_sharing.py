@@ -19,7 +19,8 @@ from torch.func import functional_call, jacrev
 
 from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.optim.curvature import Layer, find_layers, kronecker_factors
+from kfacbench.optim.capture import Layer, find_layers
+from kfacbench.optim.factors import kronecker_factors
 from kfacbench.optim.kfac import KFAC, fisher_quadratic
 from kfacbench.workloads.transformer import byte_gpt
 
@@ -68,7 +69,7 @@ def ggn_block(model: nn.Module, problem: Problem, x: Tensor, y: Tensor, layer: L
 
 
 def kron_block(a: Tensor, g: Tensor) -> Tensor:
-    return torch.kron(g, a)  # row-major vec(W̄): see curvature.py's module docstring
+    return torch.kron(g, a)  # row-major vec(W̄): see factors.py's module docstring
 
 
 def tiny_gpt(context: int = 6) -> nn.Module:

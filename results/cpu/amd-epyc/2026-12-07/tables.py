@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kfacbench.rundir import amortized_step_ms
+from kfacbench.runs.rundir import amortized_step_ms
 
 HERE = Path(__file__).resolve().parent
 ORDER = {"sgd": 0, "kfac": 1, "kfac-fast": 2, "skfac": 3, "adamw": 4}

@@ -39,11 +39,10 @@ import pandas as pd
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
 from kfacbench.machine_load import warning_line
-from kfacbench.rundir import load_tables, read_env, read_table
-from kfacbench.store import atomic_write_parquet, command_output, settings_of
-
-KEYS = ["workload", "batch_size", "setting", "phase"]
-"""What identifies one line of the regression record."""
+from kfacbench.runs.environment import command_output
+from kfacbench.runs.rundir import load_tables, read_env, read_table
+from kfacbench.runs.schema import RECORD_COLUMNS, RECORD_KEYS
+from kfacbench.runs.store import atomic_write_parquet, settings_of
 
 FAIL_ABOVE = 50.0
 """Default threshold in percent, above the noise measured on unchanged code: on a 2-core VM,
@@ -52,20 +51,6 @@ to 1.37x (README). A quieter machine (a dedicated GPU) can use a lower ``--fail-
 
 MIN_SHARE = 5.0
 """Default share of its step (percent) below which a phase does not gate the check."""
-
-RECORD_COLUMNS = [
-    *KEYS,
-    "optimizer",
-    "median_ms",
-    "sgd_step_ms",
-    "ratio",
-    "ratio_lo",
-    "ratio_hi",
-    "share",
-    "repeats",
-    "machine",
-]
-"""Columns of a regression record and of a baseline file."""
 
 REQUIRED = {
     "cells": ("cell_id", "label", "status", "workload", "batch_size", "optimizer"),
@@ -140,13 +125,15 @@ def normalised_phases(run_dir: Path) -> pd.DataFrame:
             " SGD cell per workload and batch size"
         )
     merged["ratio"] = merged["median_ms"] / merged["sgd_step_ms"]
-    record = merged.groupby([*KEYS, "optimizer"], as_index=False)[
+    record = merged.groupby([*RECORD_KEYS, "optimizer"], as_index=False)[
         ["median_ms", "sgd_step_ms", "ratio"]
     ].median()
-    own_step = record[record["phase"] == STEP].set_index(KEYS[:3])["median_ms"].rename("own_step")
-    record = record.join(own_step, on=KEYS[:3])
+    own_step = (
+        record[record["phase"] == STEP].set_index(RECORD_KEYS[:3])["median_ms"].rename("own_step")
+    )
+    record = record.join(own_step, on=RECORD_KEYS[:3])
     record["share"] = record["median_ms"] / record["own_step"]
-    return record.drop(columns="own_step").sort_values(KEYS, ignore_index=True)
+    return record.drop(columns="own_step").sort_values(RECORD_KEYS, ignore_index=True)
 
 
 def busy_passes(run_dirs: Sequence[Path]) -> dict[Path, str]:
@@ -178,12 +165,12 @@ def combine(run_dirs: Sequence[Path]) -> pd.DataFrame:
     if len(machines) > 1:
         raise KfacbenchError(f"passes from different machines: {sorted(machines)}")
     passes = pd.concat([normalised_phases(d) for d in run_dirs], ignore_index=True)
-    grouped = passes.groupby([*KEYS, "optimizer"], as_index=False)
+    grouped = passes.groupby([*RECORD_KEYS, "optimizer"], as_index=False)
     record = grouped[["median_ms", "sgd_step_ms", "ratio", "share"]].median()
     spread = grouped["ratio"].agg(ratio_lo="min", ratio_hi="max", repeats="count")
-    record = record.merge(spread, on=[*KEYS, "optimizer"])
+    record = record.merge(spread, on=[*RECORD_KEYS, "optimizer"])
     record["machine"] = machines.pop()
-    return record[RECORD_COLUMNS].sort_values(KEYS, ignore_index=True)
+    return record[RECORD_COLUMNS].sort_values(RECORD_KEYS, ignore_index=True)
 
 
 def write_baseline(record: pd.DataFrame, path: Path) -> None:
@@ -225,9 +212,9 @@ def check(
     ``missing``: a cell that failed, or a phase no longer timed, would otherwise pass the check
     unmeasured. Lines new in the record are kept with a NaN change, never flagged.
     """
-    joined = baseline[[*KEYS, "optimizer", "ratio", "share"]].merge(
-        record[[*KEYS, "optimizer", "ratio", "ratio_lo", "ratio_hi", "share"]],
-        on=KEYS,
+    joined = baseline[[*RECORD_KEYS, "optimizer", "ratio", "share"]].merge(
+        record[[*RECORD_KEYS, "optimizer", "ratio", "ratio_lo", "ratio_hi", "share"]],
+        on=RECORD_KEYS,
         how="outer",
         suffixes=("_base", "_new"),
     )

@@ -10,10 +10,10 @@ the file and what is wrong with it, raised before the command uses the table.
 Each caller names the columns it uses (``required``): a table is valid for a command when those
 columns are there and hold the right kind of value (:data:`KINDS`), whatever else it holds.
 Flipped bytes inside the data are caught by the pages' CRC checksums, which
-:func:`kfacbench.store.atomic_write_parquet` writes and :func:`read_table` verifies (files
+:func:`kfacbench.runs.store.atomic_write_parquet` writes and :func:`read_table` verifies (files
 written before checksums existed are read without that check). Before the tables are read, those
 that disagree with the run's ``parts/`` (a kill while they were written) are rebuilt from them
-(:meth:`kfacbench.store.RunStore.reconcile`), so a reader never sees a table one cell short.
+(:meth:`kfacbench.runs.store.RunStore.reconcile`), so a reader never sees a table one cell short.
 """
 
 from __future__ import annotations
@@ -22,42 +22,15 @@ import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 from pandas.api.types import infer_dtype, is_numeric_dtype
 
 from kfacbench.errors import RunDirError
-from kfacbench.store import TABLES, RunStore
-
-Kind = Literal["text", "number", "json object"]
-
-KINDS: dict[str, Kind] = {
-    **dict.fromkeys(
-        (
-            "cell_id", "suite", "label", "workload", "optimizer", "status", "error", "phase",
-            "kernel", "category", "setting", "machine",
-        ),
-        "text",
-    ),
-    **dict.fromkeys(
-        (
-            "batch_size", "inv_interval", "seed", "steps", "train_time_s", "time_to_target_s",
-            "final_train_loss", "final_eval_metric", "median_step_ms", "step", "train_loss",
-            "calls", "total_s", "median_ms", "p10_ms", "p90_ms", "total_ms", "share",
-            "sgd_step_ms", "ratio", "ratio_lo", "ratio_hi", "repeats",
-        ),
-        "number",
-    ),
-    "hparams": "json object",
-}  # fmt: skip
-"""What the commands expect a column to hold, by column name (the same name means the same thing
-in every table). A required column of another name is only checked to be present."""
-
-KEYS: dict[str, tuple[str, ...]] = {"cells": ("cell_id",), "phases": ("cell_id", "phase")}
-"""Columns that identify a row: a repeated key (a table concatenated twice) is damage that the
-commands would otherwise trip over when they look a cell up."""
+from kfacbench.runs.schema import KINDS, ROW_KEYS, TABLES, Kind
+from kfacbench.runs.store import RunStore
 
 _DAMAGED = "damaged, or written by another kfacbench version"
 
@@ -164,7 +137,7 @@ def load_tables(
     for name, columns in required.items():
         path = run_dir / f"{name}.parquet"
         table = read_table(path, columns)
-        key = list(KEYS.get(name, ()))
+        key = list(ROW_KEYS.get(name, ()))
         if key and set(key) <= set(table.columns) and table.duplicated(key).any():
             first = table[table.duplicated(key)].iloc[0]
             rows = ", ".join(f"{k}={first[k]}" for k in key)
@@ -194,7 +167,8 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
 
 
 def read_env(run_dir: Path) -> dict[str, Any]:
-    """The run's ``env.json`` (device, versions, host: see :func:`kfacbench.store.environment`).
+    """The run's ``env.json`` (device, versions, host: see
+    :func:`kfacbench.runs.environment.environment`).
 
     Raises:
         RunDirError: the file is missing, unreadable, not JSON, or not a JSON object.
@@ -206,7 +180,7 @@ def read_env(run_dir: Path) -> dict[str, Any]:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """A run's ``manifest.json`` (:func:`kfacbench.store.new_manifest`).
+    """A run's ``manifest.json`` (:func:`kfacbench.runs.store.new_manifest`).
 
     Raises:
         RunDirError: the file is unreadable, not a JSON object, or has no ``command``.

@@ -35,7 +35,7 @@ import pandas as pd
 
 from kfacbench.core.timing import STEP
 from kfacbench.errors import KfacbenchError
-from kfacbench.rundir import amortized_step_ms, load_tables
+from kfacbench.runs.rundir import amortized_step_ms, load_tables
 
 Metric = Literal["amortized", "step_time", "time_to_target", "final_loss"]
 METRICS: tuple[Metric, ...] = ("amortized", "step_time", "time_to_target", "final_loss")

@@ -1,9 +1,9 @@
 """Dense curvature diagnostics on a parameter budget, and SKFAC's factor error against rank.
 
-The matrix-free diagnostics (:mod:`kfacbench.diagnose`) score each approximation by the direction
-it takes. This module looks at the matrices themselves, as Martens & Grosse (2015) do in Figs. 2
-and 3, for a run of consecutive layers small enough to form densely (:func:`choose_layers`; the
-CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
+The matrix-free diagnostics (:mod:`kfacbench.diagnostics.quality`) score each approximation by the
+direction it takes. This module looks at the matrices themselves, as Martens & Grosse (2015) do in
+Figs. 2 and 3, for a run of consecutive layers small enough to form densely (:func:`choose_layers`;
+the CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
 
 - **the exact Fisher** F restricted to those layers' parameters (the type-2 Fisher / GGN of the
   mean loss, or the empirical Fisher), formed from per-example Jacobians (:func:`dense_curvature`);
@@ -14,7 +14,8 @@ CURVES autoencoder's middle layers 50-25-6-25-50 hold 2,906 parameters):
   (§4.2, §6.3) and with exact damping, and the block-tridiagonal F̂⁻¹ (§4.3);
 
 and records their relative Frobenius errors within the diagonal blocks and off them
-(:func:`dense_rows`), with pooled heatmaps of |F|, |F̃|, |(F+λI)⁻¹|, |F̃⁻¹| and |F̂⁻¹| for the report.
+(:func:`dense_rows`), with pooled heatmaps of |F|, |F̃|, |(F+λI)⁻¹|, |F̃⁻¹| and |F̂⁻¹| for the
+report.
 
 **Which inverse.** (F + λI)⁻¹ is the inverse of the *restricted* damped Fisher: the natural
 gradient of these layers with the other parameters held fixed, the quantity F̃⁻¹ and F̂⁻¹
@@ -24,15 +25,15 @@ approximate when restricted to the same layers (Fig. 3 does the same).
 parameters are vec(W̄_i) for its ``(out, in)`` matrix W̄_i = [W_i | b_i], so its K-FAC block is
 ``torch.kron(A, G)``, as in :mod:`kfacbench.optim.tridiag`.
 
-**Cost.** F comes from the layers' pre-activations s = (s_1, …, s_ℓ) (S values per example):
-per example, M_n = J_nᵀ H_n J_n with J_n = ∂z_n/∂s_n (S forward-mode JVPs through the network,
-batched), and F_ij = (1/m) Σ_n ā_{n,i} ā_{n,j}ᵀ ⊗ M_n^{ij}: O(m·P²) for P parameters, against
-O(P) JVP+VJP pairs through the whole network for :func:`~kfacbench.diagnose.dense_matrix`. On
-the CURVES autoencoder (S = 106, P = 2,906) that is seconds on one CPU core. It uses the first
-:data:`DENSE_BATCH` examples of the diagnostic batch, which keeps the per-example Jacobians
-small, and it holds about five P×P float64 matrices (68 MB each at P = 3,000): the budget bounds
-both. It assumes what K-FAC assumes, that examples do not interact after the first chosen layer
-(no BatchNorm in training mode there): the examples' tangents are pushed through together.
+**Cost.** F comes from the layers' pre-activations s = (s_1, …, s_ℓ) (S values per example): per
+example, M_n = J_nᵀ H_n J_n with J_n = ∂z_n/∂s_n (S forward-mode JVPs through the network, batched),
+and F_ij = (1/m) Σ_n ā_{n,i} ā_{n,j}ᵀ ⊗ M_n^{ij}: O(m·P²) for P parameters, against O(P) JVP+VJP
+pairs through the whole network for :func:`~kfacbench.diagnostics.quality.dense_matrix`. On the
+CURVES autoencoder (S = 106, P = 2,906) that is seconds on one CPU core. It uses the first
+:data:`DENSE_BATCH` examples of the diagnostic batch, which keeps the per-example Jacobians small,
+and it holds about five P×P float64 matrices (68 MB each at P = 3,000): the budget bounds both. It
+assumes what K-FAC assumes, that examples do not interact after the first chosen layer (no BatchNorm
+in training mode there): the examples' tangents are pushed through together.
 
 **SKFAC against rank** (:func:`rank_rows`). SKFAC (Tang et al. 2021) inverts factors of rank r
 (the examples of one batch, per-example conv rows reduced by ``sum`` or ``subsample``). For each
@@ -42,6 +43,10 @@ and of Ā ⊗ G, and of the damped inverse applied to the layer's gradient,
 (Ā_δ ⊗ G_δ)⁻¹ vec(∇W̄). Both sides are damped SKFAC's way (√λ on each factor), so the error is
 the rank's and the reduction's, not the damping split's; on a Linear layer with ``sum`` at r = the
 whole batch the two are the same matrices (error 0, up to rounding).
+
+Size: its first four sections (which layers, F and F̃, the damped inverses, errors and heatmaps) are
+one computation on the same chosen layers; the last, SKFAC against rank (about 130 lines), is the
+seam for a later split.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from kfacbench.core.problem import Problem
-from kfacbench.diagnose import (
+from kfacbench.diagnostics.quality import (
     Checkpoint,
     CheckpointPart,
     ReferenceFisher,
@@ -71,20 +76,13 @@ from kfacbench.diagnose import (
     output_loss_grad,
 )
 from kfacbench.errors import KfacbenchError, RunDirError
-from kfacbench.optim.curvature import (
-    Capture,
-    Layer,
-    as_float,
-    factors,
-    find_layers,
-    grad_matrix,
-    output_grads,
-)
+from kfacbench.optim.capture import Capture, Layer, as_float, find_layers, grad_matrix, output_grads
+from kfacbench.optim.factors import factors
 from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows
 from kfacbench.optim.tridiag import tridiag_inverse
-from kfacbench.store import atomic_write_bytes
+from kfacbench.runs.store import atomic_write_bytes
 from kfacbench.workloads import get_workload
 
 DENSE_BUDGET = 3000
@@ -623,7 +621,7 @@ def rank_rows(
 
     One forward pass and one output-gradient pass (``fisher``) on the batch give every example's
     statistics; SKFAC's rows (:func:`~kfacbench.optim.skfac.factor_rows`) take the first r
-    examples, K-FAC's factors (:func:`~kfacbench.optim.curvature.factors`) all of them. The
+    examples, K-FAC's factors (:func:`~kfacbench.optim.factors.factors`) all of them. The
     gradient the inverses are applied to is the mean loss's on the whole batch.
 
     Rows: approximation ``skfac-<reduction>[<fisher>]``, ``layer`` the layer, ``rank`` r (examples;

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kfacbench.core.timing import REFRESH_PHASE, STEP
 from kfacbench.machine_load import busy_cells
-from kfacbench.rundir import amortized_step_ms
+from kfacbench.runs.rundir import amortized_step_ms
 
 TEXT_COLUMNS = {"workload", "optimizer", "setting", "status"}
 

@@ -1,4 +1,4 @@
-"""Result tables of a run: atomic writes, resume bookkeeping, environment metadata.
+"""Writing a run directory: atomic writes, resume bookkeeping, the run's manifest.
 
 A run directory (``results/runs/<suite>/<timestamp>/``) holds
 
@@ -8,7 +8,9 @@ A run directory (``results/runs/<suite>/<timestamp>/``) holds
   The cell's row is written last, so its presence marks the cell finished; a run killed mid-cell
   leaves no row and ``--resume`` reruns exactly that cell;
 - ``suite.toml`` (the suite as run) and ``env.json`` (device, driver, CUDA, torch, versions,
-  commit, host).
+  commit, host: :func:`kfacbench.runs.environment.environment`).
+
+The tables' columns are defined in :mod:`kfacbench.runs.schema`.
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
 reader (or a crash) never sees half a file; temporary files left by a killed writer are removed
@@ -25,10 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
-import re
-import socket
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -36,29 +34,11 @@ from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
 
-import kfacbench
-from kfacbench.core import subnormals
 from kfacbench.errors import KfacbenchError
-from kfacbench.machine_load import COLUMNS as LOAD_COLUMNS
+from kfacbench.runs.schema import CELL_COLUMNS, TABLES
 
-TABLES = ("cells", "curves", "phases")
 TMP_SUFFIX = ".tmp"
-
-CELL_COLUMNS = (
-    "cell_id", "suite", "label", "workload", "optimizer", "batch_size", "inv_interval", "seed",
-    "hparams", "config", "method_info", "data_mode", "data_source", "status", "error", "steps",
-    "train_time_s", "time_to_target_s", "time_to_target_lo_s", "metric", "target",
-    "final_train_loss", "final_eval_loss", "final_eval_metric", "median_step_ms",
-    "timer_overhead_ms", "timer_overhead_ratio",
-    "peak_mem_mb", "mem_baseline_mb", "peak_mem_over_baseline_mb", *LOAD_COLUMNS, "device_kind",
-    "device_name", "world_size", "backend", "flush_denormal", "tf32", "cudnn_benchmark", "amp",
-    "compile", "compile_s", "cuda_graph", "graphed_steps", "graphs_captured",
-    "build_s", "eval_s", "ops_probe_s", "wall_s", "torch_version", "kfacbench_version",
-    "git_commit", "host", "started_at", "finished_at",
-)  # fmt: skip
-"""Columns of the ``cells`` table, in order."""
 
 
 class DamagedPartError(KfacbenchError):
@@ -105,7 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_parquet(path: Path, frame: pd.DataFrame) -> None:
     """Write a DataFrame as parquet, atomically, with a CRC checksum per page: parquet has none
     by default, and flipped bytes in a data page would be read back as other values without an
-    error (:func:`kfacbench.rundir.read_table` verifies the checksums)."""
+    error (:func:`kfacbench.runs.rundir.read_table` verifies the checksums)."""
     _atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False, write_page_checksum=True))
 
 
@@ -289,68 +269,6 @@ def settings_of(labels: pd.Series) -> pd.Series:
     return labels.str.replace(r" seed=\d+$", "", regex=True)
 
 
-def command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
-    """First line of a helper command's output, or ``None`` if it is absent or fails."""
-    try:
-        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0] if lines else None
-
-
-COMMIT_ENV = "KFACBENCH_COMMIT"
-"""Names the commit a run is made from where git cannot read it: a machine that gets a copy of
-the working tree (a lent GPU, a cluster's staging folder) has the copy's history or none, so git
-there reads some other commit, or ``-dirty`` for the carried files."""
-
-_COMMIT = re.compile(r"[0-9a-f]{7,40}(-dirty)?")
-
-
-def git_commit() -> str | None:
-    """The commit of the kfacbench source tree (with ``-dirty`` if modified), if in git, or the
-    one ``$KFACBENCH_COMMIT`` names.
-
-    Raises:
-        KfacbenchError: ``$KFACBENCH_COMMIT`` is set but is not 7 to 40 hex digits.
-    """
-    named = os.environ.get(COMMIT_ENV, "").strip()
-    if named:
-        if not _COMMIT.fullmatch(named):
-            raise KfacbenchError(
-                f"{COMMIT_ENV}={named!r}: expected a commit (7 to 40 lowercase hex digits)"
-            )
-        return named
-    src = Path(kfacbench.__file__).resolve().parent.parent
-    return command_output(["git", "describe", "--always", "--dirty", "--abbrev=12"], src)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Metadata that makes a result interpretable later (written as ``env.json``)."""
-    env: dict[str, Any] = {
-        "device_kind": device.type,
-        "device_name": device_name(device),
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "cudnn_version": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "driver_version": None,
-        "kfacbench_version": kfacbench.__version__,
-        "git_commit": git_commit(),
-        "host": socket.gethostname(),
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # This process's CPU threads flush subnormal floats (measured: core.subnormals).
-        "flush_denormal": subnormals.flushing(),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        env["driver_version"] = command_output(query)
-    return env
-
-
 def new_manifest(command: str, env: Mapping[str, Any]) -> dict[str, Any]:
     """A run's ``manifest.json``: the command, the commit it ran at (``dirty``: with
     uncommitted changes, so the commit alone does not make the run again) and the machine."""
@@ -365,19 +283,6 @@ def new_manifest(command: str, env: Mapping[str, Any]) -> dict[str, Any]:
         },
         "created_at": env.get("created_at"),
     }
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the device (GPU model, or the CPU model from /proc/cpuinfo)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def dumps(obj: Any) -> str:

@@ -23,7 +23,11 @@ approximation; a run's own (stale) inverses are scored through the optimizer its
 Along training (:func:`diagnose_cells`), further diagnostics join these scores at every
 checkpoint as parts (:class:`CheckpointPart`), each resumed on its own: the dense matrices F, F̃ and
 their damped inverses on a few layers, and SKFAC's factor error against rank
-(:mod:`kfacbench.diagnose_dense`).
+(:mod:`kfacbench.diagnostics.dense`).
+
+Size: it holds the matrix-free scores (Fisher-vector products, conjugate gradient, each
+approximation's direction) and the checkpoint loop that trains a cell and applies them; the section
+"along training" is the seam for a later split.
 """
 
 from __future__ import annotations
@@ -43,24 +47,23 @@ from torch.func import functional_call, jvp, vjp
 from kfacbench.core.loop import train
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.curvature import (
+from kfacbench.optim.capture import (
     Capture,
     Layer,
-    cross_factors,
-    factors,
     find_layers,
     grad_matrix,
-    kronecker_factors,
     other_params,
     output_grads,
     split_matrix,
 )
+from kfacbench.optim.factors import cross_factors, factors, kronecker_factors
 from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows, pi_split
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
 from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
-from kfacbench.store import atomic_write_parquet
+from kfacbench.runs.schema import DIAGNOSTIC_COLUMNS
+from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell
 
 ReferenceFisher = Literal["exact", "empirical"]
@@ -277,7 +280,7 @@ def kfac_direction(
     how: Damping = "factored",
 ) -> list[Tensor]:
     """Δ = −F̆⁻¹∇h with F̆ K-FAC's block-diagonal approximation (§4.2) from ``factors`` (one
-    ``(Ā, G)`` per layer, e.g. from :func:`~kfacbench.optim.curvature.kronecker_factors`) and
+    ``(Ā, G)`` per layer, e.g. from :func:`~kfacbench.optim.factors.kronecker_factors`) and
     λ = ``damping``; parameters outside the covered layers get −∇h (the identity), as in K-FAC.
 
     ``factored``: (Ā + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹ (§6.3), i.e. G_d⁻¹ V Ā_d⁻¹ on the gradient
@@ -342,15 +345,6 @@ def dense_matrix(
 
 
 # ---------------------------------------------------------------- along training (`diagnose`)
-
-DIAGNOSTIC_COLUMNS = (
-    "cell_id", "label", "optimizer", "step", "approximation", "fisher", "layer", "rank", "metric",
-    "value",
-)  # fmt: skip
-"""Columns of ``diagnostics.parquet``: one row per cell, checkpoint, approximation, layer, rank
-and metric. ``layer`` is ``all`` for whole-network scores, ``dense:<first>..<last>`` for the dense
-diagnostics and a layer's name for per-layer ones; ``rank`` (nullable integer) is the rank of
-SKFAC's factors for its rank ladder, missing elsewhere (and in tables from before it existed)."""
 
 DIAGNOSTIC_BATCH = 1000
 """Examples of the fixed diagnostic batch (the first of the training set), at most."""
@@ -521,7 +515,7 @@ def diagnose_cells(
 
     Each checkpoint's rows are kept in ``parts/<cell-id>.s<step>.diagnostics.parquet`` (the
     matrix-free scores of :func:`checkpoint_rows`) and one file per further part in ``parts``
-    (e.g. the dense diagnostics, :mod:`kfacbench.diagnose_dense`): a resumed invocation trains
+    (e.g. the dense diagnostics, :mod:`kfacbench.diagnostics.dense`): a resumed invocation trains
     through a checkpoint whose files all exist (training is deterministic) without computing its
     diagnostics again, and computes only the missing parts of the others. The diagnostic batch
     is fixed: the first :data:`DIAGNOSTIC_BATCH` training examples (at most the cell's batch

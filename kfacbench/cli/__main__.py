@@ -1,0 +1,7 @@
+"""``python -m kfacbench.cli`` is the ``kfacbench`` command."""
+
+import sys
+
+from kfacbench.cli import main
+
+sys.exit(main())

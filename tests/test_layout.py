@@ -1,0 +1,230 @@
+"""The package's own structure (DESIGN.md, "Package layout"; issue 29).
+
+- Imports run one way: a module imports only from its own layer or a lower one
+  (:data:`LAYERS`); the exceptions being removed now are listed in :data:`ALLOWED`, each with its
+  reason, and an entry that no longer occurs fails too, so the list only shrinks.
+- Each ``kfacbench`` command lives in its own module of ``kfacbench/cli/``.
+- No module is over :data:`MAX_LINES` lines unless its docstring says why, in a line starting
+  with ``Size:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kfacbench
+from kfacbench.cli import COMMANDS, build_parser
+
+PACKAGE = Path(kfacbench.__file__).resolve().parent
+
+LAYERS: dict[str, int] = {
+    "kfacbench.cli": 5,
+    "kfacbench.__main__": 5,
+    "kfacbench.report": 4,
+    "kfacbench.diagnostics": 4,
+    "kfacbench.runner": 4,
+    "kfacbench.doctor": 4,
+    "kfacbench.profiling": 4,
+    "kfacbench.launch": 4,
+    "kfacbench.cluster": 4,
+    "kfacbench.suite": 3,
+    "kfacbench.plugins": 3,  # the suite registers a suite's plugins while it reads it
+    "kfacbench.optim": 2,
+    "kfacbench.workloads": 2,
+    "kfacbench.core": 1,
+    "kfacbench.data": 1,
+    "kfacbench.runs": 1,
+    "kfacbench.distributed": 1,  # communication only: the core's loop shards and reduces with it
+    "kfacbench.machine_load": 1,  # imports nothing of kfacbench; runs and the runner read it
+    "kfacbench.errors": 0,
+    "kfacbench": 0,  # the package itself (its version): only this exact name
+}
+"""Each top-level module or package of kfacbench and its layer: cli > report, diagnostics,
+runner, doctor, profiling, launch, cluster > suite, plugins > optim, workloads > core, data, runs >
+errors (DESIGN.md). Modules of one layer may import each other."""
+
+ALLOWED: dict[tuple[str, str], str] = {}
+"""Upward imports being removed now: (importing module, imported module) and why it is here."""
+
+MAX_LINES = 600
+"""Longer modules need a ``Size:`` line in their docstring giving the reason."""
+
+CLI_HELPERS = {"kfacbench.cli", "kfacbench.cli.__main__", "kfacbench.cli.common"}
+"""The modules of ``kfacbench/cli/`` that are not a command."""
+
+MODULE_OF = {"list": "listing"}
+"""Commands whose module is not named after them (``list`` would shadow the builtin in the
+package's namespace)."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> Iterator[tuple[str, Path]]:
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield module_name(path), path
+
+
+def is_module(name: str) -> bool:
+    """Whether ``name`` is a module or package of kfacbench (not a name defined in one)."""
+    rel = Path(*name.split("."))
+    base = PACKAGE.parent / rel
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imports(name: str, path: Path) -> Iterator[tuple[str, int]]:
+    """The kfacbench modules that ``name`` imports (at any depth: inside functions and
+    ``TYPE_CHECKING`` blocks too), with their line numbers."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{parent}.{node.module}" if node.module else parent
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                full = f"{source}.{alias.name}"
+                yield (full if is_module(full) else source), node.lineno
+
+
+def layer(name: str) -> int | None:
+    """The layer of a kfacbench module, from the longest entry of :data:`LAYERS` it is in."""
+    if name == "kfacbench":
+        return LAYERS["kfacbench"]
+    prefixes = [p for p in LAYERS if p != "kfacbench" and (name == p or name.startswith(p + "."))]
+    return LAYERS[max(prefixes, key=len)] if prefixes else None
+
+
+def upward(name: str, path: Path) -> dict[tuple[str, str], str]:
+    """The imports of one module from its layer to a higher one: (importer, imported) -> where."""
+    found = {}
+    own = layer(name)
+    for target, line in imports(name, path):
+        if target != "kfacbench" and not target.startswith("kfacbench."):
+            continue
+        theirs = layer(target)
+        if own is not None and theirs is not None and theirs > own:
+            file = path.relative_to(PACKAGE.parent) if path.is_relative_to(PACKAGE.parent) else path
+            where = f"{file}:{line}: {name} (layer {own}) imports {target} (layer {theirs})"
+            found[(name, target)] = where
+    return found
+
+
+def upward_imports() -> dict[tuple[str, str], str]:
+    """Every import in the package from a lower layer to a higher one."""
+    return {key: where for name, path in modules() for key, where in upward(name, path).items()}
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [name for name, _ in modules() if layer(name) is None]
+    assert not unplaced, f"modules without a layer in LAYERS: {', '.join(unplaced)}"
+
+
+def test_imports_run_one_way() -> None:
+    upward = upward_imports()
+    bad = [line for key, line in sorted(upward.items()) if key not in ALLOWED]
+    assert not bad, "imports from a lower layer to a higher one:\n" + "\n".join(bad)
+
+
+def test_every_allowed_upward_import_still_occurs() -> None:
+    """ALLOWED only shrinks: an entry whose import is gone must be deleted."""
+    gone = sorted(set(ALLOWED) - set(upward_imports()))
+    assert not gone, "ALLOWED entries that no longer occur (delete them): " + ", ".join(
+        f"{a} -> {b}" for a, b in gone
+    )
+
+
+def test_the_scan_finds_an_upward_import_wherever_it_is(tmp_path: Path) -> None:
+    """The check is not vacuous: an upward import is found at the top, inside a function and in
+    a relative form, and names the module and the import."""
+    path = tmp_path / "fake.py"
+    path.write_text(
+        "from kfacbench import cli\n"
+        "from kfacbench.runs.store import RunStore\n"
+        "def f():\n"
+        "    from ..report import data\n"
+        "    import kfacbench.runner\n"
+    )
+    found = upward("kfacbench.runs.fake", path)
+    assert sorted(found) == [
+        ("kfacbench.runs.fake", "kfacbench.cli"),
+        ("kfacbench.runs.fake", "kfacbench.report.data"),
+        ("kfacbench.runs.fake", "kfacbench.runner"),
+    ]
+    assert (
+        "kfacbench.runs.fake (layer 1) imports kfacbench.cli (layer 5)"
+        in found[("kfacbench.runs.fake", "kfacbench.cli")]
+    )
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def command_modules() -> list[str]:
+    names = (name for name, _ in modules() if name.startswith("kfacbench.cli"))
+    return sorted(n for n in names if n not in CLI_HELPERS)
+
+
+def test_each_command_lives_in_its_own_module() -> None:
+    parsers = commands()
+    expected = sorted(f"kfacbench.cli.{MODULE_OF.get(c, c)}" for c in parsers)
+    assert command_modules() == expected
+    assert sorted(m.__name__ for m in COMMANDS) == expected
+    for command, parser in parsers.items():
+        module = f"kfacbench.cli.{MODULE_OF.get(command, command)}"
+        func = parser.get_default("func")
+        assert func.__module__ == module and func.__name__ == f"cmd_{command}", command
+
+
+@pytest.mark.parametrize("module", command_modules())
+def test_a_command_module_adds_its_command_and_no_other(module: str) -> None:
+    sub = argparse.ArgumentParser().add_subparsers()
+    importlib.import_module(module).add_parser(sub)
+    (command,) = sub.choices
+    assert module == f"kfacbench.cli.{MODULE_OF.get(command, command)}"
+    path = PACKAGE.parent / Path(*module.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    cmds = [
+        n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")
+    ]
+    assert cmds == [f"cmd_{command}"]
+
+
+def test_the_cli_helpers_define_no_command() -> None:
+    for name, path in modules():
+        if name in CLI_HELPERS:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+            assert not [d for d in defs if d.startswith("cmd_") or d == "add_parser"], name
+
+
+def test_no_module_is_long_without_a_reason() -> None:
+    long = []
+    for name, path in modules():
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines <= MAX_LINES:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(line.startswith("Size:") for line in doc.splitlines()):
+            long.append(f"{name} ({lines} lines)")
+    assert not long, (
+        f"over {MAX_LINES} lines without a 'Size:' line in the module docstring: " + ", ".join(long)
+    )
