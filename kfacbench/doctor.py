@@ -57,7 +57,8 @@ import torch
 
 import kfacbench
 from kfacbench.core import subnormals
-from kfacbench.core.loop import TrainResult, synchronize
+from kfacbench.core.device import synchronize
+from kfacbench.core.loop import TrainResult
 from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from kfacbench.core.method import HParam, HParamValue, Method, MethodContext, MethodSpec
+from kfacbench.core.method import HParam, HParamValue, MethodContext, MethodSpec
 from kfacbench.core.problem import Problem
-from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
+from kfacbench.optim.torch_optimizer import TorchOptimizer
 from kfacbench.workloads import WORKLOADS, Workload
 
 GROUPS = {"methods": "kfacbench.methods", "workloads": "kfacbench.workloads"}
@@ -128,39 +128,14 @@ def load_file(path: Path) -> list[MethodSpec | Workload]:
 # ------------------------------------------------------------------ torch.optim by import path
 
 
-class TorchOptimizer(Method):
-    """Any ``torch.optim.Optimizer`` in the core: forward, backward and ``optimizer.step()``, each
-    in its phase, over the model's trainable parameters."""
-
-    def __init__(self, problem: Problem, cls: type[torch.optim.Optimizer], path: str, **hp: Any):
-        self.problem = problem
-        self.path = path
-        self.opt = cls([p for p in problem.model.parameters() if p.requires_grad], **hp)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
-        """Forward, backward, the optimizer's step."""
-        with timer.phase("forward"):
-            loss = self.problem.loss(self.problem.forward(x), y)
-        with timer.phase("backward"):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer.phase("update"):
-            self.opt.step()
-        return loss.detach()
-
-    def log_values(self) -> dict[str, float]:
-        """The first parameter group's learning rate, when it is a number."""
-        lr = self.opt.param_groups[0].get("lr")
-        return {"lr": float(lr)} if isinstance(lr, int | float) else {}
-
-    def info(self) -> dict[str, Any]:
-        """The class and the version of the package it comes from."""
-        top = type(self.opt).__module__.split(".")[0]
-        try:
-            version = importlib.metadata.version(top)
-        except importlib.metadata.PackageNotFoundError:
-            version = getattr(sys.modules.get(top), "__version__", "")
-        return {"class": self.path, "version": str(version)}
+def _provenance(cls: type, path: str) -> dict[str, str]:
+    """The ``method_info`` of an optimizer named by import path: it and its package's version."""
+    top = cls.__module__.split(".")[0]
+    try:
+        version = importlib.metadata.version(top)
+    except importlib.metadata.PackageNotFoundError:
+        version = str(getattr(sys.modules.get(top), "__version__", ""))
+    return {"class": path, "version": version}
 
 
 def import_object(path: str, base_dir: Path | None) -> Any:
@@ -246,7 +221,7 @@ def optimizer_spec(name: str, path: str, base_dir: Path | None, origin: str) -> 
     def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> TorchOptimizer:
         if ctx.dist is not None:
             raise KfacbenchError(f"{path} runs on one process (no --nproc)")
-        return TorchOptimizer(problem, cls, path, **hp)
+        return TorchOptimizer(problem, lambda params: cls(params, **hp), _provenance(cls, path))
 
     summary = (inspect.getdoc(cls) or cls.__name__).splitlines()[0]
     return MethodSpec(name, summary, hparams, False, build, origin=origin)

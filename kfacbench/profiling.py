@@ -37,11 +37,12 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+from kfacbench.core.device import dist_device, resolve_device
 from kfacbench.core.loop import train
 from kfacbench.core.timing import ANNOTATION_PREFIX, STEP
 from kfacbench.distributed import Dist, broadcast_object
 from kfacbench.errors import KfacbenchError
-from kfacbench.runner import DataCache, RunOptions, dist_device, prepare_cell, resolve_device
+from kfacbench.runner import DataCache, RunOptions, prepare_cell
 from kfacbench.runs.schema import KERNEL_COLUMNS
 from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell, ProfileWindow

@@ -39,6 +39,7 @@ from torch import nn
 
 from kfacbench.core import subnormals
 from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
+from kfacbench.core.device import dist_device, is_oom, resolve_device
 from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.opcount import PROBE_STEPS, PhaseOps, count_steps, phase_ops
 from kfacbench.core.problem import Problem
@@ -70,16 +71,6 @@ class RunOptions:
     device: str | None = None
     data_dir: Path | None = None
     cache_dir: Path | None = None
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KfacbenchError(f"device {spec!r} requested but CUDA is not available here")
-    return device
 
 
 class DataCache:
@@ -414,12 +405,6 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 def release_cuda(device: torch.device) -> str:
     """Free what a failed CUDA cell left (after its frames are gone, so after the handler);
     return why the CUDA context cannot be used again (a device-side assert poisons it for the
@@ -431,13 +416,6 @@ def release_cuda(device: torch.device) -> str:
     except RuntimeError as exc:
         return one_line(exc)
     return ""
-
-
-def dist_device(device: torch.device, dist: Dist) -> torch.device:
-    """This rank's device: ``cuda:<local rank>`` for a CUDA cell (one GPU per process)."""
-    if device.type == "cuda":
-        return torch.device("cuda", dist.local_rank)
-    return device
 
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
@@ -609,7 +587,7 @@ def run_cells(
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one cell's failure must not end the suite
-                status = "oom" if _is_oom(exc) else "error"
+                status = "oom" if is_oom(exc) else "error"
                 if dist is not None:  # the other ranks cannot go on without this one
                     report = {"cell_id": cell.id, "rank": dist.rank, "status": status}
                     report["error"] = one_line(exc)

@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kfacbench.core.device import resolve_device
 from kfacbench.errors import KfacbenchError, SuiteError
 from kfacbench.machine_load import busy_cells, warning_line
 from kfacbench.optim import METHODS
 from kfacbench.profiling import top_kernels
-from kfacbench.runner import one_line, resolve_device
+from kfacbench.runner import one_line
 from kfacbench.runs.environment import environment
 from kfacbench.runs.rundir import read_manifest
 from kfacbench.runs.store import RunStore, new_manifest

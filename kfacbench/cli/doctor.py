@@ -15,9 +15,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from kfacbench.cli.common import device_spec
+from kfacbench.core.device import resolve_device
 from kfacbench.doctor import CheckResult, Doctor, run_check, write_results
 from kfacbench.errors import KfacbenchError
-from kfacbench.runner import resolve_device
 
 DOCTOR_OUT = Path("results/doctor")
 

@@ -29,12 +29,13 @@ from kfacbench.cli.common import (
     write_env,
 )
 from kfacbench.cluster import EXECUTORS, ClusterOptions, submit_cells
+from kfacbench.core.device import resolve_device
 from kfacbench.distributed import init, launched_by_torchrun
 from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, TIMEOUT_ENV, LaunchOptions, launch, write_json
 from kfacbench.machine_load import busy_cells
 from kfacbench.profiling import profile_cells
-from kfacbench.runner import RunOptions, record_failure, resolve_device, run_cells
+from kfacbench.runner import RunOptions, record_failure, run_cells
 from kfacbench.runs.rundir import load_tables
 from kfacbench.runs.store import RunStore
 from kfacbench.runs.summary import rich_summary, time_shares

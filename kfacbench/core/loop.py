@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.func import functional_call, jvp
 
 from kfacbench.core.compiling import CompileClock, PhaseCompiled
+from kfacbench.core.device import synchronize, tune_convolutions, warm_up
 from kfacbench.core.graphs import StepGraphs
 from kfacbench.core.method import Method
 from kfacbench.core.problem import Problem, per_example_loss, prediction
@@ -113,62 +113,6 @@ class TrainResult:
     eval_s: float = 0.0
     graphed_steps: int = 0
     graphs_captured: int = 0
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-_WARM: set[torch.device] = set()
-
-
-def warm_up(device: torch.device) -> None:
-    """Initialise the CUDA libraries once per process and device, off the clock.
-
-    The first cell of a process would otherwise time CUDA's lazy module loading and the creation
-    of the cuBLAS, cuSOLVER and cuDNN handles (and torch.func's first JVP) in its first steps: its
-    time-to-target would depend on where it stands in the suite. Tiny calls of each library are
-    enough; nothing of the cell is touched (its trajectory stays the same). A no-op on CPU.
-    """
-    if device.type != "cuda" or device in _WARM:
-        return
-    # Fixed values, no random draws: the global RNG streams stay as they were.
-    a = torch.linspace(-1.0, 1.0, 256, device=device).reshape(16, 16)
-    spd = a @ a.T + 16 * torch.eye(16, device=device)
-    torch.linalg.eigh(spd)
-    torch.linalg.cholesky_ex(spd)
-    torch.linalg.solve_ex(spd, a)
-    torch.linalg.inv_ex(spd)
-    image = torch.linspace(0.0, 1.0, 384, device=device).reshape(2, 3, 8, 8)
-    torch.nn.functional.conv2d(image, image[:1].expand(4, 3, 8, 8)[..., :3, :3], padding=1)
-    jvp(lambda t: t.tanh() @ a, (a,), (a,))
-    torch.cuda.synchronize(device)
-    _WARM.add(device)
-
-
-def tune_convolutions(problem: Problem, x: torch.Tensor, y: torch.Tensor) -> None:
-    """With ``cudnn.benchmark`` on, let cuDNN pick its algorithms for the cell's shapes off the
-    clock: one forward and backward pass of the training batch's shape on copies of the
-    parameters and buffers (the cell's state, BatchNorm statistics included, is untouched;
-    capture hooks record nothing outside a K-FAC step). Otherwise the first timed steps would
-    carry the tuning. A no-op without a convolution, off CUDA or with the setting off.
-    """
-    model = problem.model
-    if x.device.type != "cuda" or not torch.backends.cudnn.benchmark:
-        return
-    if not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()):
-        return
-    params = {
-        n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in model.named_parameters()
-    }
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    with problem.precision(x.device):
-        output = functional_call(model, (params, buffers), (x,))
-    loss = problem.loss(output.float(), y)
-    torch.autograd.grad(loss, [p for p in params.values() if p.requires_grad])
-    torch.cuda.synchronize(x.device)
 
 
 class MinibatchSampler:

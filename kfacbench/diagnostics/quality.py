@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from kfacbench.core.device import resolve_device
 from kfacbench.core.loop import train
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
@@ -61,7 +62,7 @@ from kfacbench.optim.kfac import factored_damping_pi
 from kfacbench.optim.lowrank import damped_inverses, kronecker_apply
 from kfacbench.optim.skfac import factor_rows, pi_split
 from kfacbench.optim.tridiag import tridiag_apply, tridiag_inverse
-from kfacbench.runner import DataCache, RunOptions, prepare_cell, resolve_device
+from kfacbench.runner import DataCache, RunOptions, prepare_cell
 from kfacbench.runs.schema import DIAGNOSTIC_COLUMNS
 from kfacbench.runs.store import atomic_write_parquet
 from kfacbench.suite import Cell

@@ -35,6 +35,7 @@ from kfacbench.core.method import (
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
+from kfacbench.optim.torch_optimizer import TorchOptimizer
 
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 """kfacbench's Fisher estimates and ASDL's names for them."""
@@ -222,7 +223,7 @@ def _reducible_loss(problem: Problem) -> Callable[..., torch.Tensor]:
     return loss
 
 
-class AdamW(Method):
+class AdamW(TorchOptimizer):
     """torch.optim.AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in the core."""
 
     def __init__(
@@ -235,34 +236,13 @@ class AdamW(Method):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
     ) -> None:
-        self.problem = problem
-        self.lr = lr
-        self.opt = torch.optim.AdamW(
-            problem.model.parameters(),
-            lr=lr,
-            betas=(beta1, beta2),
-            eps=eps,
-            weight_decay=weight_decay,
+        super().__init__(
+            problem,
+            lambda params: torch.optim.AdamW(
+                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
+            ),
+            {"peer": "torch.optim.AdamW", "version": torch.__version__},
         )
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
-        """Forward, backward, AdamW update."""
-        with timer.phase("forward"):
-            loss = self.problem.loss(self.problem.forward(x), y)
-        with timer.phase("backward"):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer.phase("update"):
-            self.opt.step()
-        return loss.detach()
-
-    def log_values(self) -> dict[str, float]:
-        """The learning rate."""
-        return {"lr": self.lr}
-
-    def info(self) -> dict[str, Any]:
-        """The peer and its version."""
-        return {"peer": "torch.optim.AdamW", "version": torch.__version__}
 
 
 def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodContext], AsdlKfac]:

@@ -17,6 +17,7 @@ import torch
 
 import kfacbench
 from kfacbench.core import subnormals
+from kfacbench.core.device import device_name
 from kfacbench.errors import KfacbenchError
 
 
@@ -80,16 +81,3 @@ def environment(device: torch.device) -> dict[str, Any]:
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         env["driver_version"] = command_output(query)
     return env
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for the device (GPU model, or the CPU model from /proc/cpuinfo)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"

@@ -7,8 +7,8 @@ import time
 
 import torch
 
+from kfacbench.core.device import resolve_device
 from kfacbench.core.timing import STEP, PhaseTimer
-from kfacbench.runner import resolve_device
 
 
 def bench_device() -> torch.device:

@@ -404,7 +404,7 @@ def test_a_data_parallel_time_budget_is_decided_at_read_back_points_only(
 def test_convolutions_are_tuned_off_the_clock_without_touching_the_cell() -> None:
     """The tuning pass runs a forward and backward of the batch's shape on copies: parameters,
     gradients and BatchNorm statistics stay as they were."""
-    from kfacbench.core.loop import tune_convolutions
+    from kfacbench.core.device import tune_convolutions
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
@@ -425,7 +425,7 @@ def test_convolutions_are_tuned_off_the_clock_without_touching_the_cell() -> Non
 
 def test_tuning_is_a_no_op_off_cuda() -> None:
     """On a CPU (or with the setting off) nothing runs: the model sees no call at all."""
-    from kfacbench.core.loop import tune_convolutions
+    from kfacbench.core.device import tune_convolutions
 
     calls = []
     model = nn.Conv2d(1, 1, 1)

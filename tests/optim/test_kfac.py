@@ -15,7 +15,8 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, MethodContext
 from kfacbench.optim.capture import grad_matrix
 from kfacbench.optim.factors import kronecker_factors
-from kfacbench.optim.kfac import KFAC, fisher_quadratic
+from kfacbench.optim.kfac import KFAC
+from kfacbench.optim.rescale import fisher_quadratic
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
 
 CPU = torch.device("cpu")

@@ -21,7 +21,8 @@ from kfacbench.core.problem import Distribution, Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.optim.capture import Layer, find_layers
 from kfacbench.optim.factors import kronecker_factors
-from kfacbench.optim.kfac import KFAC, fisher_quadratic
+from kfacbench.optim.kfac import KFAC
+from kfacbench.optim.rescale import fisher_quadratic
 from kfacbench.workloads.transformer import byte_gpt
 
 F64 = torch.float64
