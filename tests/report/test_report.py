@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 from seaborn.external import husl
-from test_diagnose import SUITE as DIAGNOSE_SUITE
-from test_diagnose import tiny_workload
+from shared_diagnostics import SUITE as DIAGNOSE_SUITE
+from shared_diagnostics import tiny_workload
 
 from kfacbench import cli
 from kfacbench.report.data import ReportData, load_runs, setting_names

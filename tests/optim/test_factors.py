@@ -1,25 +1,23 @@
-"""Curvature maths against brute force: per-example loops, dense Jacobians, explicit patches."""
+"""Kronecker factor maths against brute force: per-example loops, dense Jacobians, explicit
+patches (optim/factors.py, from the rows optim/capture.py records)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
+from shared_nets import DISTRIBUTIONS, conv_net, data, mlp, record
 from torch import Tensor, nn
 
 from kfacbench.core.problem import Distribution, Problem, per_example_loss
-from kfacbench.errors import KfacbenchError
 from kfacbench.optim.capture import (
-    Capture,
     Layer,
     exact_output_grads,
     find_layers,
     grad_matrix,
     output_grads,
-    split_matrix,
 )
 from kfacbench.optim.factors import (
     SYMMETRIC_MIN_DIM,
@@ -29,42 +27,6 @@ from kfacbench.optim.factors import (
     gram,
     kronecker_factors,
 )
-from kfacbench.workloads.nets import cifar_resnet
-
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
-DISTRIBUTIONS: tuple[Distribution, ...] = ("bernoulli", "gaussian", "categorical")
-
-
-def randomise(model: ModuleT, seed: int) -> ModuleT:
-    """Float64 copy of ``model`` with N(0, 1) parameters: tight tolerances, non-trivial maths."""
-    gen = torch.Generator().manual_seed(seed)
-    model = model.double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def mlp(sizes: tuple[int, ...], seed: int = 0, bias: bool = True) -> nn.Sequential:
-    """Sigmoid MLP; no activation on the output (the loss owns it)."""
-    mods: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-        mods.append(nn.Linear(fan_in, fan_out, bias=bias))
-        if i < len(sizes) - 2:
-            mods.append(nn.Sigmoid())
-    return randomise(nn.Sequential(*mods), seed)
-
-
-def data(
-    distribution: Distribution, m: int, n_in: int, n_out: int, seed: int = 1
-) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, n_in, generator=gen, dtype=torch.float64)
-    if distribution == "categorical":
-        return x, torch.randint(0, n_out, (m,), generator=gen)
-    if distribution == "bernoulli":
-        return x, torch.randint(0, 2, (m, n_out), generator=gen).double()
-    return x, torch.randn(m, n_out, generator=gen, dtype=torch.float64)
 
 
 def saver(
@@ -119,14 +81,6 @@ def outer_mean(rows: list[Tensor], other: list[Tensor] | None = None) -> Tensor:
     return total / len(rows)
 
 
-def record(problem: Problem, x: Tensor) -> tuple[list[Layer], Capture, Tensor]:
-    layers, _ = find_layers(problem.model)
-    capture = Capture(layers)
-    with capture.recording():
-        out = problem.forward(x)
-    return layers, capture, out
-
-
 # ---------------------------------------------------------------------------------------------
 # Linear layers
 
@@ -142,26 +96,6 @@ def test_linear_factors_equal_per_example_outer_products(distribution: Distribut
         a_fac, g_fac = factors(layer, capture.inputs(layer), g, x.shape[0])
         torch.testing.assert_close(a_fac, outer_mean([r[j] for r in brute_a]))
         torch.testing.assert_close(g_fac, outer_mean([r[j] for r in brute_g]))
-
-
-@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-def test_sampled_fisher_uses_targets_from_the_generator(distribution: Distribution) -> None:
-    problem = Problem(mlp((4, 3, 2)), distribution)
-    x, _ = data(distribution, 16, 4, 2)
-    layers, capture, out = record(problem, x)
-
-    def sampled(seed: int) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        return output_grads(capture, layers, problem, out, None, generator=gen)
-
-    targets = problem.sample_targets(out, torch.Generator().manual_seed(3))
-    empirical = output_grads(capture, layers, problem, out, targets, fisher="empirical")
-    for first, again, reference, other in zip(
-        sampled(3), sampled(3), empirical, sampled(4), strict=True
-    ):
-        torch.testing.assert_close(first, again, rtol=0, atol=0)
-        torch.testing.assert_close(first, reference)
-        assert not torch.allclose(first, other)
 
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
@@ -182,13 +116,6 @@ def test_one_example_kronecker_product_is_the_empirical_fisher_block(
         torch.testing.assert_close(torch.kron(g_fac, a_fac), torch.outer(row_major, row_major))
         col_major = grad.T.flatten()
         torch.testing.assert_close(torch.kron(a_fac, g_fac), torch.outer(col_major, col_major))
-
-
-def test_output_grads_needs_targets_for_the_empirical_fisher() -> None:
-    problem = Problem(mlp((4, 3, 2)), "gaussian")
-    layers, capture, out = record(problem, torch.randn(2, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="targets"):
-        output_grads(capture, layers, problem, out, None, fisher="empirical")
 
 
 def test_cross_factors_equal_per_example_outer_products() -> None:
@@ -258,15 +185,6 @@ def test_one_example_exact_fisher_block_is_the_kronecker_product(
         torch.testing.assert_close(torch.kron(g_fac, a_fac), expected)
 
 
-def conv_net(bias: bool = True, seed: int = 0, **conv: Any) -> nn.Sequential:
-    """Conv2d(2→3) → sigmoid → flatten → Linear(→3), sized for 2×7×7 inputs."""
-    layer = nn.Conv2d(2, 3, bias=bias, **conv)
-    with torch.no_grad():
-        flat = layer(torch.zeros(1, 2, 7, 7)).numel()
-    model = nn.Sequential(layer, nn.Sigmoid(), nn.Flatten(), nn.Linear(flat, 3))
-    return randomise(model, seed)
-
-
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_batch_exact_factor_is_the_mean_of_single_example_ones(distribution: Distribution) -> None:
     """G_exact over a batch is the per-example average (Linear and Conv2d, k-major stacking)."""
@@ -298,14 +216,6 @@ def test_sampled_fisher_is_unbiased_for_the_exact_one(distribution: Distribution
         far = torch.linalg.matrix_norm(empirical[name][1] - g_exact)
         assert error < 0.08, (name, error)
         assert far / torch.linalg.matrix_norm(g_exact) > 2 * error  # the check can tell
-
-
-def test_exact_fisher_refuses_many_outputs() -> None:
-    problem = Problem(mlp((4, 3, 65)), "bernoulli")
-    layers, capture, out = record(problem, torch.randn(2, 4, dtype=torch.float64))
-    with pytest.raises(KfacbenchError, match=r"65 outputs.*sampled"):
-        exact_output_grads(capture, layers, problem, out)
-    assert len(exact_output_grads(capture, layers, problem, out, max_outputs=65)) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,147 +327,7 @@ def test_one_by_one_conv_on_one_pixel_equals_linear() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers, gradient matrices, capture
-
-
-def test_grad_matrix_split_matrix_round_trip() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, bias=True),
-        nn.Conv2d(3, 4, 2, bias=False),
-        nn.Flatten(),
-        nn.Linear(16, 5),
-        nn.Linear(5, 2, bias=False),
-    )
-    layers, unsupported = find_layers(model)
-    assert unsupported == []
-    out = model(torch.randn(2, 2, 5, 5))
-    out.sum().backward()
-    for layer in layers:
-        params = layer.params()
-        assert len(params) == 1 + layer.has_bias
-        mat = grad_matrix(layer)
-        assert mat.shape == (layer.out_dim, layer.in_dim)
-        if layer.has_bias:
-            torch.testing.assert_close(mat[:, -1], params[1].grad)
-        for part, p in zip(split_matrix(layer, mat), params, strict=True):
-            torch.testing.assert_close(part, p.grad)
-        values = [torch.randn_like(p) for p in params]
-        for part, v in zip(split_matrix(layer, grad_matrix(layer, values)), values, strict=True):
-            torch.testing.assert_close(part, v)
-
-
-def test_find_layers_on_a_cifar_resnet() -> None:
-    model = cifar_resnet(20)
-    layers, unsupported = find_layers(model)
-    convs = [n for n, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
-    norms = [n for n, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d)]
-    assert [layer.name for layer in layers] == [*convs, "fc"]
-    assert len(convs) == 19
-    assert [name for name, _ in unsupported] == norms
-    first = layers[0]
-    assert (first.kind, first.has_bias, first.in_dim, first.out_dim) == ("conv2d", False, 27, 16)
-    assert (layers[-1].kind, layers[-1].in_dim, layers[-1].out_dim) == ("linear", 65, 10)
-
-
-def test_find_layers_lists_what_it_cannot_precondition() -> None:
-    frozen = nn.Linear(2, 2)
-    frozen.weight.requires_grad_(False)
-    all_frozen = nn.Linear(2, 2).requires_grad_(False)
-    model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, groups=2),
-        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-        nn.Conv1d(2, 2, 3),
-        frozen,
-        all_frozen,
-        nn.Linear(2, 2),
-    )
-    layers, unsupported = find_layers(model)
-    assert [layer.name for layer in layers] == ["5"]
-    assert [name for name, _ in unsupported] == ["0", "1", "2", "3"]
-
-
-def test_recording_adds_hooks_only_when_enabled() -> None:
-    model = mlp((4, 3, 2))
-    layers, _ = find_layers(model)
-    capture = Capture(layers)
-    x = torch.randn(2, 4, dtype=torch.float64)
-    with capture.recording(enabled=False):
-        assert all(not layer.module._forward_hooks for layer in layers)
-        model(x)
-    with pytest.raises(KfacbenchError, match="not called"):
-        capture.inputs(layers[0])
-    with capture.recording():
-        assert all(len(layer.module._forward_hooks) == 1 for layer in layers)
-        model(x)
-    assert all(not layer.module._forward_hooks for layer in layers)
-    assert capture.inputs(layers[0]).shape == (2, 5)
-    capture.clear()
-    with pytest.raises(KfacbenchError, match="not called"):
-        capture.outputs()
-
-
-def test_capture_detects_inplace_outputs_and_repeated_calls() -> None:
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))
-    layers, _ = find_layers(model)
-    capture = Capture(layers)
-    with capture.recording():
-        model(torch.randn(2, 4))
-    with pytest.raises(KfacbenchError, match=r"'0'.*in place"):
-        capture.outputs()
-    shared = nn.Linear(3, 3)
-    twice = Capture(find_layers(shared)[0])
-    with pytest.raises(KfacbenchError, match="called twice"), twice.recording():
-        shared(shared(torch.randn(2, 3)))
-    assert not shared._forward_hooks
-
-
-class Branch(nn.Module):
-    """A conv net with a Linear layer whose output never reaches the loss."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = conv_net(kernel_size=3, stride=2, padding=1)
-        self.dead = nn.Linear(2, 2).double()
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.dead(x[:, 0, 0, :2])
-        return self.net(x)
-
-
-@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
-def test_loss_grads_are_the_empirical_output_grads_without_a_second_pass(
-    distribution: Distribution,
-) -> None:
-    """m·∂L/∂s kept from the loss's own backward = the per-example rows of an explicit pass."""
-    model = Branch()
-    problem = Problem(model, distribution)
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(5, 2, 7, 7, generator=gen, dtype=torch.float64)
-    y = {
-        "categorical": torch.randint(0, 3, (5,), generator=gen),
-        "bernoulli": torch.randint(0, 2, (5, 3), generator=gen).double(),
-        "gaussian": torch.randn(5, 3, generator=gen, dtype=torch.float64),
-    }[distribution]
-    layers, _ = find_layers(model)
-    capture = Capture(layers)
-    with capture.recording(keep_grads=True):
-        out = problem.forward(x)
-    with pytest.raises(KfacbenchError, match="no backward pass"):
-        capture.loss_grads(layers, 5)
-    want = output_grads(capture, layers, problem, out, y, fisher="empirical")
-    want_maps = output_grads(capture, layers, problem, out, y, fisher="empirical", as_rows=False)
-    problem.loss(out, y).backward()
-    got = capture.loss_grads(layers, 5)
-    got_maps = capture.loss_grads(layers, 5, as_rows=False)
-    assert [layer.name for layer in layers] == ["net.0", "net.3", "dead"]
-    assert not got[2].any()  # the dead layer: zeros, like output_grads
-    for g, w in zip(got + got_maps, want + want_maps, strict=True):
-        assert g.shape == w.shape
-        torch.testing.assert_close(g, w)
-    with capture.recording():
-        problem.forward(x)
-    with pytest.raises(KfacbenchError, match="keep_grads"):
-        capture.loss_grads(layers, 5)
+# Precision, hooks, Gram products
 
 
 def test_bf16_autocast_gives_float32_rows_close_to_float32() -> None:

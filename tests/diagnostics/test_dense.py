@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_diagnose import SUITE, output_hessian, tiny, tiny_workload
+from shared_diagnostics import SUITE, output_hessian, tiny, tiny_workload
 from torch import Tensor, nn
 
 from kfacbench import cli

@@ -3,19 +3,18 @@ one case where K-FAC is exact."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from torch import Tensor, nn
+from shared_diagnostics import SUITE, output_hessian, tiny, tiny_workload
+from torch import Tensor
 
 from kfacbench import cli
-from kfacbench.core.problem import Problem, per_example_loss
+from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.data import Splits
 from kfacbench.diagnostics import quality as diagnose
 from kfacbench.diagnostics.quality import (
     Damping,
@@ -31,46 +30,11 @@ from kfacbench.diagnostics.quality import (
 from kfacbench.optim.capture import grad_matrix, split_matrix
 from kfacbench.optim.factors import kronecker_factors
 from kfacbench.optim.kfac import KFAC
-from kfacbench.workloads import WORKLOADS, Workload
-
-
-def tiny(distribution: str, widths: tuple[int, ...] = (3, 4, 2)) -> tuple[Problem, Tensor, Tensor]:
-    """An MLP with tanh, float64, 6 examples, and targets of the distribution's kind."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(widths) - 2 else [])
-    model = nn.Sequential(*layers).double()
-    x = torch.randn(6, widths[0], generator=gen, dtype=torch.float64)
-    out = widths[-1]
-    if distribution == "categorical":
-        y = torch.randint(0, out, (6,), generator=gen)
-    elif distribution == "bernoulli":
-        y = (torch.rand(6, out, generator=gen) > 0.5).double()
-    else:
-        y = torch.randn(6, out, generator=gen, dtype=torch.float64)
-    return Problem(model, distribution), x, y  # type: ignore[arg-type]
+from kfacbench.workloads import WORKLOADS
 
 
 def flat(ts: list[Tensor]) -> Tensor:
     return torch.cat([t.flatten() for t in ts])
-
-
-def output_hessian(distribution: str, z: Tensor, y: Tensor, kind: str) -> Tensor:
-    """B for one example with output ``z``: the loss Hessian w.r.t. the output (exact, formed
-    by hand per distribution) or r rᵀ with r the loss gradient (empirical)."""
-    if kind == "exact":
-        if distribution == "bernoulli":
-            return torch.diag(torch.sigmoid(z) * (1 - torch.sigmoid(z)))
-        if distribution == "gaussian":
-            return torch.eye(z.numel(), dtype=torch.float64)
-        p = torch.softmax(z, -1)
-        return torch.diag(p) - torch.outer(p, p)
-    zz = z.clone().requires_grad_(True)
-    loss = per_example_loss(distribution, zz[None], y).sum()  # type: ignore[arg-type]
-    (r,) = torch.autograd.grad(loss, zz)
-    return torch.outer(r, r)
 
 
 def brute_force_fisher(
@@ -209,38 +173,6 @@ def test_the_runs_direction_equals_the_fresh_one_when_nothing_changed() -> None:
     for metric in ("cosine", "model_ratio", "alpha"):
         assert scores[("run", metric)] == pytest.approx(scores[("kfac[exact]", metric)], rel=1e-6)
     assert scores[("reference", "cg_residual")] < 1e-6
-
-
-def tiny_workload() -> Workload:
-    def build(gen: torch.Generator) -> nn.Module:
-        return nn.Sequential(nn.Linear(8, 4), nn.Sigmoid(), nn.Linear(4, 8))
-
-    def no_real(data_dir: object, cache_dir: object) -> Splits:
-        raise AssertionError("synthetic only")
-
-    return Workload(
-        "tiny_ae", "8-4-8", (8,), "bernoulli", "recon_error", 1.0, build, no_real, (64, 32), "-"
-    )
-
-
-SUITE = """
-name = "dg"
-[defaults]
-device = "cpu"
-data = "synthetic"
-max_steps = 10
-eval_every = 5
-log_every = 5
-train_eval_size = 32
-[sweep]
-workload = ["tiny_ae"]
-batch_size = [16]
-inv_interval = [2]
-[optimizers.sgd]
-[optimizers.kfac-fast]
-[diagnose]
-at = [0, 3, 6]
-"""
 
 
 def test_diagnose_writes_every_checkpoint_and_resumes_without_recomputing(
