@@ -37,7 +37,7 @@ from kfacbench.core.method import HParam, HParamValue, MethodContext, MethodSpec
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
-from kfacbench.optim.torch_optimizer import TorchOptimizer
+from kfacbench.optim.peers.torch_optimizer import TorchOptimizer
 from kfacbench.workloads import WORKLOADS, Workload
 
 GROUPS = {"methods": "kfacbench.methods", "workloads": "kfacbench.workloads"}

@@ -5,7 +5,8 @@ Each entry is a :class:`~kfacbench.optim.base.MethodSpec`; suites name them by k
 
 from kfacbench.core.method import HParam, Method, MethodContext, MethodSpec
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import kfac, peers, peers_kaisa, peers_modern, sgd, skfac
+from kfacbench.optim import kfac, sgd, skfac
+from kfacbench.optim.peers import asdl, kaisa, modern, torch_optimizer
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -13,9 +14,10 @@ METHODS: dict[str, MethodSpec] = {
         sgd.SPEC,
         *kfac.SPECS,
         *skfac.SPECS,
-        *peers.SPECS,
-        *peers_kaisa.SPECS,
-        *peers_modern.SPECS,
+        *asdl.SPECS,
+        *torch_optimizer.SPECS,
+        *kaisa.SPECS,
+        *modern.SPECS,
     )
 }
 

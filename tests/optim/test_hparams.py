@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kfacbench.optim import METHODS, kfac, peers, peers_kaisa, peers_modern, sgd, skfac
+from kfacbench.optim import METHODS, kfac, sgd, skfac
+from kfacbench.optim.peers import asdl, kaisa, modern, torch_optimizer
 
-MODULES = (sgd, kfac, skfac, peers, peers_kaisa, peers_modern)
+MODULES = (sgd, kfac, skfac, asdl, torch_optimizer, kaisa, modern)
 DEFAULTS_FROM = {name: target for m in MODULES for name, target in m.DEFAULTS_FROM.items()}
 PRESETS = {name: preset for m in MODULES for name, preset in getattr(m, "PRESETS", {}).items()}
 BUILTIN = [name for name, spec in METHODS.items() if spec.origin == "kfacbench"]
@@ -71,8 +72,8 @@ def test_defaults_are_the_signature_s_except_a_preset_s(name: str) -> None:
 def test_no_hyperparameter_table_is_written_by_hand() -> None:
     """An ``HParam(...)`` literal would write a default a second time, beside the signature."""
     hits = [
-        f"{path.name}:{number}: {line.strip()}"
-        for path in sorted(OPTIM.glob("*.py"))
+        f"{path.relative_to(OPTIM)}:{number}: {line.strip()}"
+        for path in sorted(OPTIM.rglob("*.py"))
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if re.search(r"\bHParam\(", line)
     ]

@@ -1,5 +1,4 @@
-"""Other implementations measured on the same training core: ASDL's K-FAC and "swift" K-FAC
-(SKFAC), and torch's AdamW.
+"""ASDL's K-FAC and "swift" K-FAC (SKFAC) measured on the same training core.
 
 A peer runs its own code; the adapter only drives it through the core's step and names its
 phases where the peer's structure allows. Settings are matched to kfacbench's presets where the
@@ -16,7 +15,6 @@ fused forward + backward + statistics pass).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
@@ -35,16 +33,13 @@ from kfacbench.core.method import (
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.torch_optimizer import TorchOptimizer
+from kfacbench.optim.peers import package_version
 
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
 """kfacbench's Fisher estimates and ASDL's names for them."""
 
 EMA_STARTS = ("zero", "one-over-k")
 """How the factors' moving average starts (see :class:`AsdlKfac`)."""
-
-COUNTERPARTS = {"asdl-kfac": "kfac-fast", "asdl-skfac": "skfac", "kaisa-kfac": "kfac-fast"}
-"""Each peer and the kfacbench preset it is measured against (the report's ratio table)."""
 
 
 class _NoNvtx:
@@ -75,13 +70,6 @@ def _asdl() -> ModuleType:
     return asdl
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 class AsdlKfac(Method):
     """ASDL's ``KfacGradientMaker`` (``swift=False``: K-FAC; ``True``: SKFAC) with SGD momentum.
 
@@ -110,7 +98,7 @@ class AsdlKfac(Method):
       SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
 
     Where the algorithms agree (no biases; for swift, Linear layers), the steps are the same to
-    rounding: tests/optim/test_peers.py trains both side by side and compares the parameters.
+    rounding: tests/optim/peers/test_asdl.py trains both side by side and compares the parameters.
 
     The keyword defaults are the ``asdl-kfac`` entry's (``asdl-skfac`` presets its own damping
     and ``ema_decay``). ``inverse_method`` names the one way ASDL inverts, Cholesky, so that the
@@ -205,7 +193,7 @@ class AsdlKfac(Method):
         return {
             "peer": "asdl.KfacGradientMaker",
             "swift": self.swift,
-            "version": _version("asdfghjkl"),
+            "version": package_version("asdfghjkl"),
         }
 
 
@@ -223,28 +211,6 @@ def _reducible_loss(problem: Problem) -> Callable[..., torch.Tensor]:
     return loss
 
 
-class AdamW(TorchOptimizer):
-    """torch.optim.AdamW (decoupled weight decay, Loshchilov & Hutter 2019) in the core."""
-
-    def __init__(
-        self,
-        problem: Problem,
-        *,
-        lr: float = 1e-3,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(
-            problem,
-            lambda params: torch.optim.AdamW(
-                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay
-            ),
-            {"peer": "torch.optim.AdamW", "version": torch.__version__},
-        )
-
-
 def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodContext], AsdlKfac]:
     def build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AsdlKfac:
         if ctx.dist is not None:
@@ -252,10 +218,6 @@ def _asdl_build(swift: bool) -> Callable[[Problem, Mapping[str, Any], MethodCont
         return AsdlKfac(problem, swift=swift, seed=ctx.seed, **hp)
 
     return build
-
-
-def _adamw_build(problem: Problem, hp: Mapping[str, Any], ctx: MethodContext) -> AdamW:
-    return AdamW(problem, **hp)
 
 
 _ASDL_PARAMS: dict[str, Param] = {
@@ -278,11 +240,7 @@ holds the defaults (those of ``asdl-kfac``). Swift takes no ``inverse_method``."
 PRESETS: dict[str, dict[str, HParamValue]] = {"asdl-skfac": {"damping": 0.03, "ema_decay": 0.0}}
 """The registry entries whose defaults differ from their constructor's signature, and how."""
 
-DEFAULTS_FROM: dict[str, Callable[..., Any]] = {
-    "asdl-kfac": AsdlKfac,
-    "asdl-skfac": AsdlKfac,
-    "adamw": AdamW,
-}
+DEFAULTS_FROM: dict[str, Callable[..., Any]] = {"asdl-kfac": AsdlKfac, "asdl-skfac": AsdlKfac}
 """Each spec of this module and the callable whose signature holds its defaults (checked by
 tests/optim/test_hparams.py)."""
 
@@ -305,21 +263,5 @@ SPECS = (
         ),
         uses_inv_interval=True,
         build=_asdl_build(swift=True),
-    ),
-    MethodSpec(
-        "adamw",
-        "torch.optim.AdamW (decoupled weight decay)",
-        hparams_from(
-            AdamW,
-            {
-                "lr": Param("learning rate", bounds="[0, inf)"),
-                "beta1": Param("β₁", bounds="[0, 1)"),
-                "beta2": Param("β₂", bounds="[0, 1)"),
-                "eps": Param("ε", bounds="[0, inf)"),
-                "weight_decay": Param("decoupled weight decay", bounds="[0, inf)"),
-            },
-        ),
-        uses_inv_interval=False,
-        build=_adamw_build,
     ),
 )

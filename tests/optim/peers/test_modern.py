@@ -14,7 +14,8 @@ from torch import nn
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import MethodContext, get_method, peers_modern
+from kfacbench.optim import MethodContext, get_method
+from kfacbench.optim.peers import modern
 from kfacbench.workloads.transformer import byte_gpt
 
 CPU = torch.device("cpu")
@@ -108,7 +109,7 @@ def test_missing_package_is_one_line_naming_the_extra(
             raise ImportError(module)
         return real(module, *args)
 
-    monkeypatch.setattr(peers_modern.importlib, "import_module", without)
+    monkeypatch.setattr(modern.importlib, "import_module", without)
     problem, _, _ = mlp_problem()
     with pytest.raises(KfacbenchError, match=r"pip install 'kfacbench\[peers\]'") as err:
         build(name, problem)

@@ -30,7 +30,8 @@ from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import MethodContext, get_method, peers_kaisa
+from kfacbench.optim import MethodContext, get_method
+from kfacbench.optim.peers import kaisa as peers_kaisa
 from kfacbench.report.data import load_runs
 from kfacbench.report.tables import peer_table
 from kfacbench.runs.rundir import load_tables
@@ -38,7 +39,7 @@ from kfacbench.workloads import WORKLOADS
 from kfacbench.workloads.transformer import byte_gpt
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KAISA_SOURCE = ROOT.parent / "shared" / "peers" / "kfac-pytorch"
 """KAISA's source next to the repository (repo/../shared), as on CI's fresh clone."""
 
@@ -70,7 +71,7 @@ def build(problem: Problem, inv_interval: int = 1, **hp: Any) -> Any:
 
 def classifier(first: nn.Module) -> nn.Module:
     """``first`` (a conv on 2×6×6 inputs with 4 output channels), BatchNorm, and two Linear
-    layers: the classifier tests/optim/test_peers.py trains the ASDL peers on."""
+    layers: the classifier tests/optim/peers/test_asdl.py trains the ASDL peers on."""
     torch.manual_seed(0)
     return nn.Sequential(
         first,

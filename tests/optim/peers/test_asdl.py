@@ -1,5 +1,6 @@
-"""Peer adapters: ASDL's K-FAC and swift K-FAC (the peers extra) and torch's AdamW train a few
-steps through the core and reduce the loss; a missing peer is a one-line error naming the extra."""
+"""ASDL's K-FAC and swift K-FAC (the peers extra) train a few steps through the core and reduce
+the loss, take kfacbench's steps where the algorithms agree; a missing ASDL is a one-line error
+naming the extra."""
 
 from __future__ import annotations
 
@@ -8,54 +9,20 @@ import importlib.util
 
 import pytest
 import torch
+from shared_peers import losses
 from torch import nn
 
-from kfacbench.core.loop import LoopConfig, train
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
-from kfacbench.data import Splits
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim import Method, MethodContext, get_method, peers
+from kfacbench.optim import Method, MethodContext, get_method
+from kfacbench.optim.peers import asdl
 
 CPU = torch.device("cpu")
 HAS_ASDL = importlib.util.find_spec("asdl") is not None
 needs_asdl = pytest.mark.skipif(
     not HAS_ASDL, reason="needs the peers extra (pip install 'kfacbench[peers]')"
 )
-
-
-def data(n: int = 512) -> Splits:
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    x = torch.randn(n, 2, 6, 6, generator=gen) + y[:, None, None, None].float()
-    return Splits(x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :], "synthetic")
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 36, 16),
-        nn.Tanh(),
-        nn.Linear(16, 3),
-    )
-
-
-def losses(name: str, **hp: object) -> tuple[float, float, dict]:  # type: ignore[type-arg]
-    spec = get_method(name)
-    params = {k: v.default for k, v in spec.hparams.items()} | hp
-    if spec.uses_inv_interval:
-        params["inv_interval"] = 3
-    problem = Problem(net(), "categorical")
-    method = spec.build(problem, params, MethodContext(40, 0, CPU))
-    config = LoopConfig(32, 0, 40, None, 40, 10, 256)
-    result = train(problem, method, data(), config, metric="accuracy", reached=lambda v: False)
-    first, last = result.curves[1]["train_loss"], result.curves[-1]["train_loss"]
-    phases = {p.phase: p.calls for p in result.phases}
-    return first, last, phases | {"info": method.info()}  # type: ignore[attr-defined]
 
 
 @needs_asdl
@@ -142,13 +109,6 @@ def test_asdl_swift_kfac_takes_skfac_steps_on_linear_layers() -> None:
     assert largest_gap("skfac", "asdl-skfac", bias_free(conv=True), 8, **hp) > 0.1
 
 
-def test_adamw_reduces_the_loss() -> None:
-    first, last, phases = losses("adamw", lr=0.01)
-    assert last < 0.8 * first
-    assert set(phases) == {"forward", "backward", "update", "step", "info"}
-    assert phases["info"]["version"] == torch.__version__
-
-
 def test_a_missing_peer_is_a_one_line_error_naming_the_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -163,7 +123,7 @@ def test_a_missing_peer_is_a_one_line_error_naming_the_extra(
 
     monkeypatch.setattr(builtins, "__import__", no_asdl)
     with pytest.raises(KfacbenchError, match=r"pip install 'kfacbench\[peers\]'"):
-        peers._asdl()
+        asdl._asdl()
 
 
 @needs_asdl

@@ -36,7 +36,7 @@ from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hpar
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.peers import _version
+from kfacbench.optim.peers import package_version
 
 INSTALL = "pip install 'git+https://github.com/gpauloski/kfac-pytorch@869cf11'"
 """How to install KAISA 0.4.2 (the commit the tests' copy of its source was taken from)."""
@@ -166,7 +166,7 @@ class KaisaKfac(Method):
       are also divided by the number of positions T: A/T² and G/(m²T³). A given λ weighs m²
       (conv: m²T⁵) times more against the curvature than kfacbench's, and in directions the
       curvature dominates KAISA's step is m² (m²T⁵) times the natural gradient.
-      tests/optim/test_peers_kaisa.py checks these scales.
+      tests/optim/peers/test_kaisa.py checks these scales.
     - Biases: KAISA folds them into A as the homogeneous coordinate, as kfacbench does.
     - Layers: Linear and Conv2d modules with all parameters trainable, except the convs of
       :func:`_unsupported_convs`. The rest (BatchNorm, embeddings, ...) keep their gradient and
@@ -254,7 +254,7 @@ class KaisaKfac(Method):
         """The peer, its version, its Fisher and which modules it preconditions."""
         return {
             "peer": "kfac.preconditioner.KFACPreconditioner",
-            "version": _version("kfac-pytorch"),
+            "version": package_version("kfac-pytorch"),
             "fisher": "empirical (KAISA's G: the loss's own output gradients)",
             "compute_method": self.compute_method,
             "preconditioned": self.preconditioned,

@@ -31,7 +31,7 @@ from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hpar
 from kfacbench.core.problem import Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
-from kfacbench.optim.peers import _version
+from kfacbench.optim.peers import package_version
 
 EXTRA = "pip install 'kfacbench[peers]'"
 SINGD_STRUCTURES = (
@@ -177,7 +177,7 @@ class Singd(_Peer):
         """The peer, its version, and the modules left to SGD."""
         return {
             "peer": "singd.optim.optimizer.SINGD",
-            "version": _version("singd"),
+            "version": package_version("singd"),
             "loss_average": self.opt.param_groups[0]["loss_average"],
             "identity_preconditioner": self.uncovered,
         }
@@ -241,7 +241,7 @@ class Shampoo(_Peer):
         """The peer and its version."""
         return {
             "peer": "pytorch_optimizer.ScalableShampoo",
-            "version": _version("pytorch-optimizer"),
+            "version": package_version("pytorch-optimizer"),
         }
 
 
@@ -293,7 +293,7 @@ class Soap(_Peer):
 
     def info(self) -> dict[str, Any]:
         """The peer and its version."""
-        return {"peer": "pytorch_optimizer.SOAP", "version": _version("pytorch-optimizer")}
+        return {"peer": "pytorch_optimizer.SOAP", "version": package_version("pytorch-optimizer")}
 
 
 def _build(
