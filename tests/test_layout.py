@@ -6,6 +6,9 @@
 - Each ``kfacbench`` command lives in its own module of ``kfacbench/cli/``.
 - No module is over :data:`MAX_LINES` lines unless its docstring says why, in a line starting
   with ``Size:``.
+- The tests mirror the package: ``tests/<dirs>/test_<name>.py`` tests ``kfacbench/<dirs>/<name>.py``
+  or the package ``<name>`` there (:func:`module_tested_by`), except the files of
+  :data:`NOT_ONE_MODULE`, each with its reason.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import kfacbench
 from kfacbench.cli import COMMANDS, build_parser
 
 PACKAGE = Path(kfacbench.__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent
 
 LAYERS: dict[str, int] = {
     "kfacbench.cli": 5,
@@ -61,6 +65,20 @@ CLI_HELPERS = {"kfacbench.cli", "kfacbench.cli.__main__", "kfacbench.cli.common"
 MODULE_OF = {"list": "listing"}
 """Commands whose module is not named after them (``list`` would shadow the builtin in the
 package's namespace)."""
+
+NOT_ONE_MODULE: dict[str, str] = {
+    "test_docs.py": "the docs against the code (commands, settings, columns, links)",
+    "test_layout.py": "the package's structure",
+    "test_suite_fuzz.py": "suite.py, fuzzed through `kfacbench run --dry-run` (1,400 lines)",
+    "test_tensorboard.py": "profiling.py's traces, served by a real TensorBoard",
+    "optim/test_hparams.py": "every built-in method's defaults written once, across optim/",
+    "optim/test_kfac_curves.py": "K-FAC against an SGD grid on CURVES, end to end (issue 3)",
+    "optim/test_weight_sharing.py": "K-FAC's weight-sharing layers across capture, factors, kfac",
+    "report/test_published.py": "the published reports under reports/ rebuild byte-identical",
+    "bench/": "pytest-benchmark's step and phase benchmarks (DESIGN.md: tests/bench)",
+}
+"""Test files (relative to ``tests/``; a folder ends in ``/``) that test no one module of
+kfacbench, and what they test instead."""
 
 
 def module_name(path: Path) -> str:
@@ -169,6 +187,77 @@ def test_the_scan_finds_an_upward_import_wherever_it_is(tmp_path: Path) -> None:
         "kfacbench.runs.fake (layer 1) imports kfacbench.cli (layer 5)"
         in found[("kfacbench.runs.fake", "kfacbench.cli")]
     )
+
+
+def module_tested_by(test: Path) -> str | None:
+    """The kfacbench module that ``test`` (``tests/<dirs>/test_<name>.py``) tests:
+    ``kfacbench/<dirs>/<name>.py``, the package ``kfacbench/<dirs>/<name>/``, or the package
+    ``kfacbench/<dirs>/`` itself when ``<name>`` is its own name (``tests/report/test_report.py``);
+    None when there is none (the file is misplaced or misnamed)."""
+    rel = test.relative_to(TESTS)
+    name = rel.stem.removeprefix("test_")
+    base = PACKAGE.joinpath(*rel.parent.parts)
+    candidates = [base / f"{name}.py", base / name / "__init__.py"]
+    if rel.parent.parts and rel.parent.name == name:
+        candidates.append(base / "__init__.py")
+    return next((module_name(c) for c in candidates if c.is_file()), None)
+
+
+def exception_of(test: Path) -> str | None:
+    """The entry of :data:`NOT_ONE_MODULE` that covers ``test``, if any."""
+    rel = test.relative_to(TESTS).as_posix()
+    return next(
+        (k for k in NOT_ONE_MODULE if rel == k or (k[-1] == "/" and rel.startswith(k))), None
+    )
+
+
+def all_test_files() -> list[Path]:
+    return sorted(TESTS.rglob("test_*.py"))
+
+
+def test_each_test_file_sits_where_the_module_it_tests_sits() -> None:
+    misplaced = [
+        str(t.relative_to(TESTS))
+        for t in all_test_files()
+        if not module_tested_by(t) and not exception_of(t)
+    ]
+    assert not misplaced, (
+        "test files that match no kfacbench module (move them to tests/<pkgpath>/test_<module>.py "
+        "or add them to NOT_ONE_MODULE with the reason): " + ", ".join(misplaced)
+    )
+
+
+def test_every_exception_is_still_needed() -> None:
+    """NOT_ONE_MODULE only shrinks: an entry that covers no file, or a file that now matches a
+    module, must be deleted."""
+    covered = {exception_of(t): t for t in all_test_files() if exception_of(t)}
+    stale = sorted(set(NOT_ONE_MODULE) - set(covered))
+    assert not stale, "NOT_ONE_MODULE entries that cover no test file: " + ", ".join(stale)
+    mapped = sorted(k for k, t in covered.items() if not k.endswith("/") and module_tested_by(t))
+    assert not mapped, "NOT_ONE_MODULE entries whose file matches a module: " + ", ".join(mapped)
+
+
+@pytest.mark.parametrize(
+    ("path", "module"),
+    [
+        ("runs/test_compare.py", "kfacbench.runs.compare"),
+        ("optim/peers/test_asdl.py", "kfacbench.optim.peers.asdl"),
+        ("test_suite.py", "kfacbench.suite"),
+        ("report/test_report.py", "kfacbench.report"),
+        ("optim/test_peers.py", "kfacbench.optim.peers"),
+        ("test_compare.py", None),  # compare.py lives in runs/
+        ("data/test_data_idx.py", None),  # the module is data/idx.py
+        ("diagnostics/test_diagnose.py", None),
+        ("test_optim.py", "kfacbench.optim"),
+        ("core/test_optim.py", None),
+    ],
+)
+def test_the_mapping_tells_a_misplaced_test_file(path: str, module: str | None) -> None:
+    """Made-up paths (nothing is created): the rule can fail."""
+    test = TESTS / path
+    assert module_tested_by(test) == module
+    if module is None:
+        assert exception_of(test) is None
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
