@@ -8,8 +8,8 @@
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
 # with CUDA-only paths, the kfac_speed, skfac_speed, peers and compile_gpu suites, and a report
 # of the four runs. Every stage has its own time limit and a failed stage does not stop the next;
-# about 8 minutes on an H200 (compile_gpu's compilation included). Results go to DIR (default
-# $OUT when set, else results/gpu/<timestamp>):
+# on an H200 a call of the four suites took 288 s, compile_gpu's 61 s up to its crash included
+# (results/gpu/nvidia-h200/2026-11-30/). Results go to DIR (default $OUT, else results/gpu/<time>):
 # log.txt, doctor.parquet, cells.parquet (the four suites' cells) and device-run.tar.gz (every
 # table, trace and the report), so that a machine that returns at most a few files returns all.
 # `--device cpu` runs the same code path minus the CUDA checks (a dry run); `--only` restricts

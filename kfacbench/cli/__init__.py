@@ -66,7 +66,7 @@ EXAMPLES = """examples:
   kfacbench run dist --nproc 2          data-parallel through torchrun (gloo on CPU, nccl on GPUs)
   kfacbench run quick --submitit slurm  every cell a SLURM job (needs the cluster extra)
   kfacbench run peers                   kfacbench's K-FAC/SKFAC vs ASDL's (needs the peers extra)
-  kfacbench doctor --device cuda        check a GPU machine in ~3 minutes; exit 1 on a failure
+  kfacbench doctor --device cuda        check a GPU machine before measuring; exit 1 on a failure
   kfacbench list workloads
 """
 

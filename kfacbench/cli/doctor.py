@@ -82,13 +82,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     doc = sub.add_parser(
         "doctor",
         help="check a machine: every method, the CUDA paths, profiling, a process group",
-        description="A short acceptance of a machine (about 3 minutes on a GPU, 1 on a 2-core"
-        " CPU) on synthetic data: versions; every registered method on an MLP autoencoder and"
-        " ResNet-20 (finite, loss falling); a profiled K-FAC window whose kernels are attributed"
-        " to its phases; on CUDA no host sync in non-refresh steps, CUDA-event vs wall-clock step"
-        " times, peak memory, bf16 and TF32 cells; a torchrun group (gloo on CPU, nccl on CUDA)."
-        " Prints pass / fail / skipped per check, writes OUT/doctor.parquet and exits 1 on any"
-        " failure.",
+        description="A short acceptance of a machine on synthetic data (on an H200 its 27 checks"
+        " took 44 s, before the linalg probe was added: results/gpu/nvidia-h200/2026-11-30/):"
+        " versions; every registered method on an MLP autoencoder and ResNet-20 (finite, loss"
+        " falling); the linear-algebra probe at the refresh shapes; a profiled K-FAC window whose"
+        " kernels are attributed to its phases; on CUDA no host sync in non-refresh steps,"
+        " CUDA-event vs wall-clock step times, peak memory, bf16 and TF32 cells; a torchrun group"
+        " (gloo on CPU, nccl on CUDA). Prints pass / fail / skipped per check, writes"
+        " OUT/doctor.parquet and exits 1 on any failure.",
     )
     doc.add_argument(
         "--device", type=device_spec, default="auto", help="auto, cpu, cuda or cuda:N (%(default)s)"
