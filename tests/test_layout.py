@@ -9,6 +9,7 @@
 - The tests mirror the package: ``tests/<dirs>/test_<name>.py`` tests ``kfacbench/<dirs>/<name>.py``
   or the package ``<name>`` there (:func:`module_tested_by`), except the files of
   :data:`NOT_ONE_MODULE`, each with its reason.
+- Every package is in pyproject's ``packages`` (else an installed kfacbench lacks it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,6 +260,17 @@ def test_the_mapping_tells_a_misplaced_test_file(path: str, module: str | None) 
     assert module_tested_by(test) == module
     if module is None:
         assert exception_of(test) is None
+
+
+def test_every_package_is_installed() -> None:
+    """pyproject lists the packages by hand: a new subpackage left out would be missing from an
+    installed kfacbench (the tests, run from the source tree, would not notice)."""
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(pyproject["tool"]["setuptools"]["packages"]) - {"kfacbench.suites"}
+    found = {module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert listed == found, (
+        f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+    )
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
