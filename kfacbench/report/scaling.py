@@ -52,6 +52,9 @@ MIN_POINTS = 3
 """Distinct x a slope is fitted from (two points fit any line exactly: no error to give)."""
 LEVEL = 0.95
 """Confidence level of a slope's interval."""
+EXTRAPOLATE = 4.0
+"""How far beyond the measured range (as a factor) a crossing of the fitted lines is given: a
+power law fitted over a few points says little further out."""
 KFAC = ("kfac-fast", "kfac", "kfac-tridiag")
 SKFAC = ("skfac", "skfac-subsample")
 _BASE_KEYS = ("suite", "device_name", "family", "optimizer", "hparams", "inv_interval", "compile")
@@ -128,7 +131,8 @@ def crossover_text(
     what_a: str, what_b: str, axis: str, x: Sequence[float], a: Sequence[float], b: Sequence[float]
 ) -> str:
     """Where ``a`` and ``b`` (medians at ascending ``x``) swap order, in words, else which stays
-    above over the measured range and where the fitted lines would meet."""
+    above over the measured range and where the fitted lines would meet, if within
+    :data:`EXTRAPOLATE` times beyond it."""
     name = AXES[axis]
     found = crossings(x, a, b)
     if found:
@@ -146,7 +150,8 @@ def crossover_text(
     )
     if len(set(x)) >= MIN_POINTS:
         meet = fitted_crossing(fit_power(x, a), fit_power(x, b))
-        if meet is not None and not x[0] <= meet <= x[-1]:
+        near = meet is not None and x[0] / EXTRAPOLATE <= meet <= x[-1] * EXTRAPOLATE
+        if meet is not None and near and not x[0] <= meet <= x[-1]:
             text += f" (the fitted lines meet at {name} ≈ {_number(meet)}, extrapolated)"
     return text
 
@@ -164,8 +169,8 @@ def per_step_ms(ms: float, calls: int, steps: int, inv_interval: float) -> float
 def phase_costs(cells: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
     """One row per ok cell of a cost-growth workload and phase (and ``amortized``): the family,
     width, sequence length and batch, the median ms per call, the steady-state ms per step
-    (:func:`per_step_ms`), and the FLOP model's FLOPs per call (NaN where there is no model).
-    Empty for runs of other workloads."""
+    (:func:`per_step_ms`), the FLOP model's FLOPs per call (NaN where there is no model) and the
+    method as the tables name it (:func:`method_labels`). Empty for runs of other workloads."""
     shapes = cells["workload"].astype(str).map(shape_of)
     ok = cells.loc[(cells["status"] == "ok") & shapes.notna()]
     if ok.empty:
@@ -197,10 +202,13 @@ def phase_costs(cells: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
         # The model's steady state: one refresh per T_inv steps (none for SGD).
         amortized = model.amortized(1 if inv else 0, int(inv) or 1) if model else math.nan
         rows.append(base | {"phase": AMORTIZED, "ms": total, "step_ms": total, "flops": amortized})
-    return pd.DataFrame(rows)
+    if not rows:
+        return pd.DataFrame()
+    costs = pd.DataFrame(rows)
+    return costs.assign(method=method_labels(costs))
 
 
-def _fixed_text(family: str, values: Mapping[str, Any]) -> str:
+def fixed_text(family: str, values: Mapping[str, Any]) -> str:
     """The held axes of a line, as the tables name them (``T 128, batch 8``)."""
     parts = [
         f"{AXES[a]} {int(v)}" for a, v in values.items() if not (a == "seq" and family == "mlp")
@@ -208,7 +216,7 @@ def _fixed_text(family: str, values: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _labels(costs: pd.DataFrame) -> pd.Series:
+def method_labels(costs: pd.DataFrame) -> pd.Series:
     """Each row's method as the tables name it: the optimizer and its T_inv, its
     hyperparameters where the optimizer ran with several, its suite and device where the
     costs come from several."""
@@ -221,7 +229,7 @@ def _labels(costs: pd.DataFrame) -> pd.Series:
     return label if where.nunique() == 1 else label + " [" + where + "]"
 
 
-def _lines(costs: pd.DataFrame, axis: str) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+def lines_along(costs: pd.DataFrame, axis: str) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """The lines of points along ``axis`` (every other axis held): (their key, their rows) for
     each line with at least :data:`MIN_POINTS` distinct x."""
     fixed = [a for a in AXES if a != axis]
@@ -240,11 +248,10 @@ def slope_table(costs: pd.DataFrame) -> pd.DataFrame:
     ``amortized``."""
     if costs.empty:
         return pd.DataFrame()
-    costs = costs.assign(method=_labels(costs))
     rows = []
     for axis in AXES:
-        for key, line in _lines(costs, axis):
-            fixed = _fixed_text(key["family"], {a: key[a] for a in AXES if a != axis})
+        for key, line in lines_along(costs, axis):
+            fixed = fixed_text(key["family"], {a: key[a] for a in AXES if a != axis})
             for phase in (*PHASES, AMORTIZED):
                 points = line[(line["phase"] == phase) & (line["ms"] > 0)]
                 if points[axis].nunique() < MIN_POINTS:
@@ -297,17 +304,16 @@ def crossover_table(costs: pd.DataFrame) -> pd.DataFrame:
     K-FAC method's, in words (:func:`crossover_text`)."""
     if costs.empty:
         return pd.DataFrame()
-    costs = costs.assign(method=_labels(costs))
     rows = []
     for axis in AXES:
         held = [k for k in _BASE_KEYS if k not in ("optimizer", "hparams", "inv_interval")]
         groups: dict[tuple[Any, ...], list[pd.DataFrame]] = {}
-        for key, line in _lines(costs, axis):
+        for key, line in lines_along(costs, axis):
             group = tuple(key.get(k) for k in (*held, *(a for a in AXES if a != axis)))
             groups.setdefault(group, []).append(line)
         for lines in groups.values():
             first = lines[0]
-            fixed = _fixed_text(
+            fixed = fixed_text(
                 str(first["family"].iloc[0]),
                 {a: first[a].iloc[0] for a in AXES if a != axis},
             )
@@ -353,3 +359,24 @@ def throughput(costs: pd.DataFrame) -> pd.DataFrame:
     rated = costs.dropna(subset=["flops"])
     rated = rated[(rated["flops"] > 0) & (rated["ms"] > 0)]
     return rated.assign(gflops=rated["flops"] / (rated["ms"] / 1e3) / 1e9)
+
+
+def slope_display(slopes: pd.DataFrame) -> pd.DataFrame:
+    """The slopes as a report shows them: a row per axis, line and method, a column per phase
+    holding ``b [lo, hi] (model)``: the measured slope, its interval, the FLOP model's slope."""
+
+    def text(row: pd.Series) -> str:
+        shown = f"{row['slope']:.2f} [{row['lo']:.2f}, {row['hi']:.2f}]"
+        return shown + (f" ({row['model_slope']:.2f})" if pd.notna(row["model_slope"]) else "")
+
+    keys = ["axis", "family", "fixed", "method"]
+    shown = slopes.assign(
+        text=slopes.apply(text, axis=1),
+        range=slopes["x_lo"].map("{:g}".format) + "–" + slopes["x_hi"].map("{:g}".format),
+    )
+    wide = shown.pivot_table(
+        index=[*keys, "range"], columns="phase", values="text", aggfunc="first", sort=False
+    )
+    order = [p for p in (*PHASES, AMORTIZED) if p in wide.columns]
+    wide = wide[order].fillna("-").reset_index()
+    return wide.rename(columns={"fixed": "held", "range": "x", AMORTIZED: "amortized step"})

@@ -10,6 +10,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from kfacbench.report.data import ReportData
+from kfacbench.report.document import growth_section
+from kfacbench.report.plotting import Figures
 from kfacbench.report.scaling import (
     AMORTIZED,
     crossings,
@@ -22,6 +25,7 @@ from kfacbench.report.scaling import (
     slope_table,
     throughput,
 )
+from kfacbench.report.scaling_figures import cost_growth_figures
 
 WIDTHS = [256, 512, 1024, 2048]
 
@@ -83,13 +87,20 @@ def test_two_power_laws_cross_where_the_algebra_says() -> None:
 
 
 def test_a_crossing_outside_the_range_is_extrapolated_from_the_fits() -> None:
-    # 1e-9·W³ = W  ⇔  W = 10^4.5 ≈ 31623, beyond 2048
+    # W³ / 4096² = W  ⇔  W = 4096, beyond 2048
     x = np.array(WIDTHS, dtype=float)
-    text = crossover_text("refresh", "the rest", "width", list(x), 1e-9 * x**3, x)
+    text = crossover_text("refresh", "the rest", "width", list(x), x**3 / 4096**2, x)
     assert text == (
         "refresh stays below the rest over W 256–2048: not within the measured range"
-        " (the fitted lines meet at W ≈ 31,623, extrapolated)"
+        " (the fitted lines meet at W ≈ 4,096, extrapolated)"
     )
+
+
+def test_a_crossing_far_beyond_the_range_is_not_extrapolated() -> None:
+    # 1e-12·W³ = W  ⇔  W = 10^6: over 4× beyond 2048
+    x = np.array(WIDTHS, dtype=float)
+    text = crossover_text("refresh", "the rest", "width", list(x), 1e-12 * x**3, x)
+    assert text == "refresh stays below the rest over W 256–2048: not within the measured range"
 
 
 def test_a_phase_run_at_refreshes_counts_once_per_t_inv() -> None:
@@ -207,3 +218,53 @@ def test_the_gemm_rate_is_the_median_per_device() -> None:
         {"device_name": "cpu"},  # a run from before the rate was measured
     ]
     assert gemm_rates(envs) == {"gpu": 200.0}
+
+
+def report_data(cells: pd.DataFrame, phases: pd.DataFrame) -> ReportData:
+    envs = [{"device_name": "cpu-x", "gemm_gflops": 50.0}]
+    return ReportData(cells, pd.DataFrame(), phases, None, envs, [])
+
+
+def test_a_swept_family_gets_its_section_and_figures() -> None:
+    data = report_data(*kfac_run())
+    figs = Figures()
+    cost_growth_figures(data, figs)
+    try:
+        assert [name for name, _, _ in figs.drawn] == ["cost_growth_width", "throughput_width"]
+        assert figs.omitted == []
+        time_fig, rate_fig = (fig for _, fig, _ in figs.drawn)
+        (sgd,) = (ax for ax in time_fig.axes if ax.get_title(loc="left").startswith("sgd"))
+        # dotted: the forward's model line, then the amortized step's (phases in order)
+        model, _ = (ln for ln in sgd.get_lines() if ln.get_linestyle() == ":")
+        # SGD's forward FLOPs at the GEMM rate of 50 GFLOP/s, in ms
+        want = [2 * 128 * (65 * w + 4 * (w + 1) * w + (w + 1) * 10) / 50e9 * 1e3 for w in WIDTHS]
+        assert list(model.get_xdata()) == WIDTHS
+        assert list(model.get_ydata()) == pytest.approx(want)
+        for ax in rate_fig.axes[:2]:  # the modelled methods, each with the GEMM rate's line
+            assert any(list(ln.get_ydata()) == [50.0, 50.0] for ln in ax.get_lines())
+    finally:
+        figs.close()
+    section = growth_section(data)
+    assert section is not None and section.title == "How the cost grows"
+    assert section.table is not None
+    assert list(section.table["method"]) == ["kfac-fast T_inv 10", "sgd"]
+    assert section.table["inverse"].iloc[0] == "3.00 [3.00, 3.00] (3.00)"
+    assert section.items[-1] == "cpu-x: float32 GEMM at 50 GFLOP/s, measured before the cells"
+    assert section.items[0].startswith("W (mlp, batch 128): kfac-fast T_inv 10's refresh")
+
+
+def test_other_runs_get_neither_and_too_few_points_say_why() -> None:
+    cells, phases = kfac_run()
+    data = report_data(cells.assign(workload="curves_ae"), phases)
+    figs = Figures()
+    cost_growth_figures(data, figs)
+    assert figs.drawn == [] and figs.omitted == [] and growth_section(data) is None
+    two = cells[cells["workload"].isin(["mlp_256", "mlp_512"])]
+    cost_growth_figures(report_data(two, phases), figs)
+    assert figs.drawn == [] and figs.omitted == [
+        (
+            "cost growth per phase",
+            "needs at least 3 widths, batch sizes or sequence lengths of one family with the"
+            " other axes held",
+        )
+    ]
