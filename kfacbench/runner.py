@@ -50,7 +50,7 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.launch import DIST_DIR, write_json
 from kfacbench.machine_load import LoadMonitor, LoadRecord
 from kfacbench.optim import Method, MethodContext, get_method
-from kfacbench.runs.environment import environment
+from kfacbench.runs.environment import environment, gemm_gflops
 from kfacbench.runs.store import RunStore, dumps
 from kfacbench.suite import Cell
 from kfacbench.workloads import Workload, get_workload
@@ -509,6 +509,9 @@ def run_cells(
         envs[dev] = environment(torch.device(dev))
         if dist is not None:
             envs[dev].update(world_size=dist.world, backend=dist.backend)
+    if todo and main:  # off the clock, before the cells: what their GFLOP/s are held against
+        for dev, env in envs.items():
+            env["gemm_gflops"] = gemm_gflops(torch.device(dev))
     if envs and main:
         first = next(iter(envs.values()))
         store.write_text("env.json", json.dumps(first, indent=2) + "\n")

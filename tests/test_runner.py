@@ -88,6 +88,7 @@ def test_run_writes_the_tables(tmp_path: Path) -> None:
     assert set(tables["phases"]["phase"]) == {"forward", "backward", "update", "step"}
     env = json.loads((run_dir / "env.json").read_text())
     assert env["device_kind"] == "cpu" and env["torch_version"] == torch.__version__
+    assert env["gemm_gflops"] > 0  # measured before the cells
     assert (run_dir / "suite.toml").read_text() == suite.read_text()
     assert cli.main(["show", str(run_dir)]) == 0
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kfacbench.errors import KfacbenchError
 from kfacbench.report.arithmetic import MODELLED, arithmetic_table
-from kfacbench.runs.rundir import load_tables
+from kfacbench.runs.rundir import load_tables, read_env
 
 ARITHMETIC_TABLES = {
     "cells": (
@@ -49,6 +49,12 @@ def cmd_arithmetic(args: argparse.Namespace, console: Console) -> int:
         " same workload, batch, compile mode and seed; GFLOP/s: the model's FLOPs of a phase"
         " over its measured time (inverse: per refresh)"
     )
+    env = read_env(args.run_dir) if (args.run_dir / "env.json").exists() else {}
+    rate = env.get("gemm_gflops")  # runs from before it was measured have none
+    if rate is not None:
+        console.print(
+            f"the device's float32 GEMM rate, measured before the cells: {rate:.4g} GFLOP/s"
+        )
     return 0
 
 

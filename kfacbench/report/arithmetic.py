@@ -11,6 +11,7 @@ falls behind (on a GPU, typically the factorisations and the launches of small k
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import pandas as pd
 import torch
 
 from kfacbench.optim.flops import (
+    LayerShape,
     StepFlops,
     kfac_flops,
     layer_shapes,
@@ -46,14 +48,20 @@ def _inverse_methods(row: Mapping[str, Any], sizes: list[int], device: str) -> l
     return [method] * len(plan_buckets(sizes, bucket_ratio(torch.device(device))))
 
 
+@functools.cache
+def model_shapes(workload: str) -> tuple[list[LayerShape], int]:
+    """The preconditioned layers and the parameter count of a registered workload's model, built
+    once per report (a width family's largest model takes seconds to initialise)."""
+    entry = WORKLOADS[workload]
+    model = entry.build_model(torch.Generator().manual_seed(0))
+    return layer_shapes(model, entry.input_shape), sum(p.numel() for p in model.parameters())
+
+
 def cell_flops(row: Mapping[str, Any]) -> StepFlops | None:
     """The FLOP model of one cell (``None``: an optimizer or workload the model does not cover)."""
     if row["optimizer"] not in MODELLED or row["workload"] not in WORKLOADS:
         return None
-    workload = WORKLOADS[row["workload"]]
-    model = workload.build_model(torch.Generator().manual_seed(0))
-    shapes = layer_shapes(model, workload.input_shape)
-    params = sum(p.numel() for p in model.parameters())
+    shapes, params = model_shapes(row["workload"])
     batch = int(row["batch_size"])
     if row["optimizer"] == "sgd":
         return sgd_flops(shapes, batch, params)

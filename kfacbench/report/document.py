@@ -18,6 +18,13 @@ from kfacbench.errors import KfacbenchError
 from kfacbench.report.data import ABSOLUTE_PATH, BASELINE, ReportData, load_runs
 from kfacbench.report.figures import build_figures
 from kfacbench.report.plotting import save_figure
+from kfacbench.report.scaling import (
+    crossover_table,
+    gemm_rates,
+    phase_costs,
+    slope_display,
+    slope_table,
+)
 from kfacbench.report.tables import (
     baseline_name,
     busy_warnings,
@@ -94,6 +101,16 @@ NO_TIMED_RUN = (
     "(kfacbench diagnose)."
 )
 
+GROWTH_NOTE = (
+    "How each phase's time grows along each swept axis, the others held: the slope b of"
+    " log(time) on log(x), least squares over the cells, with its 95% interval [lo, hi] and in"
+    " parentheses the FLOP model's slope over the same x (none: a method or phase the model does"
+    " not cover, SKFAC's among them). Per call: the inverse per refresh; the amortized step is"
+    " the steady state, every phase per step with the refresh once per T_inv. A slope below the"
+    " model's says the phase is not arithmetic-bound at the small end (launches, memory, solver"
+    " overheads); the crossovers below are read off the measured medians."
+)
+
 UNPUBLISHABLE = "Not publishable as it is"
 
 
@@ -132,6 +149,24 @@ def _run_lines(data: ReportData) -> list[str]:
     return lines
 
 
+def growth_section(data: ReportData) -> Section | None:
+    """The slopes and crossovers of the cost-growth families (:mod:`kfacbench.report.scaling`),
+    with each device's GEMM rate; None for runs that sweep no such axis."""
+    costs = phase_costs(data.cells, data.phases)
+    slopes = slope_table(costs)
+    if slopes.empty:
+        return None
+    crossovers = crossover_table(costs)
+    items = [f"{r.axis} ({r.family}, {r.fixed}): {r.finding}" for r in crossovers.itertuples()]
+    items += [
+        f"{name}: float32 GEMM at {rate:.4g} GFLOP/s, measured before the cells"
+        for name, rate in sorted(gemm_rates(data.envs).items())
+    ]
+    return Section(
+        "How the cost grows", text=[GROWTH_NOTE], table=slope_display(slopes), items=items
+    )
+
+
 def sections(
     data: ReportData,
     figures: list[tuple[str, str]],
@@ -143,7 +178,8 @@ def sections(
     """The report, in reading order: the command that rebuilds it (and why it could not be
     published, if so), the claims (when asked for), the runs it reads with their machines,
     commits and busy-machine warnings, the race to the target (only where there is one), the
-    step cost, the peers, the figures and those not drawn."""
+    step cost, the peers, how the cost grows (runs of the cost-growth families), the figures and
+    those not drawn."""
     problems = [p for run in data.runs for p in run.problems]
     out = [
         Section(
@@ -196,6 +232,9 @@ def sections(
         peers = peer_table(data)
         if not peers.empty:
             out.append(Section("kfacbench vs peers", text=[PEERS_NOTE], table=peers))
+        growth = growth_section(data)
+        if growth is not None:
+            out.append(growth)
     out.append(Section("Figures", figures=figures))
     if omitted:
         out.append(Section("Figures not drawn", items=[f"{what}: {why}" for what, why in omitted]))

@@ -37,6 +37,7 @@ from kfacbench.report.plotting import (
     short_labels,
     wants_log_axis,
 )
+from kfacbench.report.scaling_figures import cost_growth_figures
 from kfacbench.report.tables import (
     PHASE_ORDER,
     TAU_MAX,
@@ -506,6 +507,7 @@ def build_figures(data: ReportData) -> Figures:
             time_to_target_figure(ttt, races, colors, figs, data.baseline)
         phase_figure(data, figs)
         scaling_figures(data, colors, figs)
+        cost_growth_figures(data, figs)
         kernel_figure(data, figs)
         errored = errored_workloads(data.cells) & set(ttt.get("workload", ()))
         performance_profile_figure(

@@ -9,7 +9,10 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import torch
 
 import kfacbench
 from kfacbench.core import subnormals
-from kfacbench.core.device import device_name
+from kfacbench.core.device import device_name, synchronize
 from kfacbench.errors import KfacbenchError
 
 
@@ -81,3 +84,42 @@ def environment(device: torch.device) -> dict[str, Any]:
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         env["driver_version"] = command_output(query)
     return env
+
+
+GEMM_SIZE = {"cpu": 1024, "cuda": 8192}
+"""n of the n×n GEMM that measures a device's rate: large enough to run near the device's peak
+(on the 2-core CPU, 1024 reaches within 10% of 2048's rate in a seventh of the time), small
+enough to add well under a second to a run."""
+GEMM_REPEATS = 5
+
+
+def gemm_gflops(
+    device: torch.device,
+    n: int | None = None,
+    repeats: int = GEMM_REPEATS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """The device's measured float32 matrix-product rate: 2n³ FLOPs over the median time of
+    ``repeats`` n×n products after one untimed one, TF32 off (the precision of K-FAC's own
+    arithmetic and of cells with ``tf32 = false``). What each phase's achieved GFLOP/s is held
+    against: a phase near it runs at the hardware's limit, one far below is latency or a
+    slower kernel (a factorisation). Inputs come from a private generator: the global random
+    stream the cells draw from is left as it was."""
+    n = n or GEMM_SIZE.get(device.type, GEMM_SIZE["cpu"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.rand(n, n, generator=gen, device=device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.mm(a, b, out=out)
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = clock()
+            torch.mm(a, b, out=out)
+            synchronize(device)
+            times.append(clock() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2.0 * n**3 / statistics.median(times) / 1e9

@@ -279,6 +279,10 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
+from kfacbench.workloads.scaling import scaling_workloads  # noqa: E402  (it needs Workload)
+
+WORKLOADS.update((w.name, w) for w in scaling_workloads())
+
 
 def get_workload(name: str) -> Workload:
     """The registered workload ``name``.

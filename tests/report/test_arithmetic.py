@@ -134,6 +134,7 @@ def test_the_cli_prints_the_table_of_a_run(
     assert cli.main(["arithmetic", str(run_dir)]) == 0
     text = capsys.readouterr().out
     assert "kfac-fast" in text and "sgd" in text and "adamw" not in text
+    assert "the device's float32 GEMM rate, measured before the cells:" in text
     only_adamw = tmp_path / "only.toml"
     only_adamw.write_text(
         ARITH_SUITE.replace('name = "arith"', 'name = "only"').split("[optimizers.sgd]")[0]
