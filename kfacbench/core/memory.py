@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from kfacbench.core.device import oom_request_mb
+
+if TYPE_CHECKING:
+    from kfacbench.core.loop import TrainResult
 
 STATE_KINDS = ("factors", "inverses", "first_order", "other")
 """The kinds of state a method reports (:meth:`~kfacbench.core.method.Method.state_bytes`):
@@ -125,3 +130,22 @@ def state_mb(state: Mapping[str, int]) -> tuple[float, float]:
         return math.nan, math.nan
     total = sum(state.values()) / MIB
     return total, sum(state.get(k, 0) for k in CURVATURE_KINDS) / MIB
+
+
+def memory_columns(
+    result: TrainResult | None, state: Mapping[str, int], status: str, error: str
+) -> dict[str, float]:
+    """The cells' memory columns: the peak device memory and its baseline (CUDA only, from the
+    loop), the state (:func:`state_mb`), and for a cell that ran out of memory the allocation
+    that did not fit (:func:`~kfacbench.core.device.oom_request_mb` of its error)."""
+    peak = result.peak_mem_mb if result else math.nan
+    baseline = result.mem_baseline_mb if result else math.nan
+    total, curvature = state_mb(state)
+    return {
+        "peak_mem_mb": peak,
+        "mem_baseline_mb": baseline,
+        "peak_mem_over_baseline_mb": peak - baseline,
+        "state_mb": total,
+        "curvature_state_mb": curvature,
+        "oom_request_mb": oom_request_mb(error) if status == "oom" else math.nan,
+    }
