@@ -60,12 +60,15 @@ def count_bytes(tensors: Iterable[tuple[str, torch.Tensor | None]]) -> dict[str,
             raise ValueError(f"unknown state kind {kind!r}; known: {', '.join(STATE_KINDS)}")
         if tensor is None:
             continue
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
-        if storage.nbytes() == 0 or key in seen:
+        try:
+            storage = tensor.untyped_storage()
+            key, size = (str(tensor.device), storage.data_ptr()), storage.nbytes()
+        except RuntimeError:  # no storage of its own (sparse): counted as if dense, once
+            key, size = ("id", id(tensor)), tensor.numel() * tensor.element_size()
+        if size == 0 or key in seen:
             continue
         seen.add(key)
-        out[kind] += storage.nbytes()
+        out[kind] += size
     return out
 
 

@@ -29,6 +29,8 @@ def test_count_bytes_counts_a_storage_once_under_its_first_kind() -> None:
     with pytest.raises(ValueError, match="unknown state kind 'moments'"):
         count_bytes([("moments", lone)])
     assert set(count_bytes([])) == set(STATE_KINDS)
+    sparse = torch.eye(3).to_sparse()  # no storage of its own: counted as the dense 3×3, once
+    assert count_bytes([("other", sparse), ("other", sparse)])["other"] == 36
 
 
 def test_state_mb_and_the_walk_of_a_foreign_state() -> None:
