@@ -26,6 +26,8 @@ _PUBLIC = {
     "Problem": "kfacbench.core.problem",
     "Splits": "kfacbench.data",
     "Workload": "kfacbench.workloads",
+    "count_bytes": "kfacbench.core.memory",
+    "STATE_KINDS": "kfacbench.core.memory",
 }
 
 

@@ -21,13 +21,16 @@ Checks, in order (:func:`plan`):
   and the check names the build and flags an ``eigh`` ≥ 10× slower than Cholesky.
 - ``profile``: one profiled step window of K-FAC whose kernels table has rows in forward,
   backward, curvature, inverse and precondition.
+- ``memory``: K-FAC's optimizer state, recorded after a few steps on any device, is what the
+  shape model predicts (:mod:`kfacbench.optim.memory`: factors, the damped inverses in their
+  size buckets, padded on CUDA, and the momentum).
 - ``cuda`` (skipped on CPU): no host synchronisation inside non-refresh steps
   (``torch.cuda.set_sync_debug_mode("error")``), CUDA-event step times against wall-clock over a
   block of steps, peak memory recorded by the loop, a bf16-autocast and a TF32 cell.
 - ``distributed``: ``kfacbench run --nproc N`` on a tiny cell through torchrun (gloo with 2
   processes on CPU; nccl with one process per GPU, at most 2).
 
-Size: the Doctor class is the acceptance list, about 340 lines of short checks in five groups; split
+Size: the Doctor class is the acceptance list, about 360 lines of short checks in six groups; split
 by group the list would no longer read as one.
 """
 
@@ -63,6 +66,7 @@ from kfacbench.core.timing import STEP, PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS
 from kfacbench.optim.capture import find_layers
+from kfacbench.optim.flops import layer_shapes
 from kfacbench.optim.inverses import bucket_ratio
 from kfacbench.optim.linalg_probe import (
     Shape,
@@ -72,6 +76,7 @@ from kfacbench.optim.linalg_probe import (
     refresh_shapes,
     slow_eigh,
 )
+from kfacbench.optim.memory import kfac_state_bytes
 from kfacbench.profiling import kernel_rows, profile_cell
 from kfacbench.runner import (
     DataCache,
@@ -235,6 +240,7 @@ class Doctor:
             ]
         checks.append(Check("linalg", "damped inverses timed per size bucket", self.linalg))
         checks.append(Check("profile", "kernels attributed to K-FAC's phases", self.kernels))
+        checks.append(Check("memory", "K-FAC's state as the shape model predicts", self.state))
         cuda_checks: list[tuple[str, Callable[[], str]]] = [
             ("no host sync in non-refresh steps", self.no_sync),
             ("CUDA-event step times match wall-clock", self.events_match_wall),
@@ -429,6 +435,32 @@ class Doctor:
                 raise Failed(f"{line}, above {EVENT_TOLERANCE:.0%}")
             lines.append(line)
         return "; ".join(lines) + " over 30 ResNet-20 steps"
+
+    def state(self) -> str:
+        """kfac-fast's state after a few steps (``state_mb``'s bytes) against the shape model."""
+        cell = doctor_cell(
+            AUTOENCODER,
+            "kfac-fast",
+            self.device,
+            batch_size=self.batch[AUTOENCODER],
+            steps=4,
+            hparams={"inverse_method": "cholesky"},  # no linear-algebra probe
+        )
+        try:
+            state = run_cell(cell, self.device, self.data).state
+        except KfacbenchError as exc:
+            raise Skip(str(exc)) from None
+        workload = WORKLOADS[AUTOENCODER]
+        model = workload.build_model(torch.Generator().manual_seed(0))
+        params = sum(p.numel() for p in model.parameters())
+        shapes = layer_shapes(model, workload.input_shape)
+        ratio = bucket_ratio(self.device)
+        expected = kfac_state_bytes(shapes, params, inverses="damped", bucket_ratio=ratio)
+        got = {k: state.get(k, 0) for k in expected}
+        if got != expected:
+            raise Failed(f"kfac-fast × {AUTOENCODER}: state {got} bytes, the model says {expected}")
+        mib = ", ".join(f"{k} {v / 2**20:.2f}" for k, v in got.items())
+        return f"kfac-fast × {AUTOENCODER}: {mib} MiB, as the shape model predicts"
 
     def peak_memory(self) -> str:
         """A cell trained by the loop records its peak device memory."""

@@ -1,8 +1,9 @@
 """Runs the cells of a suite: build, train, record; resume; progress; failures isolated per cell.
 
-A cell that diverges, runs out of device memory or raises is recorded with status ``diverged``,
-``oom`` or ``error`` (with its message) and the suite goes on. An interrupted run (Ctrl-C, a
-killed process) keeps every finished cell; ``kfacbench run --resume`` reruns only the rest.
+A cell that diverges, runs out of memory (device or host) or raises is recorded with status
+``diverged``, ``oom`` (with the size that did not fit) or ``error`` (with its message) and the
+suite goes on. An interrupted run (Ctrl-C, a killed process) keeps every finished cell;
+``kfacbench run --resume`` reruns only the rest.
 
 Size: run_cells (about 150 lines) drives resume, progress, failures and the ranks of a data-parallel
 run around the build, train and record steps of one cell, which are beside it.
@@ -41,6 +42,7 @@ from kfacbench.core import subnormals
 from kfacbench.core.compiling import fresh_caches, load_compiler, phase_column
 from kfacbench.core.device import dist_device, is_oom, resolve_device
 from kfacbench.core.loop import LoopConfig, TrainResult, train
+from kfacbench.core.memory import memory_columns
 from kfacbench.core.opcount import PROBE_STEPS, PhaseOps, count_steps, phase_ops
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import STEP
@@ -205,7 +207,10 @@ class CellOutcome:
     Attributes:
         result: the loop's result.
         data_source: where the data came from (the ``data_source`` column).
-        method_info: the method's description of itself (the ``method_info`` column).
+        method_info: the method's description of itself (the ``method_info`` column), with
+            its state's bytes by kind (``state_bytes``) when it says what it holds.
+        state: the bytes of the method's state by kind after training
+            (:meth:`~kfacbench.core.method.Method.state_bytes`; empty: unknown).
         flush_denormal: whether subnormal floats were flushed on every CPU thread of every
             process that trained it (measured after training: :mod:`kfacbench.core.subnormals`).
         build_s: seconds building the cell (data on the device, model, method).
@@ -214,6 +219,7 @@ class CellOutcome:
     result: TrainResult
     data_source: str
     method_info: dict[str, Any]
+    state: dict[str, int]
     flush_denormal: bool
     build_s: float
 
@@ -246,11 +252,12 @@ def run_cell(
             on_progress=on_progress,
             dist=dist,
         )
-    info = p.method.info()
+    state = p.method.state_bytes()  # after training: state is allocated at the first steps
+    info = p.method.info() | ({"state_bytes": state} if state else {})
     flushed = subnormals.flushing()
     if dist is not None:
         flushed = not any_rank(not flushed, device)
-    return CellOutcome(result, p.splits.source, info, flushed, build_s)
+    return CellOutcome(result, p.splits.source, info, state, flushed, build_s)
 
 
 def cell_row(
@@ -261,6 +268,7 @@ def cell_row(
     result: TrainResult | None = None,
     data_source: str = "",
     method_info: dict[str, Any] | None = None,
+    state: dict[str, int] | None = None,
     status: str = "ok",
     error: str = "",
     load: LoadRecord | None = None,
@@ -269,8 +277,9 @@ def cell_row(
     ops_probe_s: float = math.nan,
     wall_s: float = math.nan,
 ) -> dict[str, Any]:
-    """The ``cells`` table row of a finished (or failed) cell; ``load`` is the machine's load
-    while it trained (not measured when it failed before), ``flush_denormal`` whether subnormal
+    """The ``cells`` table row of a finished (or failed) cell; ``state`` the bytes of its
+    method's state (rank 0's in a data-parallel run), ``load`` the machine's load while it
+    trained (not measured when it failed before), ``flush_denormal`` whether subnormal
     floats were flushed while it trained (by default: in this process now), ``build_s``,
     ``ops_probe_s`` and ``wall_s`` the seconds building it, counting its ops (:func:`probe_ops`;
     0 when it was not counted) and in all (building, training, compiling, evaluating,
@@ -315,11 +324,7 @@ def cell_row(
         "median_step_ms": median_step,
         "timer_overhead_ms": overhead,
         "timer_overhead_ratio": overhead / median_step if median_step else math.nan,
-        "peak_mem_mb": result.peak_mem_mb if result else math.nan,
-        "mem_baseline_mb": result.mem_baseline_mb if result else math.nan,
-        "peak_mem_over_baseline_mb": (
-            result.peak_mem_mb - result.mem_baseline_mb if result else math.nan
-        ),
+        **memory_columns(result, state or {}, status, error),
         **load.as_row(),
         "device_kind": env["device_kind"],
         "device_name": env["device_name"],
@@ -580,6 +585,7 @@ def run_cells(
                     result=outcome.result,
                     data_source=outcome.data_source,
                     method_info=outcome.method_info,
+                    state=outcome.state,
                     load=monitor.record,
                     flush_denormal=outcome.flush_denormal,
                     build_s=outcome.build_s,

@@ -14,6 +14,7 @@ import torch
 from kfacbench import doctor
 from kfacbench.cli import main
 from kfacbench.doctor import PHASES, Doctor, run_check
+from kfacbench.optim.kfac import KFAC
 from kfacbench.optim.sgd import SGD
 
 CPU = torch.device("cpu")
@@ -146,3 +147,15 @@ def test_the_linalg_check_writes_its_table_and_names_the_build(
     cut = table[table["status"] == "budget"]
     if not cut.empty:  # smallest first: the budget cuts the largest shapes
         assert cut["size"].min() >= measured["size"].max()
+
+
+def test_the_state_check_holds_k_fac_to_the_shape_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (ok,) = checks(tmp_path / "ok", "memory")
+    assert ok.status == "pass", ok.detail
+    assert ok.detail.startswith("kfac-fast × curves_ae: factors ")
+    monkeypatch.setattr(KFAC, "state_bytes", lambda self: {"factors": 1})
+    (broken,) = checks(tmp_path / "broken", "memory")
+    assert broken.status == "fail"
+    assert "state {'factors': 1, 'inverses': 0, 'first_order': 0} bytes" in broken.detail

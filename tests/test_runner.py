@@ -20,12 +20,15 @@ import torch
 
 from kfacbench import cli, runner
 from kfacbench.core.problem import Problem
+from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, HParam, MethodContext, MethodSpec
+from kfacbench.optim.sgd import SGD
 from kfacbench.runner import DataCache, RunOptions, one_line, prepare_cell
 from kfacbench.runs.rundir import load_tables
 from kfacbench.runs.schema import CELL_COLUMNS
 from kfacbench.runs.store import TMP_SUFFIX, RunStore
+from kfacbench.workloads import WORKLOADS
 
 SUITE = """
 name = "{name}"
@@ -117,9 +120,74 @@ def test_failures_are_recorded_and_the_suite_goes_on(
     assert cells.loc["boom", "status"] == "error"
     assert cells.loc["boom", "error"] == "ValueError: kaboom"
     assert cells.loc["oom", "status"] == "oom"
+    assert cells.loc["oom", "oom_request_mb"] == 2048  # "Tried to allocate 2 GiB"
+    assert math.isnan(cells.loc["boom", "oom_request_mb"])
     sgd = cells.loc["sgd"].set_index("label")
     assert sorted(sgd["status"]) == ["diverged", "ok"]
     assert (run_dir / "errors").is_dir()  # tracebacks of unexpected errors are kept
+
+
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 170.00 MiB. GPU 0 has a total capacity of 31.37 GiB"
+    " of which 73.81 MiB is free. Including non-PyTorch memory, this process has 31.29 GiB memory"
+    " in use. Of the allocated memory 30.80 GiB is allocated by PyTorch, and 2.80 MiB is reserved"
+    " by PyTorch but unallocated. If reserved but unallocated memory is large try setting"
+    " PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation"
+    " for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)"
+)
+"""torch's message, as a GPU run printed it."""
+
+
+class OomAtStep2(SGD):
+    """SGD that runs out of memory at its third step: on CUDA (the message raised as torch
+    raises it) or on the host (a real 1 EiB request, beyond any address space)."""
+
+    def __init__(self, problem: Problem, where: str) -> None:
+        super().__init__(problem, lr=0.01)
+        self.where = where
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, timer: PhaseTimer) -> torch.Tensor:
+        if self.steps == 2:
+            if self.where == "cuda":
+                raise torch.OutOfMemoryError(CUDA_OOM)
+            torch.empty(2**60, dtype=torch.uint8)
+        return super().step(x, y, timer)
+
+
+def test_an_out_of_memory_step_records_the_request_and_the_suite_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for where in ("cuda", "cpu"):
+
+        def build(p: Problem, hp: Mapping[str, Any], ctx: MethodContext, w: str = where) -> Any:
+            return OomAtStep2(p, w)
+
+        name = f"oom-{where}"
+        monkeypatch.setitem(METHODS, name, MethodSpec(name, "runs out", {}, False, build))
+    extra = "[optimizers.oom-cuda]\n[optimizers.oom-cpu]\n[optimizers.adamw]\n"
+    suite = write_suite(tmp_path, lrs="0.01", extra=extra)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(suite), "--out", str(out)]) == 0  # out of memory is a result
+    cells = load_tables(only_run_dir(out, "t"))["cells"].set_index("optimizer")
+    # AdamW, the suite's last cell, ran after the two that ran out of memory.
+    cells = cells.loc[["sgd", "oom-cuda", "oom-cpu", "adamw"]]
+    assert list(cells["status"]) == ["ok", "oom", "oom", "ok"]
+    assert cells.loc["oom-cuda", "oom_request_mb"] == 170.0
+    assert cells.loc["oom-cpu", "oom_request_mb"] == 2**40  # 2**60 bytes
+    assert "DefaultCPUAllocator" in cells.loc["oom-cpu", "error"]
+    assert cells.loc["oom-cpu", "batch_size"] == 50 and cells.loc["oom-cpu", "steps"] == 0
+    # The state of the cells that trained: SGD's momentum, AdamW's two moments and step counts.
+    params = sum(
+        p.numel() for p in WORKLOADS["curves_ae"].build_model(torch.Generator()).parameters()
+    )
+    tensors = len(list(WORKLOADS["curves_ae"].build_model(torch.Generator()).parameters()))
+    assert cells.loc["sgd", "state_mb"] == 4 * params / 2**20
+    assert cells.loc["adamw", "state_mb"] == (8 * params + 4 * tensors) / 2**20
+    assert (cells.loc[["sgd", "adamw"], "curvature_state_mb"] == 0).all()
+    assert cells.loc[["oom-cuda", "oom-cpu"], "state_mb"].isna().all()
+    assert cells["oom_request_mb"].isna().tolist() == [True, False, False, True]
+    info = json.loads(cells.loc["adamw", "method_info"])
+    assert info["state_bytes"]["first_order"] == 8 * params
 
 
 def test_dry_run_and_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

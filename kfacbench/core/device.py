@@ -9,7 +9,9 @@ branch of their own.
 
 from __future__ import annotations
 
+import math
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -93,11 +95,35 @@ def tune_convolutions(problem: Problem, x: torch.Tensor, y: torch.Tensor) -> Non
     torch.cuda.synchronize(x.device)
 
 
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "not enough memory")
+"""How torch's allocators say it: CUDA's ``torch.OutOfMemoryError`` ("CUDA out of memory"; cuBLAS
+and cuDNN say "out of memory" too), and the CPU allocator's plain ``RuntimeError``
+("DefaultCPUAllocator: can't allocate memory", before torch 2.1 "not enough memory")."""
+
+_REQUEST = re.compile(
+    r"tried to allocate (\d+(?:\.\d+)?) ?(bytes|KiB|MiB|GiB|TiB)", flags=re.IGNORECASE
+)
+_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def is_oom(exc: BaseException) -> bool:
-    """Whether a failed cell ran out of device memory (its status is ``oom``)."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    """Whether a failed cell ran out of memory, on the device or the host (its status is
+    ``oom``)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(t in text for t in _OOM_TEXTS)
     )
+
+
+def oom_request_mb(message: str) -> float:
+    """The allocation that did not fit, in MiB, read from torch's out-of-memory message: CUDA's
+    caching allocator's "Tried to allocate 1.50 GiB" (two decimals), the CPU allocator's "you
+    tried to allocate 123456 bytes". NaN where the message names no size (a library's own "out of
+    memory")."""
+    match = _REQUEST.search(message)
+    if match is None:
+        return math.nan
+    return float(match.group(1)) * _UNITS[match.group(2).lower()] / 2**20
 
 
 def device_name(device: torch.device) -> str:

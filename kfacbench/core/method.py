@@ -63,6 +63,18 @@ class Method:
         ``method_info`` column."""
         return {}
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the optimizer state the method holds, by kind
+        (:data:`~kfacbench.core.memory.STATE_KINDS`: ``factors``, ``inverses``, ``first_order``,
+        ``other``): the cells' ``state_mb`` and ``curvature_state_mb``.
+
+        Called after training, since state is allocated at the first steps; counted from the
+        tensors' storages, each once (:func:`~kfacbench.core.memory.count_bytes`), so it means
+        the same on any device. The default, empty, means unknown (the columns are NaN): a method
+        of one's own says what it holds, as kfacbench's methods and peers do.
+        """
+        return {}
+
     def batch_size_at(self, step: int, base: int, n: int) -> int:
         """The minibatch size of step ``step`` (K-FAC's growing minibatches) out of ``n``
         training examples; by default the cell's batch size ``base``."""

@@ -43,11 +43,14 @@ one for the parameter (counted as 4)."""
 
 @dataclass(frozen=True)
 class LayerShape:
-    """A preconditioned layer as the model counts it: widths and rows per example."""
+    """A preconditioned layer as the model counts it: widths (``d_in`` with the bias
+    coordinate), rows per example and kind (``linear`` or ``conv2d``: SKFAC reduces a conv's
+    positions, :mod:`~kfacbench.optim.memory`)."""
 
     d_in: int
     d_out: int
     positions: int
+    kind: str = "linear"
 
 
 def layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[LayerShape]:
@@ -71,7 +74,8 @@ def layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[LayerShap
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+            param = next(model.parameters())
+            x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
             if not torch.is_floating_point(x) or _takes_tokens(model):
                 x = x.long()
             model(x)
@@ -79,7 +83,10 @@ def layer_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[LayerShap
     finally:
         for h in hooks:
             h.remove()
-    return [LayerShape(layer.in_dim, layer.out_dim, positions[layer.name]) for layer in layers]
+    return [
+        LayerShape(layer.in_dim, layer.out_dim, positions[layer.name], layer.kind)
+        for layer in layers
+    ]
 
 
 def _takes_tokens(model: nn.Module) -> bool:

@@ -43,6 +43,7 @@ import torch
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
+from kfacbench.core.memory import count_bytes
 from kfacbench.core.method import (
     HParamValue,
     Method,
@@ -505,6 +506,33 @@ class KFAC(QuadraticRescaling, Method):
         if self.inverter is not None:
             info |= self.inverter.info()
         return info | self.owners.info([c.layer.name for c in self.curv])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Factors Ā and G (and the tridiagonal cross factors); the eigendecompositions, the
+        damped inverses (their size buckets' stacks) or the tridiagonal pieces; the momentum:
+        SGD's buffers (kfac-fast) or the previous update δ₀ (§7); π, λ, γ, the buckets' masks
+        and the Polyak average. :mod:`kfacbench.optim.memory` predicts the first three from the
+        layer shapes."""
+        inverses: list[torch.Tensor | None] = [
+            getattr(c, f) for c in self.curv for f in ("qa", "da", "qg", "dg", "a_inv", "g_inv")
+        ]
+        if self.tridiag is not None:
+            t = self.tridiag
+            inverses += [*t.psi_a, *t.psi_g, *t.k_a, *t.k_g, *t.scale, t.a_inv, t.g_inv]
+        buckets = self.inverter.buckets if self.inverter is not None else []
+        inverses += [b.previous for b in buckets]
+        first = list(self.sgd.velocity if self.sgd is not None else self.prev_update or [])
+        other = [c.pi for c in self.curv] + [b.mask for b in buckets]
+        other += [self.lam, self.gamma, self.last_alpha, self.last_mu, self.last_rho]
+        other += self.average.average if self.average is not None else []
+        return count_bytes(
+            [
+                *(("factors", t) for t in self._factor_tensors()),
+                *(("inverses", t) for t in inverses),
+                *(("first_order", t) for t in first),
+                *(("other", t) for t in other),
+            ]
+        )
 
     # ---------------------------------------------------------------- distribution
     def _factor_tensors(self) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
+from kfacbench.core.memory import count_bytes
 from kfacbench.core.method import HParam, Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
@@ -138,6 +139,10 @@ class SGD(Method):
     def log_values(self) -> dict[str, float]:
         """Current learning rate."""
         return {"lr": self.lr}
+
+    def state_bytes(self) -> dict[str, int]:
+        """The momentum buffers: one per parameter."""
+        return count_bytes(("first_order", v) for v in self.velocity)
 
     def graph_key(self, step: int) -> Hashable | None:
         """Every step may be replayed from a CUDA graph (:mod:`kfacbench.core.graphs`); the

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from kfacbench.core.compiling import CompileMode, PhaseCompiled, compiled
 from kfacbench.core.graphs import land
+from kfacbench.core.memory import count_bytes
 from kfacbench.core.method import (
     HParamValue,
     Method,
@@ -479,6 +480,31 @@ class SKFAC(Method):
             "inverse_forms": forms,
             "float64_systems": self.float64_systems,
         }
+
+    def state_bytes(self) -> dict[str, int]:
+        """The factor roots R_A, R_G of the batches kept (the window of the moving average);
+        the damped inverses: W = K⁻¹R of a Woodbury form (its R is the roots, counted as
+        factors; with a window, their weighted stack) or the dense d×d matrix; SGD's momentum;
+        λ and the dampings δ. :mod:`kfacbench.optim.memory` predicts the first three from the
+        layer shapes and the batch."""
+        inverses = [
+            t
+            for c in self.roots
+            for inv in (c.a_inv, c.g_inv)
+            if inv is not None
+            for t in (inv.rows, inv.solved, inv.dense)
+        ]
+        dampings = [
+            inv.damping for c in self.roots for inv in (c.a_inv, c.g_inv) if inv is not None
+        ]
+        return count_bytes(
+            [
+                *(("factors", t) for c in self.roots for pair in c.history for t in pair),
+                *(("inverses", t) for t in inverses),
+                *(("first_order", t) for t in self.sgd.velocity),
+                *(("other", t) for t in [self.lam, *dampings]),
+            ]
+        )
 
     def _measure(self, output: Tensor) -> None:
         """Per-batch factor roots of every layer (the sampled Fisher: one extra backward pass

@@ -17,6 +17,7 @@ import pandas as pd
 from kfacbench.errors import KfacbenchError
 from kfacbench.report.data import ABSOLUTE_PATH, BASELINE, ReportData, load_runs
 from kfacbench.report.figures import build_figures
+from kfacbench.report.memory import MEMORY_NOTE, memory_display, memory_table
 from kfacbench.report.plotting import save_figure
 from kfacbench.report.scaling import (
     crossover_table,
@@ -178,8 +179,8 @@ def sections(
     """The report, in reading order: the command that rebuilds it (and why it could not be
     published, if so), the claims (when asked for), the runs it reads with their machines,
     commits and busy-machine warnings, the race to the target (only where there is one), the
-    step cost, the peers, how the cost grows (runs of the cost-growth families), the figures and
-    those not drawn."""
+    step cost, the peers, the memory (runs that recorded it), how the cost grows (runs of the
+    cost-growth families), the figures and those not drawn."""
     problems = [p for run in data.runs for p in run.problems]
     out = [
         Section(
@@ -232,6 +233,10 @@ def sections(
         peers = peer_table(data)
         if not peers.empty:
             out.append(Section("kfacbench vs peers", text=[PEERS_NOTE], table=peers))
+        memory = memory_table(data.cells, data.baseline)
+        if not memory.empty:
+            note = MEMORY_NOTE.format(name=name)
+            out.append(Section("Memory", text=[note], table=memory_display(memory, data.baseline)))
         growth = growth_section(data)
         if growth is not None:
             out.append(growth)

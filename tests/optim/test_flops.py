@@ -20,7 +20,7 @@ def test_layer_shapes_count_rows_per_example() -> None:
     mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3, bias=False))
     assert layer_shapes(mlp, (4,)) == [LayerShape(5, 5, 1), LayerShape(5, 3, 1)]
     conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
-    assert layer_shapes(conv, (1, 4, 4)) == [LayerShape(10, 2, 16), LayerShape(33, 2, 1)]
+    assert layer_shapes(conv, (1, 4, 4)) == [LayerShape(10, 2, 16, "conv2d"), LayerShape(33, 2, 1)]
 
 
 def test_sgd_and_kfac_steps_by_hand() -> None:

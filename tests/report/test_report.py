@@ -127,6 +127,13 @@ def test_markdown_summary(report: Path) -> None:
     assert "| suite | workload | setting | seeds | amortized_ms |" in md  # the step cost
     for png in report.glob("*.png"):
         assert f"]({png.name})" in md
+    memory = md.split("## Memory")[1].split("## ")[0]  # the state of every cell's method
+    assert (
+        "| workload | batch | setting | seeds | state MiB | curvature MiB | state vs SGD |"
+        in memory
+    )
+    assert "| curves_ae | 100 | curves_ae sgd bs=100 | 2 |" in memory
+    assert memory.count("| 1× |") == 2  # SGD against itself, at both batch sizes
 
 
 def test_colors_are_fixed_per_optimizer() -> None:

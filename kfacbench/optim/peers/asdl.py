@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kfacbench.core.memory import count_bytes, optimizer_state, walk_tensors
 from kfacbench.core.method import (
     HParamValue,
     Method,
@@ -187,6 +188,27 @@ class AsdlKfac(Method):
     def log_values(self) -> dict[str, float]:
         """The learning rate."""
         return {"lr": self.lr}
+
+    def state_bytes(self) -> dict[str, int]:
+        """ASDL keeps its curvature on the model's modules, in attributes named after its Fisher
+        (``module.fisher``: a SymMatrix holding the Kronecker factors A, B and their inverses
+        A_inv, B_inv; unit-wise blocks for BatchNorm): tensors named ``*inv`` are inverses, the
+        others factors (swift keeps only the inverses). SGD's momentum is first-order state."""
+        attr = self.maker.fisher_maker.config.fisher_attr
+        kept = [
+            (path, t)
+            for module in self.problem.model.modules()
+            for name, value in vars(module).items()
+            if name == attr or name.startswith(f"{attr}_")
+            for path, t in walk_tensors(value, (name,))
+        ]
+        return count_bytes(
+            [
+                *(("factors", t) for path, t in kept if not path[-1].endswith("inv")),
+                *(("inverses", t) for path, t in kept if path[-1].endswith("inv")),
+                *optimizer_state(self.opt),
+            ]
+        )
 
     def info(self) -> dict[str, Any]:
         """The peer and its version (the cells table's ``method_info``)."""

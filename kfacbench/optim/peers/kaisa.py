@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kfacbench.core.memory import count_bytes, optimizer_state, walk_tensors
 from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
@@ -249,6 +250,21 @@ class KaisaKfac(Method):
     def log_values(self) -> dict[str, float]:
         """The learning rate and λ."""
         return {"lr": self.lr, "damping": self.damping}
+
+    def state_bytes(self) -> dict[str, int]:
+        """KAISA's per-layer state (its private ``_layers``, the one place it keeps it): the
+        factors and their running batch sums as factors; the eigendecompositions (``_qa``,
+        ``_da``, ``_qg``, ``_dg``, ``_dgda``) or the inverses (``_a_inv``, ``_g_inv``) as
+        inverses; its preconditioned-gradient buffer as other. SGD's momentum is first-order."""
+        kinds = {"_qa", "_da", "_qg", "_dg", "_dgda", "_a_inv", "_g_inv"}
+        kept = list(walk_tensors(self.preconditioner._layers))
+
+        def kind(name: str) -> str:
+            if "factor" in name or name.endswith("_batch"):
+                return "factors"
+            return "inverses" if name in kinds else "other"
+
+        return count_bytes([*((kind(path[-1]), t) for path, t in kept), *optimizer_state(self.opt)])
 
     def info(self) -> dict[str, Any]:
         """The peer, its version, its Fisher and which modules it preconditions."""

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from kfacbench.core.memory import count_bytes, optimizer_state, walk_tensors
 from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
@@ -68,6 +69,9 @@ class _Peer(Method):
     problem: Problem
     optimizers: list[torch.optim.Optimizer]
     lr: float
+    state_names: ClassVar[Mapping[tuple[str, ...], str]] = {}
+    """The kinds of the package's per-parameter state entries that are not first-order state,
+    by their path in it (:func:`~kfacbench.core.memory.optimizer_state`)."""
 
     def _before_backward(self, output: torch.Tensor) -> None:
         """Called once per step between the forward pass and the backward pass."""
@@ -91,6 +95,14 @@ class _Peer(Method):
     def log_values(self) -> dict[str, float]:
         """The learning rate."""
         return {"lr": self.lr}
+
+    def state_bytes(self) -> dict[str, int]:
+        """The optimizers' per-parameter state, by :attr:`state_names` (else first-order when
+        shaped like the parameter: momentum, the graft's and Adam's moments)."""
+        return count_bytes(self._state())
+
+    def _state(self) -> list[tuple[str, torch.Tensor]]:
+        return [pair for opt in self.optimizers for pair in optimizer_state(opt, self.state_names)]
 
 
 class Singd(_Peer):
@@ -173,6 +185,20 @@ class Singd(_Peer):
             group["loss_average"] = average
         self.averaging_set = True
 
+    def state_bytes(self) -> dict[str, int]:
+        """SINGD keeps its structured matrices per layer on the optimizer (not in ``state``):
+        K and C, whose products are the preconditioner (inverses), and their Riemannian
+        momenta m_K and m_C, the statistics it accumulates (factors); the momentum of the
+        update is first-order."""
+        opt = self.opt
+        return count_bytes(
+            [
+                *(("factors", t) for _, t in walk_tensors([opt.m_Ks, opt.m_Cs])),
+                *(("inverses", t) for _, t in walk_tensors([opt.Ks, opt.Cs])),
+                *self._state(),
+            ]
+        )
+
     def info(self) -> dict[str, Any]:
         """The peer, its version, and the modules left to SGD."""
         return {
@@ -237,6 +263,13 @@ class Shampoo(_Peer):
         )
         self.optimizers = [self.opt]
 
+    state_names: ClassVar[Mapping[tuple[str, ...], str]] = {
+        ("pre_conditioner", "statistics"): "factors",
+        ("pre_conditioner", "pre_conditioners"): "inverses",
+    }
+    """The statistics L, R and their inverse p-th roots; the graft's statistics and momentum
+    are first-order state."""
+
     def info(self) -> dict[str, Any]:
         """The peer and its version."""
         return {
@@ -290,6 +323,9 @@ class Soap(_Peer):
             eps=eps,
         )
         self.optimizers = [self.opt]
+
+    state_names: ClassVar[Mapping[tuple[str, ...], str]] = {("GG",): "factors", ("Q",): "inverses"}
+    """Shampoo's factors GG and their eigenbases Q; Adam's moments are first-order state."""
 
     def info(self) -> dict[str, Any]:
         """The peer and its version."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from kfacbench.core.memory import count_bytes, optimizer_state
 from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hparams_from
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
@@ -53,6 +54,12 @@ class TorchOptimizer(Method):
     def info(self) -> dict[str, Any]:
         """What the optimizer is (as given when built)."""
         return dict(self._info)
+
+    def state_bytes(self) -> dict[str, int]:
+        """The optimizer's per-parameter ``state``: tensors of their parameter's shape
+        (momentum, Adam's moments) as first-order state, the rest (step counts) as other
+        (:func:`~kfacbench.core.memory.optimizer_state`)."""
+        return count_bytes(optimizer_state(self.opt))
 
 
 class AdamW(TorchOptimizer):

@@ -133,3 +133,27 @@ def test_a_sampled_fisher_on_bernoulli_outputs_is_refused() -> None:
     hp = {k: v.default for k, v in spec.hparams.items()} | {"fisher": "sampled", "inv_interval": 1}
     with pytest.raises(KfacbenchError, match="fisher = 'empirical'"):
         spec.build(problem, hp, MethodContext(10, 0, CPU))
+
+
+@needs_asdl
+@pytest.mark.parametrize(("name", "factors"), [("asdl-kfac", 95), ("asdl-skfac", 0)])
+def test_asdl_state_is_counted_by_kind(name: str, factors: int) -> None:
+    """ASDL's Kronecker factors of a 6-5-3 MLP leave the bias out: A 6², 5² and B 5², 3² (95
+    elements), and as many in their inverses; swift keeps only the inverses. SGD's momentum is
+    one buffer per parameter (53)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    method = built(name, model, fisher="empirical")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        method.step(
+            torch.randn(8, 6, generator=gen),
+            torch.randint(0, 3, (8,), generator=gen),
+            PhaseTimer(CPU),
+        )
+    assert method.state_bytes() == {
+        "factors": 4 * factors,
+        "inverses": 4 * 95,
+        "first_order": 4 * 53,
+        "other": 0,
+    }

@@ -355,6 +355,33 @@ def test_kaisa_runs_through_the_runner_and_pairs_with_kfac_fast(
     assert "fisher=empirical" in row["kfacbench"]
 
 
+@pytest.mark.parametrize(
+    ("inverse_method", "inverses"), [("eigh", 119 + 5 * 7 + 3 * 6), ("inv", 119)]
+)
+def test_kaisa_state_is_counted_by_kind(
+    kaisa: ModuleType, inverse_method: str, inverses: int
+) -> None:
+    """A 6-5-3 MLP: KAISA's factors fold the bias into A (7², 6²; G 5², 3²: 119 elements);
+    eigen keeps Q_A, Q_G and the outer product of their eigenvalues (5·7 + 3·6 more than the
+    factors), inverse the two inverses. SGD's momentum: 53 parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    method = build(Problem(model, "categorical"), inverse_method=inverse_method)
+    for _ in range(2):
+        method.step(*classes_of(8, 6), PhaseTimer(CPU))
+    state = method.state_bytes()
+    assert (state["factors"], state["inverses"], state["first_order"]) == (
+        4 * 119,
+        4 * inverses,
+        4 * 53,
+    )
+
+
+def classes_of(m: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(m, width, generator=gen), torch.randint(0, 3, (m,), generator=gen)
+
+
 def test_a_missing_kaisa_is_one_line_naming_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -123,3 +123,34 @@ def test_peers_refuse_data_parallel_runs(name: str) -> None:
     hp = {k: v.default for k, v in spec.hparams.items()} | {"inv_interval": 3}
     with pytest.raises(KfacbenchError, match="one process"):
         spec.build(problem, hp, MethodContext(None, 0, CPU, dist=object()))  # type: ignore[arg-type]
+
+
+MLP_PARAMS = 10 * 32 + 32 + 2 * 32 + 32 * 4 + 4
+"""The classifier's parameters: two Linear layers and a LayerNorm."""
+
+STATE = {
+    # K (11², 33²) and C (32², 4²) per Linear layer, and their Riemannian momenta; the momentum
+    # of SINGD's update and of the LayerNorm's SGD.
+    "singd": (2250, 2250, MLP_PARAMS),
+    # L and R of each weight (32², 10²; 4², 32²) and their inverse roots; Shampoo's momentum,
+    # the AdaGrad graft's statistics and momentum, for every parameter.
+    "shampoo": (2164, 2164, 3 * MLP_PARAMS),
+    # GG and its eigenbasis Q per weight (1-D parameters get AdamW); Adam's two moments.
+    "soap": (2164, 2164, 2 * MLP_PARAMS),
+}
+"""Elements of each peer's factors, inverses and first-order state, counted by hand."""
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in PACKAGES])
+def test_peer_state_is_counted_by_kind(name: str) -> None:
+    problem, x, y = mlp_problem()
+    method = build(name, problem)
+    for _ in range(4):
+        method.step(x, y, PhaseTimer(CPU))
+    factors, inverses, first = STATE[name]
+    state = method.state_bytes()
+    assert (state["factors"], state["inverses"], state["first_order"]) == (
+        4 * factors,
+        4 * inverses,
+        4 * first,
+    )
