@@ -78,6 +78,10 @@ NOT_ONE_MODULE: dict[str, str] = {
     "optim/test_weight_sharing.py": "K-FAC's weight-sharing layers across capture, factors, kfac",
     "report/test_published.py": "the published reports under reports/ rebuild byte-identical",
     "bench/": "pytest-benchmark's step and phase benchmarks (DESIGN.md: tests/bench)",
+    # pytest needs distinct basenames (no __init__.py in tests/): the second module of a name
+    "optim/test_memory_model.py": "optim/memory.py (core/memory.py's tests hold test_memory.py)",
+    "report/test_memory_table.py": "report/memory.py (core/memory.py's tests hold the name)",
+    "workloads/test_cost_growth.py": "workloads/scaling.py (report/scaling.py's hold the name)",
 }
 """Test files (relative to ``tests/``; a folder ends in ``/``) that test no one module of
 kfacbench, and what they test instead."""
