@@ -1,5 +1,6 @@
 """The GPT models: shapes, causality, initialisation, their per-token loss and metrics, and GPT-2
-small's size with its output layer tied to the token embedding."""
+small's size with its output layer tied to the token embedding, which every curvature method
+leaves to the identity and updates once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kfacbench.core.loop import evaluate
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.optim import MethodContext, get_method
+from kfacbench.optim.capture import find_layers, shared_modules
 from kfacbench.workloads import WORKLOADS, get_workload
 from kfacbench.workloads.transformer import byte_gpt
 
@@ -163,3 +165,27 @@ def test_nats_per_token_is_the_per_token_loss() -> None:
     loss, nats = evaluate(problem, x, y, "nats_per_token")
     assert nats == pytest.approx(loss)
     assert loss == pytest.approx(math.log(1024), rel=0.05)  # near-uniform logits at init
+
+
+def test_curvature_methods_leave_the_tied_matrix_out_and_update_it_once() -> None:
+    """The shared (vocab, width) matrix is no Kronecker-factored layer (no vocab × vocab factor)
+    and is updated exactly once per step: with SGD momentum's first step, by −lr·∇ (twice that if
+    it were listed twice)."""
+    model = WORKLOADS["gpt2_mini"].build_model(torch.Generator().manual_seed(0))
+    assert shared_modules(model) == ["tokens", "head"]
+    layers, others = find_layers(model)
+    assert "head" not in {layer.name for layer in layers}
+    assert {"tokens", "head"} <= {name for name, _ in others}
+    assert max(max(layer.in_dim, layer.out_dim) for layer in layers) < 1024
+    x = torch.randint(1024, (4, 64), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(1024, (4, 64), generator=torch.Generator().manual_seed(2))
+    for name, hp in [("kfac-fast", {"lr": 0.1}), ("skfac", {"lr": 0.1, "weight_decay": 0.0})]:
+        model = WORKLOADS["gpt2_mini"].build_model(torch.Generator().manual_seed(0))
+        problem = Problem(model, "categorical")
+        problem.loss(problem.forward(x), y).backward()
+        grad = model.tokens.weight.grad.clone()
+        before = model.tokens.weight.detach().clone()
+        method = build(name, problem, **hp)
+        method.step(x, y, PhaseTimer(CPU))  # type: ignore[attr-defined]
+        step = model.tokens.weight.detach() - before
+        torch.testing.assert_close(step, -0.1 * grad, msg=name)
