@@ -1,12 +1,15 @@
 """The GPU-scale workloads through the training loop with every registered method, at their mini
 sizes: a few steps end with finite losses, or the method refuses the workload in one line; bf16
-autocast trains with one method per workload; the full sizes refuse real data in one line."""
+autocast trains with one method per workload; the full sizes refuse real data in one line; the
+``gpu_scale`` suite expands as documented and each of its methods runs its settings on a mini."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -17,6 +20,8 @@ from kfacbench.core.loop import LoopConfig, TrainResult, train
 from kfacbench.core.problem import Problem
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import METHODS, Method, MethodContext
+from kfacbench.runner import DataCache, RunOptions, prepare_cell
+from kfacbench.suite import load_suite
 from kfacbench.workloads import GPU_SCALE, WORKLOADS
 
 CPU = torch.device("cpu")
@@ -157,3 +162,42 @@ def test_gpu_scale_workloads_have_minis_and_refuse_real_data(name: str) -> None:
         workload.load_data("real")
     message = str(info.value)
     assert name in message and 'data = "synthetic"' in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_the_gpu_scale_suite_expands_and_runs_its_settings_on_a_mini() -> None:
+    """39 cells: every method on ResNet-50 at batch 32, 128 and 256, ViT-S/16 at 128 and GPT-2
+    small at 8 (SKFAC's subsample cell only where there are convs), all bf16 on synthetic data.
+    Each optimizer's settings then take two steps through the runner on the ViT mini (the
+    cheapest twin with a conv and shared Linear layers)."""
+    path = Path(__file__).resolve().parents[2] / "suites" / "gpu_scale.toml"
+    cells = load_suite(path, workloads=WORKLOADS, methods=METHODS).cells
+    assert len(cells) == 39
+    assert {(c.settings.amp, c.settings.data) for c in cells} == {("bf16", "synthetic")}
+    methods = {"sgd", "adamw", "kfac-fast", "skfac", "singd", "shampoo", "soap"}
+    for workload, batches in [
+        ("imagenet_resnet50", {32, 128, 256}),
+        ("imagenet_vit_s16", {128}),
+        ("gpt2_small", {8}),
+    ]:
+        mine = [c for c in cells if c.workload == workload]
+        assert {c.optimizer for c in mine} == methods
+        assert {c.batch_size for c in mine} == batches
+        reductions = {c.hparams["reduction"] for c in mine if c.optimizer == "skfac"}
+        assert reductions == ({"sum"} if workload == "gpt2_small" else {"sum", "subsample"})
+    seen: set[tuple[str, str]] = set()
+    for cell in cells:
+        key = (cell.optimizer, json.dumps(dict(cell.hparams), sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        settings = dataclasses.replace(cell.settings, device="cpu", max_steps=2, log_every=1)
+        twin = dataclasses.replace(
+            cell, workload="imagenet_vit_mini", batch_size=4, settings=settings
+        )
+        p = prepare_cell(twin, CPU, DataCache(RunOptions()))
+        result = train(
+            p.problem, p.method, p.splits, p.config, metric="accuracy", reached=lambda v: False
+        )
+        assert result.status == "ok", (cell.label, result.reason)
+    assert len(seen) == 8
