@@ -409,8 +409,8 @@ WORKLOADS: dict[str, Workload] = {
             distribution="categorical",
             metric="nats_per_token",
             target=3.3,
-            target_note="provisional: nanoGPT's GPT-2 small reaches ~2.85 nats/token on"
-            " OpenWebText after 300k steps; 3.3 is an early-training mark; no OpenWebText"
+            target_note="provisional: nanoGPT's GPT-2 small reaches about 2.85 nats/token on"
+            " OpenWebText at the end of training; 3.3 marks early training; no OpenWebText"
             " reader, synthetic data only",
             build_model=_gpt2(1024, 768, 12, 12, GPT2_VOCAB),
             load_real=_no_reader("gpt2_small", "OpenWebText"),

@@ -9,8 +9,8 @@ torchvision is not a dependency:
 - four stages of bottleneck blocks (1×1 reduce, 3×3, 1×1 expand ×4; BatchNorm after each conv,
   ReLU after the first two and after the residual addition), 3, 4, 6 and 3 blocks for ResNet-50,
   widths w, 2w, 4w, 8w with w = 64; the first block of stages 2-4 halves the resolution *in its
-  3×3 conv* (v1.5; the paper's v1 strides the first 1×1 conv, same parameters, ~0.5% better
-  accuracy in torchvision's measurements);
+  3×3 conv* (v1.5; the paper's v1 strides the first 1×1 conv: the same parameters, and NVIDIA's
+  ResNet-50 v1.5 notes credit v1.5 with about 0.5% more top-1 accuracy);
 - projection shortcuts (option B: 1×1 conv with stride, then BatchNorm) where the shape changes;
 - global average pooling and a linear classifier.
 
@@ -21,7 +21,7 @@ momentum path of K-FAC and SKFAC).
 Initialisation (torchvision's): convs Kaiming-normal with fan_out = k·k·C_out for ReLU,
 BatchNorm weight 1 and bias 0, the classifier PyTorch's default (Kaiming-uniform with a = √5,
 bias uniform in ±1/√fan_in). ``zero_init_residual`` sets the last BatchNorm weight of every
-block to 0 (Goyal et al. 2017, §5.1), so each block starts as the identity; it is off by
+block to 0 (Goyal et al. 2017), so each block starts as its shortcut; it is off by
 default, as in torchvision, and the registered workloads keep it off. Every value is drawn from
 the given generator; construction leaves the global RNG as it was.
 """

@@ -12,7 +12,8 @@ Two sizes use it: ``text_gpt``'s byte-level model (untied output layer) and GPT-
 layers, width 768, 12 heads, context 1,024, GPT-2's 50,257-token vocabulary), whose output layer
 is *tied* to the token embedding as in GPT-2 (``tie_head``): one (vocab, width) matrix embeds
 the input tokens and computes the logits. Curvature methods leave that shared matrix to the
-identity (see :func:`~kfacbench.optim.capture.find_layers`).
+identity (see :func:`~kfacbench.optim.capture.find_layers`). The MLP's GELU is the exact one
+where GPT-2 used its tanh approximation: the same shapes and cost.
 
 Initialisation as GPT-2: weights N(0, 0.02), the residual projections N(0, 0.02/√(2L)), biases
 zero, LayerNorms at identity; drawn from the given generator only.

@@ -1,7 +1,7 @@
 """Vision Transformers (Dosovitskiy et al. 2021): ViT-S/16 as DeiT and timm define it.
 
-The K-FAC users of today precondition ViTs (Eschenhagen et al. 2023 train ViTs with K-FAC's
-expand and reduce approximations; SINGD, Shampoo and SOAP report ViT results). The network:
+The K-FAC users of today precondition ViTs (Eschenhagen et al. 2023 train them with K-FAC's
+expand and reduce approximations; SINGD, Lin et al. 2024, reports ViT results). The network:
 
 - patch embedding: a P×P conv with stride P (one token per patch, width d), flattened to
   ``(batch, patches, d)``;
@@ -23,6 +23,7 @@ Initialisation (timm's default for ViTs): Linear weights truncated N(0, 0.02) wi
 zero, LayerNorms at identity, the position embedding truncated N(0, 0.02), the class token
 N(0, 10⁻⁶), the patch conv PyTorch's default (Kaiming-uniform, a = √5; bias uniform in
 ±1/√fan_in). Drawn from the given generator only; construction leaves the global RNG as it was.
+The LayerNorms keep PyTorch's ε = 10⁻⁵ (timm's ViTs use 10⁻⁶), shared with the GPT block.
 """
 
 from __future__ import annotations
