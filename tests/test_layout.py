@@ -78,6 +78,7 @@ NOT_ONE_MODULE: dict[str, str] = {
     "optim/test_weight_sharing.py": "K-FAC's weight-sharing layers across capture, factors, kfac",
     "report/test_published.py": "the published reports under reports/ rebuild byte-identical",
     "bench/": "pytest-benchmark's step and phase benchmarks (DESIGN.md: tests/bench)",
+    "workloads/test_gpu_scale.py": "the GPU-scale workloads with every method, and gpu_scale.toml",
     # pytest needs distinct basenames (no __init__.py in tests/): the second module of a name
     "optim/test_memory_model.py": "optim/memory.py (core/memory.py's tests hold test_memory.py)",
     "report/test_memory_table.py": "report/memory.py (core/memory.py's tests hold the name)",

@@ -36,6 +36,12 @@ EVAL_CHUNK = 1024
 """Examples per forward pass during eval (bounds activation memory: a ResNet's first stage holds
 about 64 KiB per example and layer)."""
 
+EVAL_ELEMENTS = 2**24
+"""At most this many input elements, and 8× as many output elements, per eval pass: fewer
+examples than :data:`EVAL_CHUNK` where one is large. An ImageNet image (150,528 values) gets 111
+per pass, GPT-2 small's 1,024 × 50,257 logits 2 (1,024 examples would be 210 GB of logits);
+every CIFAR-sized or smaller workload keeps 1,024."""
+
 
 EVAL_SEED = 0
 """Seed of the evaluation subsets: fixed, so every cell of a workload is evaluated on the same
@@ -167,8 +173,9 @@ def evaluate(
     """Mean loss and metric over ``(x, y)`` in eval mode (BatchNorm uses running stats).
 
     The metric is ``recon_error`` (mean over examples of the summed squared error of the predicted
-    pixels), ``accuracy``, or ``bits_per_byte`` (a byte-level language model's mean next-byte
-    NLL in bits).
+    pixels), ``accuracy``, ``bits_per_byte`` (a byte-level language model's mean next-byte NLL
+    in bits) or ``nats_per_token`` (a language model's mean next-token NLL in nats, the log of
+    its perplexity). Examples are evaluated :func:`eval_chunk` at a time.
     """
     if x.shape[0] == 0:  # that evaluation is off (size 0)
         return math.nan, math.nan
@@ -177,13 +184,14 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     metric_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    for start in range(0, x.shape[0], EVAL_CHUNK):
-        xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
+    chunk = eval_chunk(problem, x)
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start : start + chunk], y[start : start + chunk]
         out = problem.forward(xb)
         losses = per_example_loss(problem.distribution, out, yb).sum(dtype=torch.float64)
         loss_sum += losses
-        if metric == "bits_per_byte":  # the per-token NLL in bits (every window is as long)
-            metric_sum += losses / math.log(2)
+        if metric in ("bits_per_byte", "nats_per_token"):  # every window is as long
+            metric_sum += losses / math.log(2) if metric == "bits_per_byte" else losses
             continue
         pred = prediction(problem.distribution, out)
         if metric == "accuracy":
@@ -193,6 +201,15 @@ def evaluate(
     model.train(was_training)
     n = x.shape[0]
     return float(loss_sum) / n, float(metric_sum) / n
+
+
+def eval_chunk(problem: Problem, x: torch.Tensor) -> int:
+    """Examples per eval pass: :data:`EVAL_CHUNK`, fewer where an example's input or output is
+    large (:data:`EVAL_ELEMENTS`; the output size is read from a one-example pass)."""
+    per_input = max(x[0].numel(), 1)
+    per_output = max(problem.forward(x[:1]).numel(), 1)
+    fit = min(EVAL_ELEMENTS // per_input, 8 * EVAL_ELEMENTS // per_output)
+    return max(1, min(EVAL_CHUNK, fit))
 
 
 def train(
@@ -214,7 +231,8 @@ def train(
         method: the optimizer under test, bound to ``problem``.
         data: the splits, already on the model's device.
         config: budgets and cadences.
-        metric: the workload's eval metric (``recon_error``, ``accuracy`` or ``bits_per_byte``).
+        metric: the workload's eval metric (``recon_error``, ``accuracy``, ``bits_per_byte`` or
+            ``nats_per_token``).
         reached: whether an eval-metric value meets the workload's target.
         on_progress: called with the step count at each read-back point (progress bars).
         on_step: called with the step count after every step, inside the timed segment (the

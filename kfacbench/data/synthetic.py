@@ -29,8 +29,9 @@ def synthetic_splits(
         input_shape: shape of one example.
         target: ``"input"`` for autoencoders (targets are the inputs, the same tensor object),
             ``"classes"`` for classification (int64 labels in ``0..num_classes-1``),
-            ``"tokens"`` for a language model (inputs and next-token targets both uint8 ids in
-            ``0..num_classes-1`` of shape ``(n, *input_shape)``).
+            ``"tokens"`` for a language model (inputs and next-token targets both ids in
+            ``0..num_classes-1`` of shape ``(n, *input_shape)``: uint8 for vocabularies of up
+            to 256 tokens, int32 above, e.g. GPT-2's 50,257).
         n_train: training examples.
         n_test: test examples.
         seed: seed of the CPU generator; the same arguments give the same tensors.
@@ -42,8 +43,9 @@ def synthetic_splits(
     """
     gen = torch.Generator().manual_seed(seed)
     if target == "tokens":
+        dtype = torch.uint8 if num_classes <= 256 else torch.int32
         train_x, train_y, test_x, test_y = (
-            torch.randint(num_classes, (n, *input_shape), generator=gen, dtype=torch.uint8)
+            torch.randint(num_classes, (n, *input_shape), generator=gen, dtype=dtype)
             for n in (n_train, n_train, n_test, n_test)
         )
         return Splits(train_x, train_y, test_x, test_y, "synthetic")

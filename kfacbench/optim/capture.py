@@ -103,12 +103,35 @@ def _is_supported(module: nn.Module) -> bool:
     )
 
 
+def shared_modules(model: nn.Module) -> list[str]:
+    """Names of the modules owning a parameter that another module owns too: a tied weight,
+    such as GPT-2's output layer, whose weight is the token embedding's."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        name
+        for name, module in model.named_modules()
+        if any(owners[id(p)] > 1 for p in module.parameters(recurse=False))
+    ]
+
+
 def find_layers(model: nn.Module) -> tuple[list[Layer], list[tuple[str, nn.Module]]]:
     """The layers of ``model`` K-FAC can precondition, and the trainable modules it cannot.
 
     Modules are visited in ``named_modules()`` order (registration order, which is forward order
     for ``nn.Sequential`` chains). Only modules with trainable parameters of their own are
     considered: frozen modules need no update at all.
+
+    A module whose parameter another module shares (:func:`shared_modules`) is not a layer. Its
+    Fisher block is not one layer's Ā ⊗ G: the gradient of a tied weight sums the contributions
+    of every module using it (GPT-2's output layer and token embedding), and the output layer's
+    G alone would be vocab × vocab (50,257² floats, 10 GB for GPT-2). The shared tensor is then
+    an other parameter, updated once with the identity preconditioner, as K-FAC at scale leaves
+    the embedding and the output layer out (KAISA's GPT-NeoX runs skip both: "K-FAC cannot
+    efficiently optimize the embedding layer or the final linear layer", gpauloski/gpt-neox,
+    configs/perlmutter/README.md).
 
     Args:
         model: any module.
@@ -118,15 +141,18 @@ def find_layers(model: nn.Module) -> tuple[list[Layer], list[tuple[str, nn.Modul
         and ``nn.Conv2d`` with ``groups=1`` and ``padding_mode="zeros"``, with all parameters
         trainable), and ``(name, module)`` for every other module with trainable parameters
         (BatchNorm, grouped or reflect-padded convs, Conv1d, a Linear with a frozen weight but a
-        trainable bias, ...). K-FAC gives the latter a plain momentum update.
+        trainable bias, a module with a shared parameter, ...). K-FAC gives the latter a plain
+        momentum update.
     """
     layers: list[Layer] = []
     unsupported: list[tuple[str, nn.Module]] = []
+    shared = set(shared_modules(model))
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
         if not any(p.requires_grad for p in own):
             continue
-        if not (_is_supported(module) and all(p.requires_grad for p in own)):
+        supported = _is_supported(module) and name not in shared
+        if not (supported and all(p.requires_grad for p in own)):
             unsupported.append((name, module))
             continue
         has_bias = getattr(module, "bias", None) is not None

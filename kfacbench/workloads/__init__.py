@@ -9,6 +9,11 @@ Targets are kfacbench's choices, not the papers' (K-FAC's experiments report cur
 Each workload states where its target comes from (``target_note``, shown by ``kfacbench list``):
 measured with kfacbench where the data is available here, otherwise taken from the literature and
 marked provisional until a measured run replaces it.
+
+The GPU-scale workloads (:data:`GPU_SCALE`: ResNet-50 and ViT-S/16 at ImageNet's shape, GPT-2
+small) have no reader for their real data (ImageNet, OpenWebText): they run on synthetic data of
+their shapes, for timing and memory. Each has a ``_mini`` twin built by the same code at a size
+a CPU test can step.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ from kfacbench.data.synthetic import synthetic_splits
 from kfacbench.data.text import VOCAB, python_stdlib_splits
 from kfacbench.errors import KfacbenchError
 from kfacbench.workloads.nets import cifar_resnet, deep_autoencoder
+from kfacbench.workloads.resnet import RESNET50, imagenet_resnet
 from kfacbench.workloads.transformer import byte_gpt
+from kfacbench.workloads.vit import vision_transformer
 
 DataMode = Literal["real", "synthetic"]
-Metric = Literal["recon_error", "accuracy", "bits_per_byte"]
+Metric = Literal["recon_error", "accuracy", "bits_per_byte", "nats_per_token"]
+LANGUAGE_METRICS = ("bits_per_byte", "nats_per_token")
+"""The metrics of language models, whose examples are token sequences."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,9 @@ class Workload:
         distribution: output distribution (the loss is its NLL).
         metric: ``recon_error`` (mean over examples of the summed squared error of the predicted
             pixels, as reported by Hinton & Salakhutdinov 2006; lower is better), ``accuracy``
-            (higher is better) or ``bits_per_byte`` (a language model's next-byte NLL in bits;
-            lower is better).
+            (higher is better), ``bits_per_byte`` (a byte-level language model's next-byte NLL
+            in bits; lower is better) or ``nats_per_token`` (a language model's next-token NLL
+            in nats, the log of its perplexity; lower is better).
         target: eval-metric value that counts as reached for time-to-target.
         build_model: ``build_model(generator)`` -> a freshly initialised network.
         load_real: ``load_real(data_dir, cache_dir)`` -> the real (or generated) data.
@@ -90,7 +100,7 @@ class Workload:
             return self.load_real(data_dir, cache_dir)
         n_train, n_test = self.synthetic_sizes
         target: Literal["input", "classes", "tokens"] = "classes" if self.num_classes else "input"
-        if self.metric == "bits_per_byte":
+        if self.metric in LANGUAGE_METRICS:
             target = "tokens"
         return synthetic_splits(
             self.input_shape,
@@ -147,6 +157,64 @@ def _stdlib_text(data_dir: Path | None, cache_dir: Path | None) -> Splits:
 def _gpt(gen: torch.Generator) -> nn.Module:
     return byte_gpt(context=TEXT_CONTEXT, width=256, depth=4, heads=4, generator=gen)
 
+
+def _no_reader(name: str, what: str) -> Callable[[Path | None, Path | None], Splits]:
+    def load(data_dir: Path | None, cache_dir: Path | None) -> Splits:
+        raise KfacbenchError(
+            f'workload {name!r}: kfacbench has no reader for {what} files; use data = "synthetic"'
+        )
+
+    return load
+
+
+def _imagenet_resnet(
+    width: int, num_classes: int, blocks: tuple[int, ...] = RESNET50
+) -> Callable[[torch.Generator], nn.Module]:
+    return lambda gen: imagenet_resnet(blocks, width=width, num_classes=num_classes, generator=gen)
+
+
+def _vit(
+    image_size: int, width: int, depth: int, heads: int, num_classes: int
+) -> Callable[[torch.Generator], nn.Module]:
+    return lambda gen: vision_transformer(
+        image_size=image_size,
+        width=width,
+        depth=depth,
+        heads=heads,
+        num_classes=num_classes,
+        generator=gen,
+    )
+
+
+def _gpt2(
+    context: int, width: int, depth: int, heads: int, vocab: int
+) -> Callable[[torch.Generator], nn.Module]:
+    return lambda gen: byte_gpt(
+        context=context,
+        width=width,
+        depth=depth,
+        heads=heads,
+        vocab=vocab,
+        tie_head=True,
+        generator=gen,
+    )
+
+
+GPT2_VOCAB = 50_257
+"""GPT-2's BPE vocabulary (Radford et al. 2019, §2.2)."""
+
+GPU_SCALE_SIZES = (2_560, 256)
+"""(train, test) synthetic examples of the GPU-scale workloads: 2,560 ImageNet-shaped images are
+1.5 GiB of float32 (602 KB each), which sits on any 16 GB GPU beside ResNet-50 at batch 256, and
+ten batches of 256 per epoch; the minis use 512 and 64."""
+
+GPU_SCALE = {
+    "imagenet_resnet50": "imagenet_resnet50_mini",
+    "imagenet_vit_s16": "imagenet_vit_mini",
+    "gpt2_small": "gpt2_mini",
+}
+"""The GPU-sized workloads and their CPU-sized twins (the same code at a smaller size): tests
+build the former for their parameter counts and step only the latter."""
 
 MNIST_AE = (784, 1000, 500, 250, 30)
 WIDTHS = (256, 1024, 4096)
@@ -276,6 +344,93 @@ WORKLOADS: dict[str, Workload] = {
             num_classes=VOCAB,
         ),
         *(_wide_autoencoder(width) for width in WIDTHS),
+        Workload(
+            name="imagenet_resnet50",
+            summary="ResNet-50 (He et al. 2016; torchvision's v1.5, bottlenecks, BatchNorm) at"
+            " ImageNet-1k's shape, 3x224x224, 1,000 classes (25.6M parameters)",
+            input_shape=(3, 224, 224),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.759,
+            target_note="provisional: torchvision's ResNet-50 (v1) top-1 of 76.13%, rounded"
+            " down; no ImageNet reader, synthetic data only",
+            build_model=_imagenet_resnet(64, 1000),
+            load_real=_no_reader("imagenet_resnet50", "ImageNet"),
+            synthetic_sizes=GPU_SCALE_SIZES,
+            num_classes=1000,
+        ),
+        Workload(
+            name="imagenet_resnet50_mini",
+            summary="imagenet_resnet50's code at CPU size: 3x64x64, 100 classes, width 8",
+            input_shape=(3, 64, 64),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.5,
+            target_note="provisional: a test-sized twin, synthetic data only",
+            build_model=_imagenet_resnet(8, 100),
+            load_real=_no_reader("imagenet_resnet50_mini", "ImageNet"),
+            synthetic_sizes=(512, 64),
+            num_classes=100,
+        ),
+        Workload(
+            name="imagenet_vit_s16",
+            summary="ViT-S/16 (DeiT-S: 12 pre-norm blocks, width 384, 6 heads, MLP 1,536) at"
+            " ImageNet-1k's shape, 3x224x224, 1,000 classes (22.1M parameters)",
+            input_shape=(3, 224, 224),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.79,
+            target_note="provisional: DeiT-S's 79.8% top-1 (Touvron et al. 2021), rounded down;"
+            " no ImageNet reader, synthetic data only",
+            build_model=_vit(224, 384, 12, 6, 1000),
+            load_real=_no_reader("imagenet_vit_s16", "ImageNet"),
+            synthetic_sizes=GPU_SCALE_SIZES,
+            num_classes=1000,
+        ),
+        Workload(
+            name="imagenet_vit_mini",
+            summary="imagenet_vit_s16's code at CPU size: 3x64x64 (16 patches), 100 classes,"
+            " 2 blocks of width 64, 2 heads",
+            input_shape=(3, 64, 64),
+            distribution="categorical",
+            metric="accuracy",
+            target=0.5,
+            target_note="provisional: a test-sized twin, synthetic data only",
+            build_model=_vit(64, 64, 2, 2, 100),
+            load_real=_no_reader("imagenet_vit_mini", "ImageNet"),
+            synthetic_sizes=(512, 64),
+            num_classes=100,
+        ),
+        Workload(
+            name="gpt2_small",
+            summary="GPT-2 small (12 layers, width 768, 12 heads, context 1,024, 50,257-token"
+            " vocabulary, output layer tied to the token embedding; 124.4M parameters)",
+            input_shape=(1024,),
+            distribution="categorical",
+            metric="nats_per_token",
+            target=3.3,
+            target_note="provisional: nanoGPT's GPT-2 small reaches about 2.85 nats/token on"
+            " OpenWebText at the end of training; 3.3 marks early training; no OpenWebText"
+            " reader, synthetic data only",
+            build_model=_gpt2(1024, 768, 12, 12, GPT2_VOCAB),
+            load_real=_no_reader("gpt2_small", "OpenWebText"),
+            synthetic_sizes=GPU_SCALE_SIZES,
+            num_classes=GPT2_VOCAB,
+        ),
+        Workload(
+            name="gpt2_mini",
+            summary="gpt2_small's code at CPU size: 2 layers, width 128, 4 heads, context 64,"
+            " vocabulary 1,024, tied output layer",
+            input_shape=(64,),
+            distribution="categorical",
+            metric="nats_per_token",
+            target=5.0,
+            target_note="provisional: a test-sized twin, synthetic data only",
+            build_model=_gpt2(64, 128, 2, 4, 1024),
+            load_real=_no_reader("gpt2_mini", "OpenWebText"),
+            synthetic_sizes=(512, 64),
+            num_classes=1024,
+        ),
     )
 }
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from kfacbench.core import loop
 from kfacbench.core.loop import (
     EVAL_SEED,
     LoopConfig,
     MinibatchSampler,
+    eval_chunk,
     eval_subset,
     evaluate,
     train,
@@ -289,6 +291,28 @@ def test_evaluate_recon_error_is_summed_squared_error_per_example() -> None:
     loss, err = evaluate(Problem(model, "bernoulli"), x, x, "recon_error")
     assert err == pytest.approx(((0.25 + 0.25 + 0) + 3 * 0.25) / 2)
     assert loss == pytest.approx(3 * math.log(2))
+
+
+def test_large_examples_are_evaluated_in_smaller_chunks_to_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chunk shrinks where an example's input or output is large (GPT-2 small's logits
+    would be 210 GB at 1,024 examples a pass); the mean loss and metric do not change."""
+    torch.manual_seed(0)
+    wide, narrow = (
+        Problem(nn.Linear(10, 500), "categorical"),
+        Problem(nn.Linear(10, 2), "categorical"),
+    )
+    x, y = torch.randn(40, 10), torch.randint(2, (40,))
+    whole = evaluate(narrow, x, y, "accuracy")
+    assert eval_chunk(wide, x) == loop.EVAL_CHUNK
+    monkeypatch.setattr(loop, "EVAL_ELEMENTS", 1000)
+    assert eval_chunk(wide, x) == 16  # outputs: 8 × 1,000 / 500 per example (inputs allow 100)
+    monkeypatch.setattr(loop, "EVAL_ELEMENTS", 30)
+    assert eval_chunk(narrow, x) == 3  # inputs: 30 / 10 per example (outputs allow 120)
+    assert eval_chunk(wide, x) == 1  # at least one
+    loss, metric = evaluate(narrow, x, y, "accuracy")
+    assert loss == pytest.approx(whole[0], rel=1e-6) and metric == pytest.approx(whole[1])
 
 
 def test_timer_phases_are_the_methods() -> None:

@@ -1,4 +1,6 @@
-"""The byte-level GPT: shapes, causality, initialisation, and its per-token loss and metric."""
+"""The GPT models: shapes, causality, initialisation, their per-token loss and metrics, and GPT-2
+small's size with its output layer tied to the token embedding, which every curvature method
+leaves to the identity and updates once."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from kfacbench.core.loop import evaluate
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.optim import MethodContext, get_method
-from kfacbench.workloads import get_workload
+from kfacbench.optim.capture import find_layers, shared_modules
+from kfacbench.workloads import WORKLOADS, get_workload
 from kfacbench.workloads.transformer import byte_gpt
 
 CPU = torch.device("cpu")
@@ -107,3 +110,82 @@ def test_curvature_methods_learn_a_fixed_batch_of_sequences(
     assert losses[-1] < 0.8 * losses[0]
     identity = method.info()["identity_preconditioner"]  # type: ignore[attr-defined]
     assert {"tokens", "positions", "blocks.0.ln1", "ln_f"} <= set(identity)
+
+
+def gpt_params(vocab: int, context: int, d: int, depth: int) -> int:
+    """Parameters counted by hand, with the output layer tied (no matrix of its own): token and
+    position embeddings (V + C)d, per block two LayerNorms 4d, qkv 3d² + 3d, proj d² + d, MLP
+    4d² + 4d and 4d² + d; the final LayerNorm 2d."""
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return (vocab + context) * d + depth * block + 2 * d
+
+
+def test_gpt2_small_has_124_439_808_parameters_with_its_head_tied() -> None:
+    assert gpt_params(50_257, 1024, 768, 12) == 124_439_808  # GPT-2 small (HF's gpt2)
+    model = WORKLOADS["gpt2_small"].build_model(torch.Generator().manual_seed(0))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert model.head.weight is model.tokens.weight
+    assert len(model.blocks) == 12 and model.blocks[0].attn.heads == 12
+    assert "head.weight" not in dict(model.named_parameters())
+    mini = WORKLOADS["gpt2_mini"]
+    model = mini.build_model(torch.Generator())
+    assert sum(p.numel() for p in model.parameters()) == gpt_params(1024, 64, 128, 2)
+    data = mini.load_data("synthetic")
+    assert data.train_x.dtype == torch.int32 and int(data.train_x.max()) < 1024  # > 256 tokens
+    assert model(data.train_x[:3]).shape == (3, 64, 1024)
+
+
+def test_the_tied_head_is_initialised_once_as_the_embedding() -> None:
+    a = byte_gpt(
+        context=8,
+        width=64,
+        depth=1,
+        heads=2,
+        vocab=300,
+        tie_head=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    b = byte_gpt(
+        context=8,
+        width=64,
+        depth=1,
+        heads=2,
+        vocab=300,
+        tie_head=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(a.tokens.weight, b.tokens.weight)  # the same draws, in order
+    assert float(a.head.weight.detach().std()) == pytest.approx(0.02, rel=0.03)
+
+
+def test_nats_per_token_is_the_per_token_loss() -> None:
+    problem = Problem(WORKLOADS["gpt2_mini"].build_model(torch.Generator()), "categorical")
+    x = torch.randint(1024, (3, 64), dtype=torch.int32)
+    y = torch.randint(1024, (3, 64), dtype=torch.int32)
+    loss, nats = evaluate(problem, x, y, "nats_per_token")
+    assert nats == pytest.approx(loss)
+    assert loss == pytest.approx(math.log(1024), rel=0.05)  # near-uniform logits at init
+
+
+def test_curvature_methods_leave_the_tied_matrix_out_and_update_it_once() -> None:
+    """The shared (vocab, width) matrix is no Kronecker-factored layer (no vocab × vocab factor)
+    and is updated exactly once per step: with SGD momentum's first step, by −lr·∇ (twice that if
+    it were listed twice)."""
+    model = WORKLOADS["gpt2_mini"].build_model(torch.Generator().manual_seed(0))
+    assert shared_modules(model) == ["tokens", "head"]
+    layers, others = find_layers(model)
+    assert "head" not in {layer.name for layer in layers}
+    assert {"tokens", "head"} <= {name for name, _ in others}
+    assert max(max(layer.in_dim, layer.out_dim) for layer in layers) < 1024
+    x = torch.randint(1024, (4, 64), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(1024, (4, 64), generator=torch.Generator().manual_seed(2))
+    for name, hp in [("kfac-fast", {"lr": 0.1}), ("skfac", {"lr": 0.1, "weight_decay": 0.0})]:
+        model = WORKLOADS["gpt2_mini"].build_model(torch.Generator().manual_seed(0))
+        problem = Problem(model, "categorical")
+        problem.loss(problem.forward(x), y).backward()
+        grad = model.tokens.weight.grad.clone()
+        before = model.tokens.weight.detach().clone()
+        method = build(name, problem, **hp)
+        method.step(x, y, PhaseTimer(CPU))  # type: ignore[attr-defined]
+        step = model.tokens.weight.detach() - before
+        torch.testing.assert_close(step, -0.1 * grad, msg=name)

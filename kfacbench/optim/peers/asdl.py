@@ -34,6 +34,7 @@ from kfacbench.core.method import (
 from kfacbench.core.problem import Problem, per_example_loss
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
+from kfacbench.optim.capture import shared_modules
 from kfacbench.optim.peers import package_version
 
 FISHERS = {"sampled": "fisher_mc", "empirical": "fisher_emp"}
@@ -97,6 +98,15 @@ class AsdlKfac(Method):
       reduces (Tang et al. §3.2, ``reduction = "sum"``). Not matchable.
     - The update: torch.optim.SGD with momentum on the preconditioned gradient, as kfac-fast and
       SKFAC apply theirs. BatchNorm layers get ASDL's unit-wise Fisher (kfacbench: identity).
+    - Mixed precision: refused. ASDL forms its factors in the dtype of the recorded
+      activations, bf16 under ``amp = "bf16"``, and then fails to invert them (no bf16
+      Cholesky); kfacbench's K-FAC forms and inverts its factors in float32.
+    - Embeddings and modules with a shared parameter are kept from ASDL (its
+      ``ignore_modules``) and get plain SGD, kfacbench's identity: ASDL's embedding factor
+      takes 1-D token ids only (``bincount`` fails on a language model's ``(batch, sequence)``
+      ids), swift has no embedding factor at all, and a tied output layer would be
+      preconditioned twice, with a vocab × vocab factor (see
+      :func:`~kfacbench.optim.capture.find_layers`). ``method_info`` names them.
 
     Where the algorithms agree (no biases; for swift, Linear layers), the steps are the same to
     rounding: tests/optim/peers/test_asdl.py trains both side by side and compares the parameters.
@@ -127,17 +137,30 @@ class AsdlKfac(Method):
                 f"ASDL inverts by Cholesky only, got inverse_method = {inverse_method!r}"
             )
         asdl = _asdl()
+        if problem.amp != "off":
+            raise KfacbenchError(
+                f"ASDL keeps its factors in the activations' dtype and cannot invert bf16 ones;"
+                f" run the ASDL peers with amp = 'off', got {problem.amp!r}"
+            )
         if fisher == "sampled" and problem.distribution == "bernoulli":
             raise KfacbenchError(
                 "ASDL has no Bernoulli likelihood for a sampled Fisher; set fisher = 'empirical'"
                 " for the autoencoders"
             )
         self.problem = problem
+        shared = set(shared_modules(problem.model))
+        ignored = {
+            name: module
+            for name, module in problem.model.named_modules()
+            if name in shared or isinstance(module, torch.nn.Embedding)
+        }
+        self.ignored = list(ignored)
         config = asdl.PreconditioningConfig(
             damping=damping,
             preconditioner_upd_interval=inv_interval,
             curvature_upd_interval=inv_interval if swift else cov_interval,
             ema_decay=ema_decay if ema_decay > 0 else -1,
+            ignore_modules=list(ignored.values()),
         )
         loss_type = "mse" if problem.distribution == "gaussian" else "cross_entropy"
         self.maker = asdl.KfacGradientMaker(
@@ -211,11 +234,13 @@ class AsdlKfac(Method):
         )
 
     def info(self) -> dict[str, Any]:
-        """The peer and its version (the cells table's ``method_info``)."""
+        """The peer, its version and the modules kept from it (the cells table's
+        ``method_info``)."""
         return {
             "peer": "asdl.KfacGradientMaker",
             "swift": self.swift,
             "version": package_version("asdfghjkl"),
+            "identity_preconditioner": self.ignored,
         }
 
 

@@ -37,6 +37,7 @@ from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hpar
 from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
+from kfacbench.optim.capture import shared_modules
 from kfacbench.optim.peers import package_version
 
 INSTALL = "pip install 'git+https://github.com/gpauloski/kfac-pytorch@869cf11'"
@@ -170,8 +171,11 @@ class KaisaKfac(Method):
       tests/optim/peers/test_kaisa.py checks these scales.
     - Biases: KAISA folds them into A as the homogeneous coordinate, as kfacbench does.
     - Layers: Linear and Conv2d modules with all parameters trainable, except the convs of
-      :func:`_unsupported_convs`. The rest (BatchNorm, embeddings, ...) keep their gradient and
-      get plain SGD, the identity preconditioner of kfac-fast. ``method_info`` names them.
+      :func:`_unsupported_convs` and the modules with a shared parameter (a tied output layer:
+      kfacbench's K-FAC leaves it out too, :func:`~kfacbench.optim.capture.find_layers`; KAISA
+      would give GPT-2's a 50,257² factor). The rest (BatchNorm, embeddings, ...) keep their
+      gradient and get plain SGD, the identity preconditioner of kfac-fast. ``method_info``
+      names them.
     - KAISA's ``accumulation_steps`` stays 1: the core runs one forward and backward pass per
       step, and with more KAISA would never update its factors. Its distribution settings
       (``grad_worker_fraction``, assignment, bucketing) do nothing on one process.
@@ -207,7 +211,7 @@ class KaisaKfac(Method):
         self.damping = damping
         self.compute_method = COMPUTE_METHODS[inverse_method]
         model = problem.model
-        skipped = _unsupported_convs(model)
+        skipped = _unsupported_convs(model) + shared_modules(model)
         self.preconditioner = preconditioner.KFACPreconditioner(
             model,
             factor_update_steps=cov_interval,

@@ -32,6 +32,7 @@ from kfacbench.core.method import Method, MethodContext, MethodSpec, Param, hpar
 from kfacbench.core.problem import Problem, loss_terms
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
+from kfacbench.optim.capture import shared_modules
 from kfacbench.optim.peers import package_version
 
 EXTRA = "pip install 'kfacbench[peers]'"
@@ -123,6 +124,8 @@ class Singd(_Peer):
     - Other parameters (embeddings, layer norms, BatchNorm) are not SINGD's. Passed to SINGD
       they would silently never move, so they get SGD with the same learning rate, momentum and
       weight decay, the identity preconditioner that kfacbench's ``kfac-fast`` gives them.
+      So does a module with a shared parameter (GPT-2's tied output layer, whose output-side
+      factor SINGD would make vocab × vocab; :func:`~kfacbench.optim.capture.find_layers`).
       ``method_info`` names them.
     - Hyperparameters keep SINGD's names and defaults: ``lr`` β₂, ``momentum`` α₂, ``damping``
       λ, ``alpha1`` α₁ (Riemannian momentum), ``lr_cov`` β₁. SINGD starts its factors at the
@@ -147,8 +150,17 @@ class Singd(_Peer):
         optimizer = _import("singd.optim.optimizer", "singd", "the singd peer")
         self.problem = problem
         self.lr = lr
+        shared = set(shared_modules(problem.model))
+        layers = [
+            p
+            for name, module in problem.model.named_modules()
+            if isinstance(module, optimizer.SINGD.SUPPORTED_MODULES) and name not in shared
+            for p in module.parameters(recurse=False)
+            if p.requires_grad
+        ]
         self.opt = optimizer.SINGD(
             problem.model,
+            layers,
             lr=lr,
             momentum=momentum,
             damping=damping,

@@ -5,7 +5,7 @@ one line saying how to install it.
 
 KAISA is not on PyPI. These tests import it where it is installed, or else from the unmodified
 source kept next to the repository (``../shared/peers/kfac-pytorch``), and skip visibly where
-neither exists.
+neither exists (the ``kaisa`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,7 +30,6 @@ from kfacbench.core.problem import Problem
 from kfacbench.core.timing import PhaseTimer
 from kfacbench.errors import KfacbenchError
 from kfacbench.optim import MethodContext, get_method
-from kfacbench.optim.peers import kaisa as peers_kaisa
 from kfacbench.report.data import load_runs
 from kfacbench.report.tables import peer_table
 from kfacbench.runs.rundir import load_tables
@@ -39,28 +37,6 @@ from kfacbench.workloads import WORKLOADS
 from kfacbench.workloads.transformer import byte_gpt
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[3]
-KAISA_SOURCE = ROOT.parent / "shared" / "peers" / "kfac-pytorch"
-"""KAISA's source next to the repository (repo/../shared), as on CI's fresh clone."""
-
-
-@pytest.fixture(scope="module")
-def kaisa() -> Iterator[ModuleType]:
-    """KAISA's ``kfac.preconditioner``, imported as the adapter imports it: installed, or from
-    :data:`KAISA_SOURCE` for this module's tests only (the path and the imported modules are
-    removed afterwards, so that other tests see the environment as it is)."""
-    if importlib.util.find_spec("kfac") is not None:
-        yield peers_kaisa._kaisa()
-        return
-    if not KAISA_SOURCE.is_dir():
-        pytest.skip(f"KAISA is not installed and {KAISA_SOURCE} is absent: {peers_kaisa.INSTALL}")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(KAISA_SOURCE))
-        try:
-            yield peers_kaisa._kaisa()
-        finally:
-            for name in [n for n in sys.modules if n == "kfac" or n.startswith("kfac.")]:
-                del sys.modules[name]
 
 
 def build(problem: Problem, inv_interval: int = 1, **hp: Any) -> Any:
