@@ -3,6 +3,7 @@
 #
 #   bash examples/gpu/device-run.sh [--device cuda|cuda:N|cpu] [--out DIR] [--only PATTERN]
 #                                   [--budget SECONDS] [--suites "NAME ..."] [--doctor PATTERN]
+#                                   [--suite-limit SECONDS]
 #
 # Runs kfacbench from this working tree (PYTHONPATH, no pip) with the machine's python3 (torch
 # >= 2.4; pandas, pyarrow, seaborn, rich, pytest): the environment, `kfacbench doctor`, the tests
@@ -18,8 +19,9 @@
 # under 20 s left is skipped, so a call with a hard time limit still returns every file.
 # `--suites` replaces the four suites (e.g. "kfac_gpu graph_gpu modern_speed": issue 28's
 # figures). `--doctor` restricts the doctor to the checks matching a glob (e.g. 'linalg*': the
-# linear-algebra probe alone, whose rows come back as linalg.parquet). The peers need their
-# packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
+# linear-algebra probe alone, whose rows come back as linalg.parquet). `--suite-limit` is each
+# suite's own time limit (default 150 s; gpu_scale's 39 big-model cells want more). The peers
+# need their packages: examples/gpu/carry-peers.sh copies them to .carry/peers.
 # Set KFACBENCH_COMMIT to the commit the working tree is (commit first): git in the device's copy
 # reads that copy's own history, so without it the runs record some other commit or `-dirty`.
 # The log names folders from the working tree and from `device-run/` on: no path of the machine.
@@ -31,6 +33,7 @@ only=()
 budget=0
 suites=(kfac_speed skfac_speed compile_gpu peers)
 doctor_only=()
+suite_limit=150
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
@@ -39,7 +42,8 @@ while [ $# -gt 0 ]; do
         --budget) budget="$2"; shift 2 ;;
         --suites) read -r -a suites <<< "$2"; shift 2 ;;
         --doctor) doctor_only=(--only "$2"); shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --suite-limit) suite_limit="$2"; shift 2 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 0 ;;
         *) echo "device-run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -89,7 +93,7 @@ cp "$work/doctor/doctor.parquet" "$work/doctor/linalg.parquet" "$out/" 2>/dev/nu
 stage graph-tests 60 "$py" -m pytest -q -rs -p no:cacheprovider tests/core/test_graphs.py
 runs=()
 for suite in "${suites[@]}"; do
-    stage "$suite" 150 "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
+    stage "$suite" "$suite_limit" "$py" -m kfacbench run "$suite" --device "$device" --out "$work/runs" "${only[@]}"
     latest="$(ls -d "$work/runs/$suite"/*/ 2>/dev/null | sort | tail -n 1)"
     # A suite cut off by its limit keeps its finished cells in parts/ (read back below).
     [ -n "$latest" ] && ls "$latest"parts/* > /dev/null 2>&1 && runs+=("$latest")
