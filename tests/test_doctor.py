@@ -124,7 +124,7 @@ def test_an_unmatched_only_is_one_line(capsys: pytest.CaptureFixture[str], tmp_p
     assert main(["doctor", "--device", "cpu", "--out", str(tmp_path), "--only", "nope*"]) == 2
     assert capsys.readouterr().err.strip() == (
         "kfacbench: error: --only 'nope*' matches no check; checks are named 'GROUP: CHECK'"
-        " (groups: environment, methods, linalg, profile, cuda, distributed)"
+        " (groups: environment, methods, linalg, profile, memory, cuda, distributed)"
     )
 
 
